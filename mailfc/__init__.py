@@ -1,0 +1,9 @@
+"""mailfc: a reactive multi-tenant mail platform.
+
+Every hosted domain gets its own Postfix and Dovecot in a container that starts
+when a session for the domain arrives and stops when idle. Resident gateways and
+routers find the domain in a PostgreSQL CMDB and hand its sessions to the
+dispatcher on the domain's host.  See DESIGN.md for the architecture.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""`mailfc limit set|list|unset`.
+
+    mailfc limit set example.org --per-account concurrent_sends 3
+    mailfc limit set bob@example.org messages 100 --window 1h --mode shadow
+"""
+
+from __future__ import annotations
+
+import click
+
+from mailfc.cli.common import emit, json_option, pass_config, print_json, run_db, say
+from mailfc.config import Config
+from mailfc.db import limits
+from mailfc.durations import format_duration, parse_duration
+from mailfc.policy.kinds import KINDS, MODES
+
+
+@click.group("limit")
+def group() -> None:
+    """Flow limits per domain and per account."""
+
+
+@group.command("set", help="Set a limit on a DOMAIN or an ACCOUNT address.\n\nKIND is one of: "
+               + ", ".join(KINDS))
+@click.argument("target")
+@click.argument("kind", metavar="KIND")
+@click.argument("value", type=click.IntRange(min=0))
+@click.option("--window", default=None, help="Counting window, e.g. 1m, 1h, 1d.")
+@click.option("--mode", type=click.Choice(MODES), default="enforce", show_default=True)
+@click.option("--per-account", is_flag=True,
+              help="On a domain: the default for each of its accounts.")
+@json_option
+@pass_config
+def set_cmd(config: Config, target: str, kind: str, value: int, window: str | None,
+            mode: str, per_account: bool, as_json: bool) -> None:
+    window_s = parse_duration(window) if window is not None else None
+    row = run_db(config, lambda db: limits.set_limit(
+        db, target, kind, value, window_s=window_s, mode=mode, per_account=per_account))
+    if as_json:
+        print_json(row)
+    else:
+        per = f" per {format_duration(row['window_s'])}" if row["window_s"] else ""
+        say(f"{row['scope']} limit on {row['target']}: {row['kind']} {row['value']}{per} "
+            f"({row['mode']})")
+
+
+@group.command("list")
+@click.argument("target", required=False)
+@json_option
+@pass_config
+def list_cmd(config: Config, target: str | None, as_json: bool) -> None:
+    """List limits, of one domain or account or of all."""
+    rows = run_db(config, lambda db: limits.list_limits(db, target))
+    if not as_json:
+        for row in rows:
+            row["window"] = format_duration(row["window_s"]) if row["window_s"] else None
+    emit(rows, as_json=as_json,
+         columns=("target", "scope", "kind", "value", "window", "mode", "updated_at"),
+         empty="no limits")
+
+
+@group.command("unset")
+@click.argument("target")
+@click.argument("kind")
+@click.option("--per-account", is_flag=True, help="Remove the domain's per-account default.")
+@pass_config
+def unset(config: Config, target: str, kind: str, per_account: bool) -> None:
+    """Remove a limit."""
+    run_db(config, lambda db: limits.unset_limit(db, target, kind, per_account=per_account))
+    say(f"limit {kind} on {target} removed")

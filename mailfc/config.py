@@ -1,0 +1,233 @@
+"""mailfc configuration: one TOML file, every value with a working default.
+
+The file is found through `--config FILE`, else the environment variable
+MAILFC_CONFIG, else no file at all (the embedded defaults run the whole
+platform on one machine).  Unknown keys and values of the wrong type are errors
+that name the key, e.g. `listen.smtp_in: expected "host:port"`.
+
+Sections and their defaults are the classes below; `mailfc config show`
+prints the effective configuration as TOML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from mailfc.errors import ConfigError
+
+CONFIG_ENV = "MAILFC_CONFIG"
+
+
+class Section(BaseModel):
+    # strict: a port given as "25" is a mistake worth naming, not coercing.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """`"127.0.0.1:24"` -> ("127.0.0.1", 24); `"[::1]:24"` -> ("::1", 24)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f'expected "host:port", got {value!r}')
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range 1-65535")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, port
+
+
+class PathsSection(Section):
+    state_dir: str = "/var/lib/mailfc"
+    # Empty: <state_dir>/mail.  Across hosts, a filesystem every host mounts.
+    mail_root: str = ""
+
+
+class DatabaseSection(Section):
+    # Empty: a private PostgreSQL cluster under <state_dir>/postgres, started on demand.
+    dsn: str = ""
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    # The embedded cluster runs as this unprivileged user (PostgreSQL refuses root).
+    embedded_user: str = "postgres"
+    # Session rows older than this are dropped with their daily partition.
+    retention_days: int = 90
+    command_timeout_s: float = 30.0
+
+
+class ListenSection(Section):
+    """Where each resident service listens, as "host:port"."""
+
+    smtp_in: str = "0.0.0.0:25"
+    filter_in: str = "127.0.0.1:10025"
+    filter_out: str = "127.0.0.1:10026"
+    smtp_out: str = "127.0.0.1:10027"
+    lmtp_router: str = "127.0.0.1:24"
+    imap_router: str = "0.0.0.0:143"
+    imap_router_tls: str = "0.0.0.0:993"
+    submission: str = "0.0.0.0:587"
+    submissions: str = "0.0.0.0:465"
+    milter: str = "127.0.0.1:10030"
+    hook_server: str = "127.0.0.1:10031"
+
+    @field_validator("*")
+    @classmethod
+    def _is_hostport(cls, value: str) -> str:
+        split_hostport(value)
+        return value
+
+
+class DispatcherSection(Section):
+    """This host's dispatcher: the routers connect here, nobody else may."""
+
+    address: str = "127.0.0.1"
+    lmtp_port: int = 10024
+    imap_port: int = 10143
+    smtp_port: int = 10587
+    allowed_clients: list[str] = ["127.0.0.0/8"]
+
+    @field_validator("address")
+    @classmethod
+    def _is_ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @field_validator("allowed_clients")
+    @classmethod
+    def _are_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+
+class HostSection(Section):
+    # Empty: this machine's hostname.  The row in the CMDB's hosts table.
+    name: str = ""
+    capacity: int = 1000
+
+
+class NetworkSection(Section):
+    """The container network of this host: one bridge, one subnet."""
+
+    bridge: str = "mailfc0"
+    # The bridge takes the subnet's first address; containers get the others.
+    subnet: str = "10.77.0.0/16"
+
+    @field_validator("subnet")
+    @classmethod
+    def _is_network(cls, value: str) -> str:
+        network = ipaddress.ip_network(value, strict=True)
+        if network.version != 4 or network.num_addresses < 8:
+            raise ValueError("expected an IPv4 subnet of at least /29")
+        return value
+
+    @field_validator("bridge")
+    @classmethod
+    def _is_ifname(cls, value: str) -> str:
+        if not 0 < len(value) <= 15 or "/" in value or " " in value:
+            raise ValueError("expected an interface name of 1-15 characters")
+        return value
+
+
+class TlsSection(Section):
+    # Empty: a self-signed certificate generated into <state_dir>/tls.
+    cert_file: str = ""
+    key_file: str = ""
+
+
+class RuntimeSection(Section):
+    start_timeout_s: float = 5.0
+    stop_timeout_s: float = 5.0
+
+
+class Config(Section):
+    paths: PathsSection = PathsSection()
+    database: DatabaseSection = DatabaseSection()
+    listen: ListenSection = ListenSection()
+    dispatcher: DispatcherSection = DispatcherSection()
+    host: HostSection = HostSection()
+    network: NetworkSection = NetworkSection()
+    tls: TlsSection = TlsSection()
+    runtime: RuntimeSection = RuntimeSection()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.paths.state_dir)
+
+    @property
+    def mail_root(self) -> Path:
+        return Path(self.paths.mail_root) if self.paths.mail_root else self.state_dir / "mail"
+
+    @property
+    def host_name(self) -> str:
+        return self.host.name or socket.gethostname()
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return not self.database.dsn
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load the configuration from `path`, $MAILFC_CONFIG, or the defaults."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (check --config or ${CONFIG_ENV})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse_config(data, str(path))
+
+
+def render_toml(config: Config) -> str:
+    """The effective configuration as TOML, one table per section."""
+    lines: list[str] = []
+    for section_name, section in config.model_dump().items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{section_name}]")
+        for key, value in section.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

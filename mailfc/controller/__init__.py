@@ -1,0 +1,1 @@
+"""The controller: keeps the platform running and in balance (see platform.py)."""

@@ -1,0 +1,114 @@
+"""The whole platform on one machine: what `mailfc up` runs.
+
+Start order: the CMDB (embedded cluster when no DSN, migrations), this host's
+row in the hosts table, then each resident service in turn; each service's
+start() returns once it listens.  Stop order is the reverse, each with a
+drain timeout.  While running, the host heartbeats in the CMDB (so other hosts
+can tell it is alive) and keeps the session partitions prepared.
+
+Resident services implement the `Service` protocol below; later parts of the
+platform (dispatcher, routers, gateways) add themselves in `_services()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Protocol
+
+import asyncpg
+
+from mailfc.config import Config
+from mailfc.db import connect, hosts
+
+log = logging.getLogger("mailfc.platform")
+
+HEARTBEAT_S = 10.0
+MAINTENANCE_S = 3600.0
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self, timeout: float) -> None: ...
+
+
+class Platform:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pool: asyncpg.Pool | None = None
+        self.host: dict[str, object] = {}
+        self.services: list[Service] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.pool = await connect(self.config)
+        self.host = await self._register_host()
+        log.info("host %s registered (dispatcher %s)", self.host["name"],
+                 self.host["dispatcher_address"])
+        for service in self._services():
+            await service.start()
+            self.services.append(service)
+            log.info("%s started", service.name)
+        self._tasks = [
+            asyncio.create_task(self._every(HEARTBEAT_S, self._heartbeat)),
+            asyncio.create_task(self._every(MAINTENANCE_S, self._maintain)),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for service in reversed(self.services):
+            try:
+                await service.stop(self.config.runtime.stop_timeout_s)
+            except Exception:
+                log.exception("%s did not stop cleanly", service.name)
+        self.services.clear()
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    def _services(self) -> list[Service]:
+        return []
+
+    async def _register_host(self) -> dict[str, object]:
+        assert self.pool is not None
+        subnet = ipaddress.ip_network(self.config.network.subnet)
+        dispatcher = self.config.dispatcher
+        async with self.pool.acquire() as db:
+            return await hosts.register(
+                db, self.config.host_name, dispatcher.address, str(subnet),
+                capacity=self.config.host.capacity, lmtp_port=dispatcher.lmtp_port,
+                imap_port=dispatcher.imap_port, smtp_port=dispatcher.smtp_port,
+            )
+
+    async def _heartbeat(self) -> None:
+        assert self.pool is not None
+        await self.pool.execute(
+            "UPDATE hosts SET heartbeat_at = now() WHERE name = $1", self.config.host_name
+        )
+
+    async def _maintain(self) -> None:
+        assert self.pool is not None
+        created = await self.pool.fetchval("SELECT mailfc_ensure_partitions(1, 7)")
+        dropped = await self.pool.fetchval(
+            "SELECT mailfc_drop_partitions($1)", self.config.database.retention_days
+        )
+        if created or dropped:
+            log.info("session partitions: %d created, %d dropped", created, dropped)
+
+    async def _every(self, interval: float, job: object) -> None:
+        assert callable(job)
+        while True:
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("%s failed: %s (retrying in %.0fs)", getattr(job, "__name__", job),
+                            error, interval)
+            await asyncio.sleep(interval)

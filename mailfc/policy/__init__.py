@@ -1,0 +1,1 @@
+"""Flow limits and admin blocks: the vocabulary and (later) the engine."""
