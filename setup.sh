@@ -37,7 +37,7 @@ fi
 
 # The host's own daemons would hold ports 25, 143 and 993 that mailfc's
 # resident listeners need; mailfc runs its own instances from the same binaries.
-for service in postfix dovecot postgresql; do
+for service in postfix dovecot; do
     if [ -d /run/systemd/system ]; then
         systemctl disable --now "$service" >/dev/null 2>&1 || true
     elif command -v service >/dev/null 2>&1; then

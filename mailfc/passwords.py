@@ -2,8 +2,9 @@
 
 New passwords are hashed with Argon2id (argon2-cffi) with OWASP's minimum
 parameters (19 MiB, 2 passes, 1 lane: about 20 ms here, so a bulk import of
-50,000 plain passwords stays in minutes); the stored string is `{ARGON2ID}$argon2id$...`, which Dovecot
-understands too.  Imported hashes may also be bcrypt (`{BLF-CRYPT}$2y$...`).
+50,000 plain passwords stays in minutes); the stored string is
+`{ARGON2ID}$argon2id$...`, which Dovecot understands too.  Imported hashes
+may also be bcrypt (`{BLF-CRYPT}$2y$...`).
 A password is never stored plain or unsalted: `check_hash` refuses any other
 scheme, naming the ones accepted.
 """

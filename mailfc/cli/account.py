@@ -6,9 +6,9 @@ import sys
 
 import click
 
+from mailfc.addresses import split_address
 from mailfc.cli.common import emit, json_option, pass_config, print_json, run_db, say
 from mailfc.config import Config
-from mailfc.addresses import split_address
 from mailfc.db import accounts
 from mailfc.errors import InvalidInput
 from mailfc.passwords import hash_password
@@ -24,8 +24,8 @@ def _read_password(from_stdin: bool) -> str:
         return password
     if not sys.stdin.isatty():
         raise InvalidInput("no password given: pipe it with --password-stdin")
-    password: str = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    return password
+    typed: str = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return typed
 
 
 @click.group("account")

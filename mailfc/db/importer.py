@@ -6,7 +6,7 @@ optional:
     domain,localpart,password,password_hash,quota_bytes
     example.org,,,,                        a domain without accounts
     example.org,bob,s3cret,,               plain password, hashed here
-    example.net,alice,,{ARGON2ID}$argon2id$v=19$...,1073741824
+    example.net,alice,,"{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$...",1073741824
 
 The whole file is checked first (names, addresses, hash schemes, duplicates
 within the file); if any row is malformed, every bad row is reported with its
@@ -115,7 +115,10 @@ def parse(path: Path) -> list[Row]:
 
 def _row(line: int, record: dict[str | None, str | list[str] | None]) -> Row:
     if None in record:
-        raise InvalidInput("more fields than the header names")
+        raise InvalidInput(
+            "more fields than the header names (quote fields that contain commas, "
+            "such as Argon2 hashes: \"{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$...\")"
+        )
 
     def value(name: str) -> str | None:
         raw = record.get(name)

@@ -1,0 +1,5 @@
+"""`python -m mailfc` is the `mailfc` command."""
+
+from mailfc.cli.main import main
+
+main()

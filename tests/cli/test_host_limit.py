@@ -1,0 +1,72 @@
+"""Hosts and limits through the real `mailfc` command."""
+
+from __future__ import annotations
+
+import json
+
+from tests.cli.conftest import Mailfc
+
+
+def test_hosts(mailfc: Mailfc) -> None:
+    mailfc.ok("host", "add", "mx2", "--dispatcher", "10.1.0.2", "--subnet", "10.78.0.0/16",
+              "--capacity", "50")
+    hosts = {h["name"]: h for h in json.loads(mailfc.ok("host", "list", "--json").out)}
+    assert hosts["mx2"]["dispatcher_address"] == "10.1.0.2"
+    assert hosts["mx2"]["container_subnet"] == "10.78.0.0/16"
+    assert hosts["mx2"]["capacity"] == 50 and hosts["mx2"]["state"] == "active"
+    mailfc.ok("host", "drain", "mx2")
+    hosts = {h["name"]: h for h in json.loads(mailfc.ok("host", "list", "--json").out)}
+    assert hosts["mx2"]["state"] == "draining"
+    mailfc.ok("host", "activate", "mx2")
+    mailfc.fails("host", "add", "mx2", "--dispatcher", "10.1.0.3", "--subnet", "10.79.0.0/16",
+                 says="exists already")
+    mailfc.fails("host", "add", "mx3", "--dispatcher", "not-an-ip", "--subnet", "10.79.0.0/16",
+                 says="invalid dispatcher address")
+    mailfc.fails("host", "add", "mx3", "--dispatcher", "10.1.0.3", "--subnet", "10.79.0.1/16",
+                 says="invalid container subnet")
+    mailfc.fails("host", "drain", "nowhere", says="unknown host")
+
+
+def test_limits(mailfc: Mailfc) -> None:
+    mailfc.ok("domain", "add", "example.org")
+    mailfc.ok("account", "add", "bob@example.org", "--password-stdin", stdin="x\n")
+    mailfc.ok("limit", "set", "example.org", "--per-account", "concurrent_sends", "3")
+    mailfc.ok("limit", "set", "bob@example.org", "messages", "100", "--window", "1h",
+              "--mode", "shadow")
+    mailfc.ok("limit", "set", "example.org", "recipients", "5000", "--window", "1d")
+    rows = json.loads(mailfc.ok("limit", "list", "--json").out)
+    found = {(r["scope"], r["target"], r["kind"]): r for r in rows}
+    assert found[("account_default", "example.org", "concurrent_sends")]["value"] == 3
+    bob = found[("account", "bob@example.org", "messages")]
+    assert (bob["value"], bob["window_s"], bob["mode"]) == (100, 3600, "shadow")
+    assert found[("domain", "example.org", "recipients")]["window_s"] == 86400
+
+    # Setting again replaces, never duplicates.
+    mailfc.ok("limit", "set", "bob@example.org", "messages", "50", "--window", "30m")
+    bob_rows = json.loads(mailfc.ok("limit", "list", "bob@example.org", "--json").out)
+    assert [(r["value"], r["window_s"], r["mode"]) for r in bob_rows] == [(50, 1800, "enforce")]
+    assert "1h" not in mailfc.ok("limit", "list", "bob@example.org").out
+
+    mailfc.ok("limit", "unset", "bob@example.org", "messages")
+    mailfc.ok("limit", "unset", "example.org", "concurrent_sends", "--per-account")
+    rows = json.loads(mailfc.ok("limit", "list", "--json").out)
+    assert [(r["scope"], r["kind"]) for r in rows] == [("domain", "recipients")]
+
+
+def test_limit_bad_input(mailfc: Mailfc) -> None:
+    mailfc.ok("domain", "add", "example.org")
+    mailfc.fails("limit", "set", "example.org", "speed", "3", says="unknown limit kind")
+    mailfc.fails("limit", "set", "example.org", "messages", "3", says="--window")
+    mailfc.fails("limit", "set", "example.org", "concurrent_sends", "3", "--window", "1h",
+                 says="takes no --window")
+    mailfc.fails("limit", "set", "example.org", "messages", "3", "--window", "soon",
+                 says="invalid duration")
+    mailfc.fails("limit", "set", "example.org", "messages", "-3", "--window", "1h",
+                 says="-3")
+    mailfc.fails("limit", "set", "example.org", "messages", "3", "--window", "1h",
+                 "--mode", "maybe", says="maybe")
+    mailfc.fails("limit", "set", "nowhere.example", "concurrent_sends", "3",
+                 says="unknown domain")
+    mailfc.fails("limit", "set", "carol@example.org", "concurrent_sends", "3",
+                 says="unknown account")
+    mailfc.fails("limit", "unset", "example.org", "concurrent_sends", says="no concurrent_sends")

@@ -1,0 +1,88 @@
+"""Shared fixtures: one embedded PostgreSQL cluster per test session.
+
+The cluster lives in a temporary state directory under /tmp (searchable by the
+`postgres` user, which pytest's own 0700 tmp directories are not) and is
+stopped and removed at the end.  Tests that need root or a binary fail loudly
+through `require()`: a skipped integration suite would hide every defect.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from mailfc.config import Config, parse_config
+from mailfc.db import connect
+from mailfc.db.pool import embedded_cluster
+
+TEST_HOST = "test-host"
+
+
+def require(condition: bool, what: str) -> None:
+    """Fail (never skip) when the machine lacks what an integration test needs."""
+    if not condition:
+        pytest.fail(f"this test needs {what}; run the README's set-up (./setup.sh) as root")
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "root (namespaces, runc, cgroups)")
+
+
+def require_binary(name: str, package: str) -> str:
+    path = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/lib/postgresql/15/bin") / name)
+         if p.exists()), None)
+    require(path is not None, f"{name} (apt-get install {package})")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Iterator[Path]:
+    require_root()
+    path = Path(tempfile.mkdtemp(prefix="mailfc-test-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mailfc_config(state_dir: Path) -> Iterator[Config]:
+    config = parse_config({"paths": {"state_dir": str(state_dir)}}, "test")
+    config_file = state_dir / "mailfc.toml"
+    config_file.write_text(f'[paths]\nstate_dir = "{state_dir}"\n')
+    os.environ["MAILFC_CONFIG"] = str(config_file)
+    yield config
+    embedded_cluster(config).stop()
+
+
+@pytest.fixture(scope="session")
+def config_file(mailfc_config: Config) -> Path:
+    return Path(os.environ["MAILFC_CONFIG"])
+
+
+@pytest.fixture(scope="session")
+async def cmdb(mailfc_config: Config) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the embedded cluster, schema current, with this machine's host row."""
+    pool = await connect(mailfc_config)
+    await pool.execute(
+        "INSERT INTO hosts (name, dispatcher_address, container_subnet)"
+        " VALUES ($1, '127.0.0.1', $2) ON CONFLICT (name) DO NOTHING",
+        TEST_HOST, mailfc_config.network.subnet,
+    )
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def clean_cmdb(cmdb: asyncpg.Pool) -> asyncpg.Pool:
+    """The CMDB with no domains, accounts, aliases, limits or blocks."""
+    await cmdb.execute("TRUNCATE domains, blocks RESTART IDENTITY CASCADE")
+    await cmdb.execute("DELETE FROM hosts WHERE name <> $1", TEST_HOST)
+    return cmdb
