@@ -90,6 +90,9 @@ class DispatcherSection(Section):
     imap_port: int = 10143
     smtp_port: int = 10587
     allowed_clients: list[str] = ["127.0.0.0/8"]
+    # A router that connects must send its PROXY header within this time.
+    header_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
 
     @field_validator("address")
     @classmethod
@@ -140,6 +143,29 @@ class TlsSection(Section):
     key_file: str = ""
 
 
+class ImapRouterSection(Section):
+    # LOGIN/AUTHENTICATE over a connection without TLS (port 143 before STARTTLS).
+    allow_plaintext_auth: bool = False
+    # Every failed login is answered only after this delay.
+    auth_failure_delay_s: float = 1.0
+    # Failed logins allowed per client IP and per account within the window,
+    # after which logins are refused without checking the password.
+    max_failures_per_ip: int = 10
+    max_failures_per_account: int = 5
+    failure_window_s: int = 300
+    # Before login a client must finish within this time.
+    login_timeout_s: float = 60.0
+
+
+class LmtpRouterSection(Section):
+    # Deliveries in flight towards one domain's container; other domains'
+    # deliveries never wait behind them.
+    per_domain_concurrency: int = 8
+    max_message_size: int = 52_428_800
+    # A delivery to a domain's dispatcher gives up after this (451 for that domain).
+    delivery_timeout_s: float = 60.0
+
+
 class RuntimeSection(Section):
     start_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0
@@ -153,6 +179,8 @@ class Config(Section):
     host: HostSection = HostSection()
     network: NetworkSection = NetworkSection()
     tls: TlsSection = TlsSection()
+    imap_router: ImapRouterSection = ImapRouterSection()
+    lmtp_router: LmtpRouterSection = LmtpRouterSection()
     runtime: RuntimeSection = RuntimeSection()
 
     @property

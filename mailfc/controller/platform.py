@@ -6,8 +6,9 @@ start() returns once it listens.  Stop order is the reverse, each with a
 drain timeout.  While running, the host heartbeats in the CMDB (so other hosts
 can tell it is alive) and keeps the session partitions prepared.
 
-Resident services implement the `Service` protocol below; later parts of the
-platform (dispatcher, routers, gateways) add themselves in `_services()`.
+Resident services implement the `Service` protocol below and are listed in
+`_services()`: the dispatcher (with this host's container runtime), the LMTP
+Router and the IMAP Router.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ import asyncpg
 
 from mailfc.config import Config
 from mailfc.db import connect, hosts
+from mailfc.dispatcher.server import Dispatcher
+from mailfc.routers.directory import Directory
+from mailfc.routers.imap import ImapRouter
+from mailfc.routers.lmtp import LmtpRouter
+from mailfc.runtime.lifecycle import Runtime
+from mailfc.runtime.settings import from_config as runtime_settings
+from mailfc.tls import server_context
 
 log = logging.getLogger("mailfc.platform")
 
@@ -43,13 +51,14 @@ class Platform:
         self.host: dict[str, object] = {}
         self.services: list[Service] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.runtime: Runtime | None = None
 
     async def start(self) -> None:
         self.pool = await connect(self.config)
         self.host = await self._register_host()
         log.info("host %s registered (dispatcher %s)", self.host["name"],
                  self.host["dispatcher_address"])
-        for service in self._services():
+        for service in await self._services():
             await service.start()
             self.services.append(service)
             log.info("%s started", service.name)
@@ -68,12 +77,28 @@ class Platform:
             except Exception:
                 log.exception("%s did not stop cleanly", service.name)
         self.services.clear()
+        if self.runtime is not None:
+            # Containers keep running and are adopted at the next start; the
+            # controller stops idle ones.
+            await self.runtime.close()
+            self.runtime = None
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
 
-    def _services(self) -> list[Service]:
-        return []
+    async def _services(self) -> list[Service]:
+        assert self.pool is not None
+        runtime = Runtime(runtime_settings(self.config), self.pool)
+        await runtime.open()
+        await runtime.recover()
+        self.runtime = runtime
+        directory = Directory(self.pool)
+        tls_context = server_context(self.config)
+        return [
+            Dispatcher(self.config, runtime, self.pool),
+            LmtpRouter(self.config, directory),
+            ImapRouter(self.config, directory, tls_context),
+        ]
 
     async def _register_host(self) -> dict[str, object]:
         assert self.pool is not None

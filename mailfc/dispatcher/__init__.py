@@ -1,0 +1,1 @@
+"""The dispatcher: one per container host (see server.py for its manual)."""

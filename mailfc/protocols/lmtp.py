@@ -1,0 +1,126 @@
+"""An LMTP client over asyncio streams (RFC 2033), for the LMTP Router.
+
+LMTP differs from SMTP where it matters here: after DATA the server answers
+once per accepted recipient, so one transaction can succeed for some
+recipients and fail for others.  `deliver()` returns a Reply per recipient.
+
+Reply codes are (code, enhanced text) pairs; a connection problem while
+talking raises LmtpError, which the caller turns into a temporary failure for
+every recipient it had not got a reply for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+
+class LmtpError(Exception):
+    """The LMTP conversation broke off (connection lost, garbage, timeout)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+async def read_reply(reader: asyncio.StreamReader) -> Reply:
+    lines: list[str] = []
+    while True:
+        try:
+            raw = await reader.readuntil(b"\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as error:
+            raise LmtpError(f"connection lost while reading a reply: {error}") from None
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if len(line) < 3 or not line[:3].isdigit():
+            raise LmtpError(f"malformed reply {line[:80]!r}")
+        lines.append(line[4:])
+        if line[3:4] != "-":
+            return Reply(int(line[:3]), " ".join(lines))
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """The DATA payload: CRLF line ends, leading dots doubled, final `.` line."""
+    text = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    lines = text.split(b"\r\n")
+    stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    return stuffed + b".\r\n"
+
+
+class LmtpClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+
+    async def command(self, line: str) -> Reply:
+        self.writer.write(line.encode("utf-8") + b"\r\n")
+        try:
+            await self.writer.drain()
+            return await asyncio.wait_for(read_reply(self.reader), self.timeout)
+        except (ConnectionError, OSError) as error:
+            raise LmtpError(f"connection lost: {error}") from None
+        except TimeoutError:
+            raise LmtpError(f"no reply to {line.split()[0]} within {self.timeout:.0f}s") \
+                from None
+
+    async def greeting(self) -> Reply:
+        try:
+            return await asyncio.wait_for(read_reply(self.reader), self.timeout)
+        except TimeoutError:
+            raise LmtpError("no greeting") from None
+
+    async def deliver(self, helo: str, sender: str, recipients: list[str],
+                      message: bytes, mail_options: list[str] | None = None
+                      ) -> dict[str, Reply]:
+        """One transaction; a Reply for every recipient."""
+        results: dict[str, Reply] = {}
+        reply = await self.command(f"LHLO {helo}")
+        if not reply.ok:
+            return dict.fromkeys(recipients, reply)
+        options = "".join(" " + option for option in mail_options or [])
+        reply = await self.command(f"MAIL FROM:<{sender}>{options}")
+        if not reply.ok:
+            return dict.fromkeys(recipients, reply)
+        accepted: list[str] = []
+        for recipient in recipients:
+            reply = await self.command(f"RCPT TO:<{recipient}>")
+            if reply.ok:
+                accepted.append(recipient)
+            else:
+                results[recipient] = reply
+        if not accepted:
+            await self.command("RSET")
+            return results
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            results.update(dict.fromkeys(accepted, reply))
+            return results
+        self.writer.write(dot_stuff(message))
+        for recipient in accepted:
+            try:
+                results[recipient] = await asyncio.wait_for(read_reply(self.reader),
+                                                            self.timeout)
+            except TimeoutError:
+                raise LmtpError("no reply after DATA") from None
+        return results
+
+    async def quit(self) -> None:
+        with contextlib.suppress(LmtpError):
+            await self.command("QUIT")

@@ -1,0 +1,417 @@
+"""IMAP Router: the pre-login dialogue for every hosted domain, then a transparent proxy.
+
+LISTENERS
+    listen.imap_router (143, STARTTLS) and listen.imap_router_tls (993, implicit TLS).
+
+DIALOGUE (before login; everything else gets `BAD`, commands that need a
+login get `NO Log in first`)
+    * OK [CAPABILITY ...] mailfc IMAP router ready
+    CAPABILITY, NOOP, ID, STARTTLS, LOGIN user pass, AUTHENTICATE PLAIN [ir], LOGOUT
+
+LOGIN
+    1. The account is looked up in the CMDB.  If it exists and is active, the
+       session towards its domain's container starts at once (placement,
+       dispatcher, cold start) while the password is checked, so a cold start
+       overlaps with the login dialogue.
+    2. Wrong user or password: `NO [AUTHENTICATIONFAILED]` after
+       imap_router.auth_failure_delay_s; past max_failures_per_ip or
+       max_failures_per_account within failure_window_s, logins from that IP or
+       for that account are refused without checking.  Three failures in one
+       session end it.  Every attempt is recorded in auth_attempts.
+    3. Right password: the router logs in at the domain's Dovecot with the
+       client's own tag.  Dovecot accepts password-less logins only from the
+       dispatcher's real address (passdb allow_real_nets), and learns the client
+       address from the dispatcher's PROXY header.  Dovecot's tagged reply,
+       with its post-login CAPABILITY, goes to the client verbatim, and from
+       then on bytes flow both ways untouched.
+    Container not available in time: `NO [UNAVAILABLE]`.  Backend gone in the
+    middle of a session: `* BYE [UNAVAILABLE]` and the connection closes.
+
+SECURITY
+    Plaintext LOGIN/AUTHENTICATE before TLS is refused (`LOGINDISABLED`) unless
+    imap_router.allow_plaintext_auth.  Bytes pipelined after STARTTLS are a
+    command-injection attempt: the connection is closed.  Pre-login literals
+    are capped at 8 KiB and lines at 8 KiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+from mailfc import netio
+from mailfc.config import Config, split_hostport
+from mailfc.errors import MailfcError
+from mailfc.protocols import imap, proxy
+from mailfc.routers.directory import Account, Directory
+from mailfc.routers.throttle import FailureThrottle
+
+log = logging.getLogger("mailfc.routers.imap")
+
+MAX_FAILURES_PER_SESSION = 3
+BACKEND_LOGIN_TIMEOUT_S = 15.0
+NEEDS_LOGIN = {
+    b"SELECT", b"EXAMINE", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE",
+    b"LIST", b"LSUB", b"STATUS", b"APPEND", b"CHECK", b"CLOSE", b"EXPUNGE", b"SEARCH",
+    b"FETCH", b"STORE", b"COPY", b"MOVE", b"UID", b"IDLE", b"NAMESPACE", b"GETQUOTAROOT",
+    b"GETQUOTA", b"ENABLE", b"UNSELECT", b"SORT", b"THREAD", b"GETACLRIGHTS", b"MYRIGHTS",
+}
+
+
+class BackendUnavailable(Exception):
+    """The domain's container did not answer with a greeting in time."""
+
+
+@dataclass
+class Backend:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    opened_s: float
+
+
+class ImapRouter:
+    name = "imap-router"
+
+    def __init__(self, config: Config, directory: Directory,
+                 tls_context: ssl.SSLContext) -> None:
+        self.config = config
+        self.directory = directory
+        self.tls_context = tls_context
+        settings = config.imap_router
+        window = float(settings.failure_window_s)
+        self.ip_throttle = FailureThrottle(settings.max_failures_per_ip, window)
+        self.account_throttle = FailureThrottle(settings.max_failures_per_account, window)
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._records: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        host, port = split_hostport(self.config.listen.imap_router)
+        tls_host, tls_port = split_hostport(self.config.listen.imap_router_tls)
+        self._servers.append(await asyncio.start_server(
+            self._handler(False), host, port, reuse_address=True, reuse_port=True))
+        self._servers.append(await asyncio.start_server(
+            self._handler(True), tls_host, tls_port, ssl=self.tls_context,
+            reuse_address=True, reuse_port=True, ssl_handshake_timeout=30))
+
+    async def stop(self, drain_timeout: float) -> None:
+        for server in self._servers:
+            server.close()
+        if self._sessions:
+            await asyncio.wait(set(self._sessions), timeout=drain_timeout)
+        for task in set(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, *self._records, return_exceptions=True)
+        self._servers.clear()
+
+    def _handler(self, implicit_tls: bool):  # type: ignore[no-untyped-def]
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._sessions.add(task)
+            try:
+                await ImapSession(self, reader, writer, implicit_tls).run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("IMAP session failed")
+            finally:
+                self._sessions.discard(task)
+                await netio.close(writer)
+        return handle
+
+    def record(self, username: str, domain: str | None, client_ip: str | None,
+               success: bool, reason: str) -> None:
+        async def write() -> None:
+            try:
+                await self.directory.record_auth("imap", username, domain, client_ip,
+                                                 success, reason)
+            except Exception as error:
+                log.warning("could not record login attempt of %r: %s", username, error)
+        task = asyncio.create_task(write())
+        self._records.add(task)
+        task.add_done_callback(self._records.discard)
+
+
+class ImapSession:
+    def __init__(self, router: ImapRouter, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, implicit_tls: bool) -> None:
+        self.router = router
+        self.config = router.config.imap_router
+        self.reader = reader
+        self.writer = writer
+        self.tls = implicit_tls
+        peer = writer.get_extra_info("peername") or ("0.0.0.0", 0)
+        local = writer.get_extra_info("sockname") or ("0.0.0.0", 0)
+        self.client_ip: str = peer[0]
+        self.client_port: int = peer[1]
+        self.local_ip: str = local[0]
+        self.local_port: int = local[1]
+        self.failures = 0
+
+    # -- wire ------------------------------------------------------------------
+
+    async def send(self, line: str) -> None:
+        self.writer.write(line.encode() + b"\r\n")
+        await self.writer.drain()
+
+    async def read_line(self) -> bytes:
+        try:
+            line = await self.reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise imap.ImapSyntaxError("line too long") from None
+        if len(line) > imap.MAX_LINE:
+            raise imap.ImapSyntaxError("line too long")
+        return line.rstrip(b"\r\n")
+
+    async def read_command(self) -> tuple[bytes, bytes, list[bytes]]:
+        tag, command, rest = imap.split_tag(await self.read_line())
+        arguments: list[bytes] = []
+        segment = imap.parse_segment(rest)
+        while True:
+            arguments.extend(segment.arguments)
+            if segment.literal is None:
+                return tag, command, arguments
+            if not segment.nonsync:
+                await self.send("+ OK")
+            arguments.append(await self.reader.readexactly(segment.literal))
+            segment = imap.parse_segment(await self.read_line())
+
+    def capabilities(self) -> str:
+        words = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE"]
+        if not self.tls:
+            words.append("STARTTLS")
+        if self.tls or self.config.allow_plaintext_auth:
+            words.append("AUTH=PLAIN")
+        else:
+            words.append("LOGINDISABLED")
+        return " ".join(words)
+
+    # -- dialogue ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.send(f"* OK [CAPABILITY {self.capabilities()}] mailfc IMAP router ready.")
+        deadline = time.monotonic() + self.config.login_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                tag, command, arguments = await asyncio.wait_for(self.read_command(), remaining)
+            except TimeoutError:
+                await self.send("* BYE Disconnected for inactivity.")
+                return
+            except imap.ImapSyntaxError as error:
+                await self.send(f"* BAD {error}")
+                if "literal" in str(error) or "too long" in str(error):
+                    await self.send("* BYE Too much data before login.")
+                    return
+                continue
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            backend = await self.dispatch(tag.decode("ascii", "replace"), command, arguments)
+            if backend is False:
+                return
+            if isinstance(backend, Backend):
+                await self.proxy(backend)
+                return
+
+    async def dispatch(self, tag: str, command: bytes,
+                       arguments: list[bytes]) -> Backend | bool:
+        """Answer one command; a Backend once logged in, False to hang up."""
+        if command == b"CAPABILITY":
+            await self.send(f"* CAPABILITY {self.capabilities()}")
+            await self.send(f"{tag} OK Capability completed.")
+        elif command == b"NOOP":
+            await self.send(f"{tag} OK NOOP completed.")
+        elif command == b"ID":
+            await self.send('* ID ("name" "mailfc")')
+            await self.send(f"{tag} OK ID completed.")
+        elif command == b"LOGOUT":
+            await self.send("* BYE Logging out.")
+            await self.send(f"{tag} OK Logout completed.")
+            return False
+        elif command == b"STARTTLS":
+            return await self.starttls(tag)
+        elif command == b"LOGIN":
+            if len(arguments) != 2:
+                await self.send(f"{tag} BAD LOGIN expects a user name and a password.")
+                return True
+            return await self.login(tag, _text(arguments[0]), _text(arguments[1]))
+        elif command == b"AUTHENTICATE":
+            return await self.authenticate(tag, arguments)
+        elif command in NEEDS_LOGIN:
+            await self.send(f"{tag} NO Log in first.")
+        else:
+            await self.send(f"{tag} BAD Unknown command.")
+        return True
+
+    async def starttls(self, tag: str) -> bool:
+        if self.tls:
+            await self.send(f"{tag} BAD TLS is already active.")
+            return True
+        # Anything the client sent after STARTTLS would be read as if it had
+        # come over TLS: a known injection attack, so such a client is dropped.
+        # asyncio has no public peek; its buffer is where pipelined bytes wait.
+        if self.reader._buffer:  # type: ignore[attr-defined]
+            await self.send(f"{tag} BAD Data pipelined after STARTTLS.")
+            return False
+        await self.send(f"{tag} OK Begin TLS negotiation now.")
+        try:
+            await self.writer.start_tls(self.router.tls_context, ssl_handshake_timeout=30)
+        except (ssl.SSLError, OSError, TimeoutError) as error:
+            log.info("STARTTLS from %s failed: %s", self.client_ip, error)
+            return False
+        self.tls = True
+        return True
+
+    async def authenticate(self, tag: str, arguments: list[bytes]) -> Backend | bool:
+        if not arguments or arguments[0].upper() != b"PLAIN":
+            await self.send(f"{tag} NO [CANNOT] Only AUTHENTICATE PLAIN is supported.")
+            return True
+        if not self._may_authenticate():
+            await self.refuse_plaintext(tag)
+            return True
+        if len(arguments) > 1:
+            response = arguments[1]
+        else:
+            await self.send("+ ")
+            response = await self.read_line()
+        if response == b"*":
+            await self.send(f"{tag} BAD Authentication cancelled.")
+            return True
+        try:
+            authzid, authcid, password = base64.b64decode(response, validate=True).split(b"\0")
+        except (binascii.Error, ValueError):
+            await self.send(f"{tag} BAD Invalid AUTHENTICATE PLAIN response.")
+            return True
+        if authzid and authzid != authcid:
+            await self.send(f"{tag} NO [AUTHORIZATIONFAILED] Acting as another user is not "
+                            "allowed.")
+            return True
+        return await self.login(tag, _text(authcid), _text(password), checked=True)
+
+    def _may_authenticate(self) -> bool:
+        return self.tls or self.config.allow_plaintext_auth
+
+    async def refuse_plaintext(self, tag: str) -> None:
+        await self.send(f"{tag} NO [PRIVACYREQUIRED] Plaintext authentication is disallowed "
+                        "on non-TLS connections: use STARTTLS or port 993.")
+
+    async def login(self, tag: str, username: str, password: str,
+                    checked: bool = False) -> Backend | bool:
+        if not checked and not self._may_authenticate():
+            await self.refuse_plaintext(tag)
+            return True
+        router = self.router
+        account_key = username.strip().lower()
+        if router.ip_throttle.blocked(self.client_ip) or \
+                router.account_throttle.blocked(account_key):
+            return await self.fail(tag, username, None, "throttled")
+        account = await router.directory.account(username)
+        opening: asyncio.Task[Backend] | None = None
+        if account is not None and account.active:
+            opening = asyncio.create_task(self.open_backend(account))
+        ok = account is not None and account.active and \
+            await router.directory.verify(account, password)
+        if not ok or account is None or opening is None:
+            if opening is not None:
+                opening.cancel()
+                with contextlib.suppress(BaseException):
+                    backend = await opening
+                    await netio.close(backend.writer)
+            reason = "unknown user" if account is None else (
+                "suspended" if not account.active else "wrong password")
+            return await self.fail(tag, username, account.domain if account else None, reason)
+        router.account_throttle.succeed(account_key)
+        try:
+            backend = await opening
+        except (BackendUnavailable, MailfcError, OSError, TimeoutError) as error:
+            log.warning("IMAP login of %s: backend unavailable: %s", account.address, error)
+            router.record(account.address, account.domain, self.client_ip, True,
+                          f"backend unavailable: {error}")
+            await self.send(f"{tag} NO [UNAVAILABLE] The mail server for {account.domain} is "
+                            "not available right now; try again later.")
+            return True
+        router.record(account.address, account.domain, self.client_ip, True, "ok")
+        return await self.backend_login(tag, account, backend)
+
+    async def fail(self, tag: str, username: str, domain: str | None, reason: str) -> bool:
+        router = self.router
+        router.ip_throttle.fail(self.client_ip)
+        router.account_throttle.fail(username.strip().lower())
+        router.record(username, domain, self.client_ip, False, reason)
+        self.failures += 1
+        await asyncio.sleep(self.config.auth_failure_delay_s)
+        await self.send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed.")
+        if self.failures >= MAX_FAILURES_PER_SESSION:
+            await self.send("* BYE Too many invalid login attempts.")
+            return False
+        return True
+
+    # -- towards the domain's Dovecot --------------------------------------------
+
+    async def open_backend(self, account: Account) -> Backend:
+        started = time.monotonic()
+        placement = await self.router.directory.place(account.domain)
+        timeout = self.router.config.runtime.start_timeout_s + \
+            self.router.config.dispatcher.connect_timeout_s
+        reader, writer = await netio.open_connection(
+            placement.dispatcher_address, placement.imap_port,
+            self.router.config.dispatcher.connect_timeout_s)
+        try:
+            writer.write(proxy.encode(self.client_ip, self.client_port, self.local_ip,
+                                      self.local_port, authority=account.domain))
+            greeting = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
+        except BaseException:
+            await netio.close(writer)
+            raise
+        if not greeting.startswith(b"* OK"):
+            await netio.close(writer)
+            raise BackendUnavailable(greeting.decode("ascii", "replace").strip())
+        return Backend(reader, writer, time.monotonic() - started)
+
+    async def backend_login(self, tag: str, account: Account, backend: Backend) -> Backend | bool:
+        # The password was checked here; Dovecot trusts the dispatcher's address.
+        command = f"{tag} LOGIN ".encode() + imap.quote(account.address) + b' "-"\r\n'
+        backend.writer.write(command)
+        prefix = tag.encode() + b" "
+        try:
+            while True:
+                line = await asyncio.wait_for(backend.reader.readuntil(b"\n"),
+                                              BACKEND_LOGIN_TIMEOUT_S)
+                if line.startswith(prefix):
+                    break
+                if not line.startswith(b"* "):
+                    raise BackendUnavailable(f"unexpected reply {line[:80]!r}")
+                self.writer.write(line)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                TimeoutError, BackendUnavailable) as error:
+            log.warning("backend login of %s failed: %s", account.address, error)
+            await netio.close(backend.writer)
+            await self.send(f"{tag} NO [UNAVAILABLE] The mail server for {account.domain} "
+                            "did not accept the session; try again later.")
+            return True
+        if not line[len(prefix):].startswith(b"OK"):
+            log.warning("backend refused login of %s: %r", account.address, line[:200])
+            await netio.close(backend.writer)
+            await self.send(f"{tag} NO [UNAVAILABLE] The mail server for {account.domain} "
+                            "did not accept the session; try again later.")
+            return True
+        self.writer.write(line)
+        await self.writer.drain()
+        return backend
+
+    async def proxy(self, backend: Backend) -> None:
+        result = await netio.splice(self.reader, self.writer, backend.reader, backend.writer)
+        if result.server_closed_first and b"* BYE" not in result.server_tail:
+            with contextlib.suppress(Exception):
+                await self.send("* BYE [UNAVAILABLE] Connection to the mail server lost.")
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")

@@ -1,0 +1,64 @@
+"""Instance: one live container of a domain as the CMDB records it.
+
+`service` is the service the row is recorded under ('smtp' for Postfix,
+'imap' for the Dovecot that serves both lmtp and imap); `port(service)` gives
+the port to connect to for any service the container serves, `proxy=True`
+the listener that expects a HAProxy PROXY header first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import asyncpg
+
+from mailfc.runtime.images import PORTS, image_for
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: int
+    name: str
+    domain: str
+    domain_id: int
+    service: str
+    image: str
+    host_id: int
+    address: ipaddress.IPv4Address
+    state: str
+    slot: int
+    pid: int | None
+    created_at: datetime.datetime | None = None
+    ready_at: datetime.datetime | None = None
+    last_activity_at: datetime.datetime | None = None
+    stop_reason: str | None = None
+
+    def serves(self, service: str) -> bool:
+        return image_for(service).name == self.image
+
+    def port(self, service: str | None = None, *, proxy: bool = False) -> int:
+        service = service or self.service
+        if not self.serves(service):
+            raise ValueError(f"{self.name} ({self.image}) does not serve {service}")
+        return PORTS[f"{service}_proxy" if proxy else service]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["address"] = str(self.address)
+        return data
+
+    @classmethod
+    def from_record(cls, row: asyncpg.Record) -> Instance:
+        address = row["address"]
+        if isinstance(address, ipaddress.IPv4Interface):
+            address = address.ip
+        return cls(
+            id=row["id"], name=row["name"], domain=row["domain"], domain_id=row["domain_id"],
+            service=row["service"], image=image_for(row["service"]).name,
+            host_id=row["host_id"], address=ipaddress.IPv4Address(str(address)),
+            state=row["state"], slot=row["slot"], pid=row["pid"],
+            created_at=row["created_at"], ready_at=row["ready_at"],
+            last_activity_at=row["last_activity_at"], stop_reason=row["stop_reason"])

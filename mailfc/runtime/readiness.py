@@ -1,0 +1,104 @@
+"""Readiness and exit detection without sleeping for a guessed time.
+
+wait_listening(address, port, deadline, alive)
+    connect() to the service port in a tight loop (a refused connect costs
+    ~50 us on the bridge) until it is accepted, the deadline passes
+    (TimeoutError) or alive() says the container's init died (ProcessLookupError).
+    A connect that succeeds means the master has bound and listens: the kernel
+    queues the session until a child accepts it, so it is safe to hand over.
+
+wait_exit(pid, seconds) -> bool
+    waits on a pidfd (readable when the process exits), no polling.
+
+read_banner(address, port, seconds) -> bytes
+    connect and return the first bytes the server sends (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import time
+from collections.abc import Callable
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+async def wait_listening(address: str, port: int, deadline: float, *,
+                         interval: float = 0.002,
+                         alive: Callable[[], bool] | None = None) -> float:
+    """Return the monotonic time the port first accepted a connection."""
+    loop = asyncio.get_running_loop()
+    checks = 0
+    while True:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{address}:{port} did not listen in time")
+            async with asyncio.timeout(min(remaining, 1.0)):
+                await loop.sock_connect(sock, (address, port))
+            return time.monotonic()
+        except (ConnectionRefusedError, TimeoutError) as error:
+            if isinstance(error, TimeoutError) and time.monotonic() >= deadline:
+                raise TimeoutError(f"{address}:{port} did not listen in time") from None
+        except OSError as error:
+            # No route/ARP reply yet while the veth comes up: try again.
+            if error.errno not in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNRESET):
+                raise
+        finally:
+            sock.close()
+        checks += 1
+        if alive is not None and checks % 10 == 0 and not alive():
+            raise ProcessLookupError("the container's init process exited")
+        await asyncio.sleep(interval)
+
+
+async def wait_exit(pid: int, seconds: float) -> bool:
+    """True when `pid` exited within `seconds`."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def exited() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, exited)
+    try:
+        if not process_alive(pid):
+            return True
+        async with asyncio.timeout(seconds):
+            await done
+        return True
+    except TimeoutError:
+        return not process_alive(pid)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def read_banner(address: str, port: int, seconds: float = 5.0) -> bytes:
+    async with asyncio.timeout(seconds):
+        reader, writer = await asyncio.open_connection(address, port)
+        try:
+            return await reader.read(1024)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -1,0 +1,167 @@
+"""RuntimeSettings: everything the container runtime needs to know, with defaults.
+
+The defaults run one host on one machine, matching mailfc.config's defaults;
+`from_config()` derives the settings from the platform's Config so the
+dispatcher, the controller and the CLI all agree.
+
+Fields (default)
+    state_dir (/var/lib/mailfc)        bundles, runc state, per-domain queues under
+                                        <state_dir>/runtime
+    mail_root (<state_dir>/mail)       maildirs: <mail_root>/<domain>/<localpart>/Maildir
+    socket_dir (<state_dir>/sockets)   mounted at /run/mailfc in every container:
+                                        the milter and hook server sockets live there
+    bridge (mailfc0), subnet (10.77.0.0/16)
+                                        host bridge; it takes the subnet's first address,
+                                        containers the others
+    host_name ("")                     the hosts row this runtime runs containers for
+                                        (empty: this machine's hostname)
+    host_id (None)                     the hosts row id; None: looked up by host_name
+    name_prefix (mailfc)               containers, netns, cgroups: <prefix>-<token>;
+                                        veths v<prefix[:6]><token>.  Cleanup is by this
+                                        name, so two runtimes with different prefixes never
+                                        touch each other's things
+    start_timeout (5.0 s), stop_timeout (5.0 s)
+    ready_poll_interval (0.002 s)      connect() retry interval while a server starts
+    netns_pool_size (2)                pre-made netns+veth pairs (domain independent)
+    dispatcher_address (None)          the one address Postfix and Dovecot trust for
+                                        XCLIENT, PROXY and password-less logins; None: the
+                                        bridge address, which is the source of every
+                                        connection the host makes into a container
+    relay_host ("[<bridge address>]:10026")
+                                        Postfix relayhost: Filter-Out as seen from inside
+    milter_socket (milter.sock), hook_socket (hooks.sock)
+                                        names inside socket_dir
+    dovecot_hook_plugin (mailfc_hooks) loaded by Dovecot when its .so is installed
+    vmail_uid/vmail_gid (5000)         owner of the maildirs
+    nfs_safe (True)                    Dovecot dotlock/fsync/no-mmap settings
+    nameservers (())                   resolv.conf inside the containers
+    runc (runc)                        the runc binary (Debian package runc)
+    images_dir (None)                  the containers/ directory of the images; None: the
+                                        one next to this package's source tree
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mailfc.config import Config
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    state_dir: Path = Path("/var/lib/mailfc")
+    mail_root: Path | None = None
+    socket_dir: Path | None = None
+    bridge: str = "mailfc0"
+    subnet: str = "10.77.0.0/16"
+    host_name: str = ""
+    host_id: int | None = None
+    name_prefix: str = "mailfc"
+    start_timeout: float = 5.0
+    stop_timeout: float = 5.0
+    ready_poll_interval: float = 0.002
+    netns_pool_size: int = 2
+    dispatcher_address: str | None = None
+    relay_host: str | None = None
+    filter_out_port: int = 10026
+    milter_socket: str = "milter.sock"
+    hook_socket: str = "hooks.sock"
+    dovecot_hook_plugin: str = "mailfc_hooks"
+    vmail_uid: int = 5000
+    vmail_gid: int = 5000
+    nfs_safe: bool = True
+    nameservers: tuple[str, ...] = ()
+    runc: str = "runc"
+    images_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        network = ipaddress.ip_network(self.subnet, strict=True)
+        if network.version != 4 or network.num_addresses < 8:
+            raise ValueError(
+                f"runtime subnet {self.subnet}: expected an IPv4 subnet of /29 or larger")
+        if not self.name_prefix.isalnum() or len(self.name_prefix) > 12:
+            raise ValueError(f"name_prefix {self.name_prefix!r}: 1-12 letters or digits")
+
+    # -- derived values: one place decides every path and address ----------------
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        net = ipaddress.ip_network(self.subnet)
+        assert isinstance(net, ipaddress.IPv4Network)
+        return net
+
+    @property
+    def bridge_address(self) -> ipaddress.IPv4Address:
+        return self.network.network_address + 1
+
+    @property
+    def trusted_address(self) -> str:
+        return self.dispatcher_address or str(self.bridge_address)
+
+    @property
+    def relay(self) -> str:
+        return self.relay_host or f"[{self.bridge_address}]:{self.filter_out_port}"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.mail_root or self.state_dir / "mail"
+
+    @property
+    def sockets(self) -> Path:
+        return self.socket_dir or self.state_dir / "sockets"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.state_dir / "runtime"
+
+    @property
+    def runc_root(self) -> Path:
+        return self.runtime_dir / "runc"
+
+    @property
+    def bundles_dir(self) -> Path:
+        return self.runtime_dir / "bundles"
+
+    @property
+    def domains_dir(self) -> Path:
+        """Persistent per-domain state (Postfix queues, Dovecot state, logs)."""
+        return self.runtime_dir / "domains"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.runtime_dir / "rootfs"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return "/" + self.name_prefix
+
+    @property
+    def resolved_host_name(self) -> str:
+        return self.host_name or socket.gethostname()
+
+    def replace(self, **changes: Any) -> RuntimeSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def from_config(config: Config, **overrides: Any) -> RuntimeSettings:
+    """The runtime settings the platform's Config implies (overrides win)."""
+    values: dict[str, Any] = {
+        "state_dir": config.state_dir,
+        "mail_root": config.mail_root,
+        "bridge": config.network.bridge,
+        "subnet": config.network.subnet,
+        "host_name": config.host_name,
+        "start_timeout": config.runtime.start_timeout_s,
+        "stop_timeout": config.runtime.stop_timeout_s,
+    }
+    # Filter-Out listens on the host; containers reach it through the bridge address.
+    _host, port = config.listen.filter_out.rsplit(":", 1)
+    values["filter_out_port"] = int(port)
+    values.update(overrides)
+    return RuntimeSettings(**values)
