@@ -169,6 +169,17 @@ class LmtpRouterSection(Section):
 class RuntimeSection(Section):
     start_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0
+    # Containers, network namespaces and cgroups of this host are named
+    # <name_prefix>-...; start-up cleans up leftovers by this prefix, so two
+    # platforms on one machine need different prefixes.
+    name_prefix: str = "mailfc"
+
+    @field_validator("name_prefix")
+    @classmethod
+    def _is_prefix(cls, value: str) -> str:
+        if not value.isalnum() or not value.isascii() or len(value) > 12:
+            raise ValueError("expected 1-12 ASCII letters or digits")
+        return value
 
 
 class Config(Section):

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 
 from mailfc.config import Config
 from mailfc.db import connect, hosts
 from mailfc.dispatcher.server import Dispatcher
+from mailfc.errors import ConfigError
 from mailfc.routers.directory import Directory
 from mailfc.routers.imap import ImapRouter
 from mailfc.routers.lmtp import LmtpRouter
@@ -44,8 +45,23 @@ class Service(Protocol):
     async def stop(self, drain_timeout: float) -> None: ...
 
 
+SERVICE_NAMES = ("dispatcher", "lmtp-router", "imap-router")
+
+
 class Platform:
-    def __init__(self, config: Config) -> None:
+    """`services`: which resident services this machine runs (default: all).
+
+    A container host runs at least the dispatcher; routers may run anywhere.
+    """
+
+    def __init__(self, config: Config, services: tuple[str, ...] = SERVICE_NAMES,
+                 *, runtime_overrides: dict[str, Any] | None = None) -> None:
+        unknown = set(services) - set(SERVICE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown service(s) {', '.join(sorted(unknown))}: "
+                             f"choose from {', '.join(SERVICE_NAMES)}")
+        self.wanted = services
+        self.runtime_overrides = runtime_overrides or {}
         self.config = config
         self.pool: asyncpg.Pool | None = None
         self.host: dict[str, object] = {}
@@ -55,11 +71,17 @@ class Platform:
 
     async def start(self) -> None:
         self.pool = await connect(self.config)
-        self.host = await self._register_host()
-        log.info("host %s registered (dispatcher %s)", self.host["name"],
-                 self.host["dispatcher_address"])
+        if "dispatcher" in self.wanted:
+            self.host = await self._register_host()
+            log.info("host %s registered (dispatcher %s)", self.host["name"],
+                     self.host["dispatcher_address"])
         for service in await self._services():
-            await service.start()
+            try:
+                await service.start()
+            except OSError as error:
+                raise ConfigError(
+                    f"{service.name} cannot listen: {error.strerror or error}: stop what holds "
+                    "the port or change the listen settings") from None
             self.services.append(service)
             log.info("%s started", service.name)
         self._tasks = [
@@ -78,8 +100,13 @@ class Platform:
                 log.exception("%s did not stop cleanly", service.name)
         self.services.clear()
         if self.runtime is not None:
-            # Containers keep running and are adopted at the next start; the
-            # controller stops idle ones.
+            # Nothing would stop idle containers once the platform is down, so
+            # they drain and stop with it (queues and maildirs persist outside).
+            for instance in await self.runtime.instances():
+                try:
+                    await self.runtime.stop(instance)
+                except Exception as error:
+                    log.warning("container %s did not stop cleanly: %s", instance.name, error)
             await self.runtime.close()
             self.runtime = None
         if self.pool is not None:
@@ -88,17 +115,21 @@ class Platform:
 
     async def _services(self) -> list[Service]:
         assert self.pool is not None
-        runtime = Runtime(runtime_settings(self.config), self.pool)
-        await runtime.open()
-        await runtime.recover()
-        self.runtime = runtime
+        services: list[Service] = []
         directory = Directory(self.pool)
-        tls_context = server_context(self.config)
-        return [
-            Dispatcher(self.config, runtime, self.pool),
-            LmtpRouter(self.config, directory),
-            ImapRouter(self.config, directory, tls_context),
-        ]
+        if "dispatcher" in self.wanted:
+            overrides = {"name_prefix": self.config.runtime.name_prefix,
+                         **self.runtime_overrides}
+            runtime = Runtime(runtime_settings(self.config, **overrides), self.pool)
+            await runtime.open()
+            await runtime.recover()
+            self.runtime = runtime
+            services.append(Dispatcher(self.config, runtime, self.pool))
+        if "lmtp-router" in self.wanted:
+            services.append(LmtpRouter(self.config, directory))
+        if "imap-router" in self.wanted:
+            services.append(ImapRouter(self.config, directory, server_context(self.config)))
+        return services
 
     async def _register_host(self) -> dict[str, object]:
         assert self.pool is not None
@@ -113,6 +144,8 @@ class Platform:
 
     async def _heartbeat(self) -> None:
         assert self.pool is not None
+        if not self.host:
+            return
         await self.pool.execute(
             "UPDATE hosts SET heartbeat_at = now() WHERE name = $1", self.config.host_name
         )

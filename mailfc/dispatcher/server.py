@@ -191,9 +191,12 @@ class Dispatcher:
                 self.config.dispatcher.connect_timeout_s)
         except asyncio.CancelledError:
             raise
-        except (MailfcError, OSError, TimeoutError) as error:
+        except Exception as error:
             reason = str(error) or type(error).__name__
-            log.warning("%s for %s: container unavailable: %s", service, domain, reason)
+            if isinstance(error, MailfcError | OSError | TimeoutError):
+                log.warning("%s for %s: container unavailable: %s", service, domain, reason)
+            else:
+                log.exception("%s for %s: container unavailable", service, domain)
             writer.write(unavailable_reply(
                 service, f"mail server for {domain} unavailable, try again later"))
             with contextlib.suppress(ConnectionError):

@@ -367,6 +367,9 @@ class ImapSession:
             writer.write(proxy.encode(self.client_ip, self.client_port, self.local_ip,
                                       self.local_port, authority=account.domain))
             greeting = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as err:
+            await netio.close(writer)
+            raise BackendUnavailable(f"dispatcher closed the session: {err}") from None
         except BaseException:
             await netio.close(writer)
             raise

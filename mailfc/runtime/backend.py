@@ -17,9 +17,11 @@ Contract
     delete(name)                 remove a stopped container (force: kill first);
                                  gone is no error
     state(name)                  ContainerState or None when unknown
-    list()                       every container this engine instance knows
+    containers()                 every container this engine instance knows
     update(name, cpu_quota_us, cpu_period_us, memory_bytes)
                                  change cgroup limits of a running container live
+    exec(name, argv)             run a command inside (admins, tests); returns
+                                 (exit status, combined output)
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class Backend(abc.ABC):
     async def state(self, name: str) -> ContainerState | None: ...
 
     @abc.abstractmethod
-    async def list(self) -> list[ContainerState]: ...
+    async def containers(self) -> list[ContainerState]: ...
+
+    @abc.abstractmethod
+    async def exec(self, name: str, argv: list[str]) -> tuple[int, str]: ...
 
     @abc.abstractmethod
     async def update(self, name: str, *, cpu_quota_us: int | None = None,

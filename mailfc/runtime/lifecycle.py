@@ -19,7 +19,8 @@ bounded by the spec's max_instances).
 
 A start: claim address and slot in the CMDB (row 'starting') -> take a netns
 from the pool -> render /etc and config.json -> address the netns -> runc run
--> connect() until the service port accepts -> row 'running'.  The whole start
+-> the service port in LISTEN state (polled in the kernel's socket table of the
+container, see readiness.py) -> row 'running'.  The whole start
 is bounded by settings.start_timeout; on any failure everything made so far is
 removed again, the row is marked stopped with the reason, and the caller gets
 StartFailed (or AddressExhausted / CapacityExhausted / UnknownDomain).
@@ -57,7 +58,7 @@ from mailfc.runtime.images import (
 )
 from mailfc.runtime.instance import Instance
 from mailfc.runtime.network import Endpoint, Network
-from mailfc.runtime.readiness import process_alive, wait_exit, wait_listening
+from mailfc.runtime.readiness import process_alive, wait_exit, wait_listen_socket
 from mailfc.runtime.runc import RuncBackend
 from mailfc.runtime.settings import RuntimeSettings
 
@@ -197,11 +198,9 @@ class Runtime:
                 log_offset = storage.log_size(log_file)
                 pid = await self.backend.run(name, bundle, log_file)
                 self.starts += 1
-                await wait_listening(
-                    str(address), PORTS[service],
-                    time.monotonic() + self.settings.start_timeout,
-                    interval=self.settings.ready_poll_interval,
-                    alive=lambda: process_alive(pid))
+                await wait_listen_socket(
+                    pid, PORTS[service], time.monotonic() + self.settings.start_timeout,
+                    interval=self.settings.ready_poll_interval)
                 ready = await cmdb.mark_running(self.db, row["id"], pid)
         except BaseException as error:
             reason = _describe(error, self.settings.start_timeout)

@@ -6,6 +6,10 @@
                 <-> eth0 (inside), with the container's address and a default
                 route via the bridge address; lo up
 
+The bridge has a fixed MAC (02:6d:<its IPv4 address>): by default a Linux
+bridge takes the lowest MAC of its ports, which changes as veths come and go
+and leaves containers sending to a stale gateway MAC.
+
 Bridge ports are *isolated*: containers reach the host (the dispatcher, the
 milter, Filter-Out on the bridge address) but never each other, so one
 domain's container cannot speak PROXY or XCLIENT to another's.
@@ -144,6 +148,11 @@ class Network:
                 await self.ipr.link("add", ifname=name, kind="bridge")
             found = await self.ipr.link_lookup(ifname=name)
         index = int(found[0])
+        # A bridge without an explicit MAC takes the lowest MAC of its ports, so
+        # adding a veth (the pool refills after every start) can change it; the
+        # containers' ARP entries for the gateway then point at a port and their
+        # packets to the host vanish.  A fixed MAC never changes.
+        await self.ipr.link("set", index=index, address=self.bridge_mac)
         have = {a.get("address") async for a in await self.ipr.addr("dump", index=index)}
         if str(self.gateway) not in have:
             try:
@@ -154,6 +163,12 @@ class Network:
                     raise
         await self.ipr.link("set", index=index, state="up")
         return index
+
+    @property
+    def bridge_mac(self) -> str:
+        """Locally administered, derived from the bridge address: stable across restarts."""
+        octets = self.gateway.packed
+        return "02:6d:" + ":".join(f"{b:02x}" for b in octets)
 
     async def close(self) -> None:
         if self._refill is not None:

@@ -1,7 +1,14 @@
 """Readiness and exit detection without sleeping for a guessed time.
 
+wait_listen_socket(pid, port, deadline)
+    what the runtime uses: polls /proc/<pid>/net/tcp (the container's own
+    network namespace) every 2 ms until the service port is in LISTEN state.
+    A probe connect() would cost the server a session: Postfix logs and runs
+    the milter for it, and Dovecot's one-shot imap-login process exits after
+    it, which here left the next client without a greeting for seconds.
+
 wait_listening(address, port, deadline, alive)
-    connect() to the service port in a tight loop (a refused connect costs
+    (for servers the runtime did not start) connect() in a tight loop (a refused connect costs
     ~50 us on the bridge) until it is accepted, the deadline passes
     (TimeoutError) or alive() says the container's init died (ProcessLookupError).
     A connect that succeeds means the master has bound and listens: the kernel
@@ -23,6 +30,45 @@ import os
 import socket
 import time
 from collections.abc import Callable
+
+TCP_LISTEN = "0A"
+
+
+def listening(pid: int, port: int) -> bool:
+    """True when a TCP socket in `pid`'s network namespace listens on `port`.
+
+    Reads /proc/<pid>/net/tcp{,6}: the kernel's own socket table, so nothing
+    connects and no server process is spent on a probe.
+    """
+    wanted = f":{port:04X}"
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as handle:
+                next(handle, None)
+                for line in handle:
+                    fields = line.split(None, 4)
+                    if fields[3] == TCP_LISTEN and fields[1].endswith(wanted):
+                        return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+async def wait_listen_socket(pid: int, port: int, deadline: float, *,
+                             interval: float = 0.002) -> float:
+    """Poll the kernel's socket table until `port` listens; the monotonic time it did.
+
+    Raises TimeoutError at the deadline and ProcessLookupError when `pid` exits.
+    """
+    checks = 0
+    while not listening(pid, port):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"port {port} did not listen in time")
+        checks += 1
+        if checks % 10 == 0 and not process_alive(pid):
+            raise ProcessLookupError("the container's init process exited")
+        await asyncio.sleep(interval)
+    return time.monotonic()
 
 
 def process_alive(pid: int) -> bool:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from mailfc.runtime import cgroups, cmdb, storage
 from mailfc.runtime.images import PORTS
 from mailfc.runtime.instance import Instance
-from mailfc.runtime.readiness import wait_listening
+from mailfc.runtime.readiness import wait_listen_socket
 
 if TYPE_CHECKING:
     from mailfc.runtime.lifecycle import Runtime
@@ -53,7 +53,8 @@ async def recover(runtime: Runtime) -> RecoveryReport:
     prefix = settings.name_prefix + "-"
     report = RecoveryReport()
     rows = {r["name"]: r for r in await cmdb.instances_on_host(runtime.db, runtime.host_id)}
-    containers = {c.name: c for c in await runtime.backend.list() if c.name.startswith(prefix)}
+    containers = {c.name: c for c in await runtime.backend.containers()
+                  if c.name.startswith(prefix)}
     adopted: set[str] = set()
 
     for name, container in containers.items():
@@ -61,11 +62,10 @@ async def recover(runtime: Runtime) -> RecoveryReport:
         keep = row is not None and container.status == "running" and row["state"] in (
             "running", "starting")
         if keep and row is not None and row["state"] == "starting":
-            instance = Instance.from_record(row)
             try:
-                await wait_listening(str(instance.address), PORTS[instance.service],
-                                     time.monotonic() + ADOPT_READY_TIMEOUT)
-            except (TimeoutError, OSError):
+                await wait_listen_socket(container.pid, PORTS[row["service"]],
+                                         time.monotonic() + ADOPT_READY_TIMEOUT)
+            except (TimeoutError, ProcessLookupError):
                 keep = False
         if keep and row is not None:
             await cmdb.mark_running(runtime.db, row["id"], container.pid)

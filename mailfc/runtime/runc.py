@@ -93,12 +93,15 @@ class RuncBackend(Backend):
             return None
         return _parse_state(json.loads(out))
 
-    async def list(self) -> list[ContainerState]:
+    async def containers(self) -> list[ContainerState]:
         code, out = await self._runc("list", "--format", "json")
         if code != 0:
             raise RuntimeUnavailable(f"runc list failed: {out}")
         items = json.loads(out or "null") or []
         return [_parse_state(item) for item in items]
+
+    async def exec(self, name: str, argv: list[str]) -> tuple[int, str]:
+        return await self._runc("exec", name, *argv)
 
     async def update(self, name: str, *, cpu_quota_us: int | None = None,
                      cpu_period_us: int | None = None, memory_bytes: int | None = None

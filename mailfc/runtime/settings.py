@@ -21,7 +21,7 @@ Fields (default)
                                         name, so two runtimes with different prefixes never
                                         touch each other's things
     start_timeout (5.0 s), stop_timeout (5.0 s)
-    ready_poll_interval (0.002 s)      connect() retry interval while a server starts
+    ready_poll_interval (0.002 s)      how often readiness looks for the listening socket
     netns_pool_size (2)                pre-made netns+veth pairs (domain independent)
     dispatcher_address (None)          the one address Postfix and Dovecot trust for
                                         XCLIENT, PROXY and password-less logins; None: the

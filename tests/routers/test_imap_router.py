@@ -118,14 +118,20 @@ async def test_wrong_password_unknown_user_and_suspended(router_host: RouterHost
             client.shutdown()
         return "OK", 0.0
 
-    for user, password in (("bob@a.example", "wrong"), ("nobody@a.example", PASSWORD),
-                           ("not an address", PASSWORD)):
-        error, elapsed = await asyncio.to_thread(attempt, user, password)
-        assert "AUTHENTICATIONFAILED" in error
-        assert elapsed >= router_host.config.imap_router.auth_failure_delay_s
+    await router_host.pool.execute(
+        "UPDATE accounts SET state = 'suspended' WHERE localpart = 'carol'")
+    try:
+        for user, password in (("bob@a.example", "wrong"), ("nobody@a.example", PASSWORD),
+                               ("not-an-address", PASSWORD), ("carol@a.example", PASSWORD)):
+            error, elapsed = await asyncio.to_thread(attempt, user, password)
+            assert "AUTHENTICATIONFAILED" in error, user
+            assert elapsed >= router_host.config.imap_router.auth_failure_delay_s
+    finally:
+        await router_host.pool.execute(
+            "UPDATE accounts SET state = 'active' WHERE localpart = 'carol'")
     rows = await router_host.pool.fetch(
         "SELECT username, success, reason FROM auth_attempts WHERE NOT success")
-    assert {"wrong password", "unknown user"} <= {row["reason"] for row in rows}
+    assert {"wrong password", "unknown user", "suspended"} <= {row["reason"] for row in rows}
 
 
 async def test_plaintext_login_refused_before_tls(router_host: RouterHost) -> None:

@@ -1,0 +1,208 @@
+"""Benchmark: the reactive path through the IMAP and LMTP routers.
+
+    python -m bench.routers [--rounds 15] [--seconds 8] [--clients 4]
+
+Runs a whole host (embedded PostgreSQL, runtime, dispatcher, routers) in a
+temporary state directory on loopback ports of its own, then prints:
+
+1. cold vs warm login: client connect to the tagged OK of LOGIN through the
+   IMAP Router, with the domain's container stopped (cold) and running (warm),
+   p50/p95, and the extra cold latency (target: p50 at most 100 ms);
+2. IMAP commands/s through router + dispatcher divided by commands/s straight
+   to the domain's Dovecot, same load, same run (target: at least 0.9);
+3. LMTP messages/s through the LMTP Router divided by direct LMTP to the
+   domain's container (target: at least 0.9).
+
+The load is bounded in time and stops by itself; everything is removed after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from mailfc.config import Config, parse_config
+from mailfc.controller.platform import Platform
+from mailfc.db import accounts, domains
+from mailfc.passwords import hash_password
+from mailfc.protocols.lmtp import LmtpClient
+from mailfc.runtime.images import PORTS
+
+PASSWORD = "bench-password"
+DOMAIN = "bench.example"
+USER = f"user@{DOMAIN}"
+ROUTER_IMAP = 13143
+ROUTER_LMTP = 13024
+MESSAGE = (b"From: a@remote.example\r\nTo: user@bench.example\r\nSubject: bench\r\n\r\n"
+           + b"x" * 2000 + b"\r\n")
+
+
+def bench_config(state_dir: Path) -> Config:
+    return parse_config({
+        "paths": {"state_dir": str(state_dir)},
+        "host": {"name": "bench-host"},
+        "network": {"bridge": "mfcb0", "subnet": "10.83.0.0/24"},
+        "listen": {"lmtp_router": f"127.0.0.1:{ROUTER_LMTP}",
+                   "imap_router": f"127.0.0.1:{ROUTER_IMAP}",
+                   "imap_router_tls": "127.0.0.1:13993"},
+        "dispatcher": {"address": "127.0.0.1", "lmtp_port": 14024, "imap_port": 14143,
+                       "smtp_port": 14587},
+        # Plain IMAP on both paths, so the ratio measures routing, not TLS.
+        "imap_router": {"allow_plaintext_auth": True},
+        "runtime": {"name_prefix": "mfcb"},
+    }, "bench")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+async def imap_login(host: str, port: int, user: str) -> tuple[asyncio.StreamReader,
+                                                               asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    await reader.readuntil(b"\n")
+    writer.write(f'a LOGIN "{user}" "{PASSWORD}"\r\n'.encode())
+    while True:
+        line = await reader.readuntil(b"\n")
+        if line.startswith(b"a "):
+            if not line.startswith(b"a OK"):
+                raise RuntimeError(f"login failed: {line!r}")
+            return reader, writer
+
+
+async def imap_load(host: str, port: int, clients: int, seconds: float) -> float:
+    """Commands/s of `clients` sessions doing NOOP, STATUS and FETCH in turn."""
+    deadline = time.monotonic() + seconds
+    counts = [0] * clients
+
+    async def client(index: int) -> None:
+        reader, writer = await imap_login(host, port, USER)
+        writer.write(b"s SELECT INBOX\r\n")
+        while not (await reader.readuntil(b"\n")).startswith(b"s "):
+            pass
+        commands = [b"NOOP", b"STATUS INBOX (MESSAGES UNSEEN)", b"FETCH 1:5 (FLAGS UID)"]
+        n = 0
+        while time.monotonic() < deadline:
+            tag = b"c%d" % n
+            writer.write(tag + b" " + commands[n % len(commands)] + b"\r\n")
+            while not (await reader.readuntil(b"\n")).startswith(tag + b" "):
+                pass
+            n += 1
+        counts[index] = n
+        writer.write(b"z LOGOUT\r\n")
+        writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return sum(counts) / (time.monotonic() - started)
+
+
+async def lmtp_load(host: str, port: int, clients: int, seconds: float,
+                    prefix: bytes) -> float:
+    deadline = time.monotonic() + seconds
+    counts = [0] * clients
+
+    async def client(index: int) -> None:
+        while time.monotonic() < deadline:
+            reader, writer = await asyncio.open_connection(host, port)
+            lmtp = LmtpClient(reader, writer, 30)
+            await lmtp.greeting()
+            results = await lmtp.deliver("bench", "a@remote.example", [USER], prefix + MESSAGE)
+            if not all(reply.ok for reply in results.values()):
+                raise RuntimeError(f"delivery failed: {results}")
+            await lmtp.quit()
+            writer.close()
+            counts[index] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return sum(counts) / (time.monotonic() - started)
+
+
+async def timed(action: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await action()
+    return time.perf_counter() - started
+
+
+async def run(args: argparse.Namespace, state_dir: Path) -> None:
+    platform = Platform(bench_config(state_dir))
+    await platform.start()
+    assert platform.pool is not None and platform.runtime is not None
+    runtime = platform.runtime
+    try:
+        async with platform.pool.acquire() as db:
+            await domains.add(db, DOMAIN)
+            await accounts.add(db, USER, hash_password(PASSWORD))
+
+        async def login_via_router() -> None:
+            _, writer = await imap_login("127.0.0.1", ROUTER_IMAP, USER)
+            writer.write(b"z LOGOUT\r\n")
+            writer.close()
+
+        # Warm up once: creates the maildir and the domain's placement.
+        await login_via_router()
+        warm: list[float] = []
+        cold: list[float] = []
+        for _ in range(args.rounds):
+            warm.append(await timed(login_via_router))
+        for _ in range(args.rounds):
+            for instance in await runtime.instances(DOMAIN):
+                await runtime.stop(instance, drain_timeout=3.0)
+            cold.append(await timed(login_via_router))
+        ms = 1000.0
+        print(f"IMAP login through the router, {args.rounds} rounds each")
+        print(f"  warm: p50 {percentile(warm, .5) * ms:6.1f} ms  p95 "
+              f"{percentile(warm, .95) * ms:6.1f} ms")
+        print(f"  cold: p50 {percentile(cold, .5) * ms:6.1f} ms  p95 "
+              f"{percentile(cold, .95) * ms:6.1f} ms  max {max(cold) * ms:6.1f} ms")
+        print(f"  extra cold latency p50: "
+              f"{(statistics.median(cold) - statistics.median(warm)) * ms:6.1f} ms "
+              "(target <= 100 ms)")
+
+        instance = await runtime.ensure(DOMAIN, "imap")
+        address = str(instance.address)
+        for n in range(5):
+            await lmtp_load(address, PORTS["lmtp"], 1, 0.0001, b"X-Seed: %d\r\n" % n)
+        direct_imap = await imap_load(address, PORTS["imap"], args.clients, args.seconds)
+        routed_imap = await imap_load("127.0.0.1", ROUTER_IMAP, args.clients, args.seconds)
+        print(f"IMAP commands/s, {args.clients} sessions, {args.seconds:g} s each")
+        print(f"  direct to Dovecot {direct_imap:8.0f}/s   through router+dispatcher "
+              f"{routed_imap:8.0f}/s   ratio {routed_imap / direct_imap:.2f} (target >= 0.9)")
+
+        direct_lmtp = await lmtp_load(address, PORTS["lmtp"], args.clients, args.seconds, b"")
+        routed_lmtp = await lmtp_load("127.0.0.1", ROUTER_LMTP, args.clients, args.seconds, b"")
+        print(f"LMTP messages/s, {args.clients} sessions, one message per session")
+        print(f"  direct to Dovecot {direct_lmtp:8.1f}/s   through LMTP router      "
+              f"{routed_lmtp:8.1f}/s   ratio {routed_lmtp / direct_lmtp:.2f} (target >= 0.9)")
+    finally:
+        await platform.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
+    state_dir.chmod(0o711)
+    try:
+        asyncio.run(run(args, state_dir))
+    finally:
+        from mailfc.db.pool import embedded_cluster
+        embedded_cluster(bench_config(state_dir)).stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        os.sync()
+
+
+if __name__ == "__main__":
+    main()
