@@ -41,7 +41,7 @@ USER = f"user@{DOMAIN}"
 ROUTER_IMAP = 13143
 ROUTER_LMTP = 13024
 MESSAGE = (b"From: a@remote.example\r\nTo: user@bench.example\r\nSubject: bench\r\n\r\n"
-           + b"x" * 2000 + b"\r\n")
+           + (b"x" * 76 + b"\r\n") * 26)
 
 
 def bench_config(state_dir: Path) -> Config:
@@ -114,8 +114,8 @@ async def lmtp_load(host: str, port: int, clients: int, seconds: float,
         while time.monotonic() < deadline:
             reader, writer = await asyncio.open_connection(host, port)
             lmtp = LmtpClient(reader, writer, 30)
-            await lmtp.greeting()
-            results = await lmtp.deliver("bench", "a@remote.example", [USER], prefix + MESSAGE)
+            await lmtp.hello("bench")
+            results = await lmtp.deliver("a@remote.example", [USER], prefix + MESSAGE)
             if not all(reply.ok for reply in results.values()):
                 raise RuntimeError(f"delivery failed: {results}")
             await lmtp.quit()

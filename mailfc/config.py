@@ -182,6 +182,50 @@ class RuntimeSection(Section):
         return value
 
 
+class MilterSection(Section):
+    """The mailfc milter (mailfc.policy.milter), attached to every per-domain Postfix."""
+
+    # Empty: <state_dir>/sockets/milter.sock, the socket mounted into every Postfix container.
+    socket: str = ""
+    # Group allowed to connect (the containers' Postfix runs as the host's postfix user);
+    # the socket is mode 0660.  Empty: mode 0666.
+    socket_group: str = "postfix"
+    # Also listen on listen.milter (TCP), for MTAs outside the containers.
+    tcp: bool = False
+    # A connection whose MTA sends nothing for this long is closed.
+    idle_timeout_s: float = 900.0
+
+
+class PolicySection(Section):
+    """The limit engine (mailfc.policy.engine), shared by the milter, gateways and hooks."""
+
+    # A concurrency slot whose holder stopped renewing it returns after this.
+    lease_s: float = 60.0
+    # A decision the database cannot give within this time follows the failure policy.
+    decision_timeout_s: float = 2.0
+    # Database unreachable: "tempfail" (451 4.3.0) or "accept" (pass, record later).
+    on_db_error_submission: str = "tempfail"
+    on_db_error_inbound: str = "accept"
+
+    @field_validator("on_db_error_submission", "on_db_error_inbound")
+    @classmethod
+    def _is_policy(cls, value: str) -> str:
+        if value not in ("tempfail", "accept"):
+            raise ValueError('expected "tempfail" or "accept"')
+        return value
+
+
+class RecorderSection(Section):
+    """Batched session recording (mailfc.policy.recorder)."""
+
+    flush_interval_s: float = 0.2
+    batch_size: int = 2000
+    # Rows kept in memory while the database does not take writes; beyond, the
+    # oldest are dropped, counted and logged.
+    max_pending: int = 200_000
+    flush_timeout_s: float = 10.0
+
+
 class Config(Section):
     paths: PathsSection = PathsSection()
     database: DatabaseSection = DatabaseSection()
@@ -193,6 +237,9 @@ class Config(Section):
     imap_router: ImapRouterSection = ImapRouterSection()
     lmtp_router: LmtpRouterSection = LmtpRouterSection()
     runtime: RuntimeSection = RuntimeSection()
+    milter: MilterSection = MilterSection()
+    policy: PolicySection = PolicySection()
+    recorder: RecorderSection = RecorderSection()
 
     @property
     def state_dir(self) -> Path:

@@ -1,8 +1,8 @@
 """Stream plumbing shared by the dispatcher and the routers.
 
 `splice` copies bytes both ways between two stream pairs until either side
-closes, with back-pressure (each write drains before the next read), and
-returns the byte counts.  `close` closes a writer without raising, because a
+closes, with back-pressure (a side whose peer cannot take more is not read),
+and returns the byte counts.  `close` closes a writer without raising, because a
 peer that vanished is normal at the end of a mail session.
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import cast
 
 CHUNK = 65536
 DRAIN_AFTER_CLIENT_EOF = 10.0
@@ -26,50 +29,139 @@ class SpliceCount:
     server_tail: bytes = b""
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                count: list[int], tail: bytearray | None = None) -> None:
-    try:
-        while True:
-            data = await reader.read(CHUNK)
-            if not data:
-                break
-            writer.write(data)
-            count[0] += len(data)
-            if tail is not None:
-                tail += data
-                del tail[:-512]
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        # Half-close where the transport allows it, so the other side sees EOF.
-        with contextlib.suppress(OSError, RuntimeError, AttributeError):
-            if writer.can_write_eof():
-                writer.write_eof()
+class _Relay(asyncio.Protocol):
+    """One direction's receiving end: what arrives is written to the peer transport.
+
+    Back-pressure: when the peer cannot take more (its buffer is over the high
+    water mark) asyncio calls pause_writing on the peer's protocol, which pauses
+    reading on this side, so a fast sender never fills memory.
+    """
+
+    def __init__(self, peer: asyncio.BaseTransport, count: list[int], done: asyncio.Future[str],
+                 name: str, tail: bytearray | None = None) -> None:
+        self.peer = peer
+        self.count = count
+        self.done = done
+        self.name = name
+        self.tail = tail
+        # The transport whose bytes this relay's own transport is written with:
+        # when our transport's buffer is full, that one stops being read.
+        self.feeder: asyncio.ReadTransport | None = None
+
+    def data_received(self, data: bytes) -> None:
+        assert isinstance(self.peer, asyncio.WriteTransport)
+        self.peer.write(data)
+        self.count[0] += len(data)
+        if self.tail is not None:
+            self.tail += data
+            del self.tail[:-512]
+
+    def eof_received(self) -> bool:
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def pause_writing(self) -> None:
+        if self.feeder is not None:
+            self.feeder.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.feeder is not None and not self.feeder.is_closing():
+            self.feeder.resume_reading()
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(self.name)
+
+
+def _take_buffer(reader: asyncio.StreamReader) -> bytes:
+    # Bytes already read into the stream's buffer before the hand-over.
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    data = bytes(buffer)
+    buffer.clear()
+    return data
 
 
 async def splice(
     client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
     server_reader: asyncio.StreamReader, server_writer: asyncio.StreamWriter,
 ) -> SpliceCount:
+    """Relay bytes both ways until either side ends; the streams are unusable after.
+
+    The transports are handed from the stream protocols to plain relay
+    protocols: a proxy that only copies bytes does not need the streams'
+    per-read coroutine, which costs more CPU than the copy itself.
+    """
+    loop = asyncio.get_running_loop()
+    client_transport = cast(asyncio.Transport, client_writer.transport)
+    server_transport = cast(asyncio.Transport, server_writer.transport)
+    with contextlib.suppress(ConnectionError):
+        await client_writer.drain()
+        await server_writer.drain()
     up = [0]
     down = [0]
     tail = bytearray()
-    upstream = asyncio.create_task(_pump(client_reader, server_writer, up))
-    downstream = asyncio.create_task(_pump(server_reader, client_writer, down, tail))
+    upstream_done: asyncio.Future[str] = loop.create_future()
+    downstream_done: asyncio.Future[str] = loop.create_future()
+    from_client = _Relay(server_transport, up, upstream_done, "client")
+    from_server = _Relay(client_transport, down, downstream_done, "server", tail)
+    from_client.feeder = server_transport
+    from_server.feeder = client_transport
+    pending_client = _take_buffer(client_reader)
+    pending_server = _take_buffer(server_reader)
+    client_transport.set_protocol(from_client)
+    server_transport.set_protocol(from_server)
+    if pending_client:
+        from_client.data_received(pending_client)
+    if pending_server:
+        from_server.data_received(pending_server)
+    if client_reader.at_eof():
+        from_client.eof_received()
+    if server_reader.at_eof():
+        from_server.eof_received()
+    for transport in (client_transport, server_transport):
+        if not transport.is_closing():
+            transport.resume_reading()
     server_first = False
     try:
-        done, _ = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
-        server_first = downstream in done and upstream not in done
-        if upstream in done and not downstream.done():
+        done, _ = await asyncio.wait({upstream_done, downstream_done},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        server_first = downstream_done in done and upstream_done not in done
+        if upstream_done in done and not downstream_done.done():
             # The client finished sending: let the server's last replies through.
-            await asyncio.wait({downstream}, timeout=DRAIN_AFTER_CLIENT_EOF)
+            with contextlib.suppress(OSError, RuntimeError):
+                if server_transport.can_write_eof():
+                    server_transport.write_eof()
+            await asyncio.wait({downstream_done}, timeout=DRAIN_AFTER_CLIENT_EOF)
     finally:
-        for task in (upstream, downstream):
-            task.cancel()
-        await asyncio.gather(upstream, downstream, return_exceptions=True)
-        await close(server_writer)
+        server_transport.close()
     return SpliceCount(up[0], down[0], server_first, bytes(tail))
+
+
+async def run_session(sessions: set[asyncio.Task[None]], writer: asyncio.StreamWriter,
+                      session: Awaitable[None], what: str, log: logging.Logger) -> None:
+    """Run one client connection's session as a server's top-level task.
+
+    The task is tracked in `sessions` (so stop() can drain and cancel them);
+    an unexpected error is logged, never raised into asyncio's callback; a
+    cancellation (shutdown) aborts the connection at once and ends the task
+    quietly, since nothing awaits a top-level connection task.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    sessions.add(task)
+    try:
+        await session
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        return
+    except Exception:
+        log.exception("%s failed", what)
+    finally:
+        sessions.discard(task)
+    await close(writer)
 
 
 async def close(writer: asyncio.StreamWriter) -> None:

@@ -2,8 +2,8 @@
 
     mailfc [--config FILE] COMMAND ...
 
-Command groups: up, config, db, domain, account, alias, host, limit.  Every
-listing takes --json.  Errors print `Error: <cause and fix>` and exit non-zero.
+Command groups: up, config, db, domain, account, alias, host, limit, container,
+sessions.  Every listing takes --json.  Errors print `Error: <cause and fix>` and exit non-zero.
 """
 
 from __future__ import annotations
@@ -11,7 +11,18 @@ from __future__ import annotations
 import click
 
 from mailfc import __version__
-from mailfc.cli import account, alias, config_cmd, db_cmd, domain, host, limit, up
+from mailfc.cli import (
+    account,
+    alias,
+    config_cmd,
+    container,
+    db_cmd,
+    domain,
+    host,
+    limit,
+    sessions,
+    up,
+)
 from mailfc.cli.common import MailfcGroup
 
 
@@ -25,7 +36,8 @@ def cli(config_path: str | None) -> None:
     """mailfc: a Postfix and a Dovecot per mail domain, started on demand."""
 
 
-for module in (config_cmd, db_cmd, domain, account, alias, host, limit, up):
+for module in (config_cmd, db_cmd, domain, account, alias, host, limit, container, sessions,
+               up):
     cli.add_command(module.group)
 
 

@@ -7,8 +7,8 @@ drain timeout.  While running, the host heartbeats in the CMDB (so other hosts
 can tell it is alive) and keeps the session partitions prepared.
 
 Resident services implement the `Service` protocol below and are listed in
-`_services()`: the dispatcher (with this host's container runtime), the LMTP
-Router and the IMAP Router.
+`_services()`: the milter, the dispatcher (with this host's container runtime),
+the LMTP Router and the IMAP Router.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from mailfc.config import Config
 from mailfc.db import connect, hosts
 from mailfc.dispatcher.server import Dispatcher
 from mailfc.errors import ConfigError
+from mailfc.policy.milter.server import MilterService
 from mailfc.routers.directory import Directory
 from mailfc.routers.imap import ImapRouter
 from mailfc.routers.lmtp import LmtpRouter
@@ -45,7 +46,7 @@ class Service(Protocol):
     async def stop(self, drain_timeout: float) -> None: ...
 
 
-SERVICE_NAMES = ("dispatcher", "lmtp-router", "imap-router")
+SERVICE_NAMES = ("milter", "dispatcher", "lmtp-router", "imap-router")
 
 
 class Platform:
@@ -117,6 +118,9 @@ class Platform:
         assert self.pool is not None
         services: list[Service] = []
         directory = Directory(self.pool)
+        if "milter" in self.wanted:
+            # First: every Postfix the dispatcher starts finds its milter listening.
+            services.append(MilterService(self.config, self.pool))
         if "dispatcher" in self.wanted:
             overrides = {"name_prefix": self.config.runtime.name_prefix,
                          **self.runtime_overrides}

@@ -53,12 +53,17 @@ from mailfc.addresses import normalize_domain
 from mailfc.config import Config
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import proxy
+from mailfc.runtime.readiness import process_alive
 
 log = logging.getLogger("mailfc.dispatcher")
 
 SERVICES = ("lmtp", "imap", "smtp")
 ACTIVITY_FLUSH_S = 5.0
 LATENCY_SAMPLES = 1000
+# Short enough that a draining instance gets new sessions for at most this long.
+WARM_TTL_S = 2.0
+# A remembered instance answers at once or is gone: it is on this host's bridge.
+WARM_CONNECT_TIMEOUT_S = 0.5
 
 
 class ContainerInstance(Protocol):
@@ -67,6 +72,9 @@ class ContainerInstance(Protocol):
 
     @property
     def address(self) -> object: ...
+
+    @property
+    def pid(self) -> int | None: ...
 
     def port(self, service: str | None = None, *, proxy: bool = False) -> int: ...
 
@@ -106,6 +114,9 @@ class Dispatcher:
         self.latencies: collections.deque[SessionRecord] = collections.deque(
             maxlen=LATENCY_SAMPLES)
         self._active: set[str] = set()
+        # (domain, service) -> (until, instance): the runtime's answer is
+        # remembered briefly, sparing two CMDB queries per session.
+        self._warm: dict[tuple[str, str], tuple[float, ContainerInstance]] = {}
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -145,18 +156,9 @@ class Dispatcher:
     def _handler(self, service: str) -> Callable[
             [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._sessions.add(task)
-            try:
-                await self._session(service, reader, writer)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s session failed", service)
-            finally:
-                self._sessions.discard(task)
-                await netio.close(writer)
+            await netio.run_session(self._sessions, writer,
+                                    self._session(service, reader, writer),
+                                    f"{service} session", log)
         return handle
 
     def _is_allowed(self, writer: asyncio.StreamWriter) -> bool:
@@ -183,12 +185,7 @@ class Dispatcher:
             return
         started = time.monotonic()
         try:
-            instance = await asyncio.wait_for(
-                self.containers.ensure(domain, service),
-                self.config.runtime.start_timeout_s + 1.0)
-            backend_reader, backend_writer = await netio.open_connection(
-                str(instance.address), instance.port(service, proxy=True),
-                self.config.dispatcher.connect_timeout_s)
+            instance, backend_reader, backend_writer = await self._backend(domain, service)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -218,6 +215,30 @@ class Dispatcher:
             if self.open_sessions[instance.name] <= 0:
                 del self.open_sessions[instance.name]
             self._active.add(instance.name)
+
+    async def _backend(self, domain: str, service: str) -> tuple[
+            ContainerInstance, asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to a running instance serving (domain, service)."""
+        key = (domain, service)
+        remembered = self._warm.get(key)
+        if remembered is not None and remembered[0] > time.monotonic() \
+                and remembered[1].pid and process_alive(remembered[1].pid):
+            instance = remembered[1]
+            try:
+                reader, writer = await netio.open_connection(
+                    str(instance.address), instance.port(service, proxy=True),
+                    WARM_CONNECT_TIMEOUT_S)
+                return instance, reader, writer
+            except (OSError, TimeoutError):
+                pass  # stopped meanwhile: ask the runtime
+        self._warm.pop(key, None)
+        instance = await asyncio.wait_for(self.containers.ensure(domain, service),
+                                          self.config.runtime.start_timeout_s + 1.0)
+        reader, writer = await netio.open_connection(
+            str(instance.address), instance.port(service, proxy=True),
+            self.config.dispatcher.connect_timeout_s)
+        self._warm[key] = (time.monotonic() + WARM_TTL_S, instance)
+        return instance, reader, writer
 
     async def _flush_activity_forever(self) -> None:
         while True:

@@ -2,7 +2,8 @@
 
 LMTP differs from SMTP where it matters here: after DATA the server answers
 once per accepted recipient, so one transaction can succeed for some
-recipients and fail for others.  `deliver()` returns a Reply per recipient.
+recipients and fail for others.  `deliver()` returns a Reply per recipient; a session can carry many
+transactions one after another (`hello()` once, then `deliver()` each time).
 
 Reply codes are (code, enhanced text) pairs; a connection problem while
 talking raises LmtpError, which the caller turns into a temporary failure for
@@ -17,7 +18,15 @@ from dataclasses import dataclass
 
 
 class LmtpError(Exception):
-    """The LMTP conversation broke off (connection lost, garbage, timeout)."""
+    """The LMTP conversation broke off (connection lost, garbage, timeout).
+
+    `message_sent` tells whether the message data had gone out: before that,
+    retrying on another connection cannot deliver twice.
+    """
+
+    def __init__(self, text: str, *, message_sent: bool = True) -> None:
+        super().__init__(text)
+        self.message_sent = message_sent
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class LmtpClient:
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
+        self.data_sent = False
 
     async def command(self, line: str) -> Reply:
         self.writer.write(line.encode("utf-8") + b"\r\n")
@@ -86,17 +96,31 @@ class LmtpClient:
         except TimeoutError:
             raise LmtpError("no greeting") from None
 
-    async def deliver(self, helo: str, sender: str, recipients: list[str],
-                      message: bytes, mail_options: list[str] | None = None
-                      ) -> dict[str, Reply]:
-        """One transaction; a Reply for every recipient."""
+    async def hello(self, helo: str) -> Reply:
+        """Greeting and LHLO; the session is then ready for transactions."""
+        greeting = await self.greeting()
+        if not greeting.ok:
+            return greeting
+        return await self.command(f"LHLO {helo}")
+
+    async def deliver(self, sender: str, recipients: list[str], message: bytes,
+                      mail_options: list[str] | None = None) -> dict[str, Reply]:
+        """One transaction on a ready session; a Reply for every recipient."""
+        try:
+            return await self._transaction(sender, recipients, message, mail_options)
+        except LmtpError as error:
+            if not self.data_sent:
+                error.message_sent = False
+            raise
+
+    async def _transaction(self, sender: str, recipients: list[str], message: bytes,
+                           mail_options: list[str] | None) -> dict[str, Reply]:
+        self.data_sent = False
         results: dict[str, Reply] = {}
-        reply = await self.command(f"LHLO {helo}")
-        if not reply.ok:
-            return dict.fromkeys(recipients, reply)
         options = "".join(" " + option for option in mail_options or [])
         reply = await self.command(f"MAIL FROM:<{sender}>{options}")
         if not reply.ok:
+            await self.command("RSET")
             return dict.fromkeys(recipients, reply)
         accepted: list[str] = []
         for recipient in recipients:
@@ -111,7 +135,9 @@ class LmtpClient:
         reply = await self.command("DATA")
         if reply.code != 354:
             results.update(dict.fromkeys(accepted, reply))
+            await self.command("RSET")
             return results
+        self.data_sent = True
         self.writer.write(dot_stuff(message))
         for recipient in accepted:
             try:

@@ -3,12 +3,14 @@
 One lookup per session: accounts and aliases are read straight from
 PostgreSQL (an indexed equality over a unix socket is well under a
 millisecond), so a password change or a suspension applies to the next
-session without any cache to invalidate.
+session without any cache to invalidate.  Only placements are remembered for
+a few seconds, and forgotten at once when a host fails a delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -17,6 +19,8 @@ from mailfc.addresses import split_address
 from mailfc.db.placement import Placement, place
 from mailfc.errors import InvalidInput
 from mailfc.passwords import verify_password
+
+PLACEMENT_TTL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Account:
 class Directory:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._placements: dict[str, tuple[float, Placement]] = {}
 
     async def account(self, username: str) -> Account | None:
         try:
@@ -50,29 +55,41 @@ class Directory:
         # Argon2 takes ~20 ms of CPU: off the event loop so other sessions go on.
         return await asyncio.to_thread(verify_password, account.password_hash, password)
 
-    async def recipient(self, address: str) -> list[str] | None:
-        """Hosted mailboxes `address` delivers to (itself, or an alias's targets)."""
+    async def recipient(self, address: str) -> dict[str, bool] | None:
+        """Where `address` delivers: itself or an alias's targets, each with
+        whether it is hosted here (an alias may forward elsewhere); None when
+        the address is no mailbox or alias of an active hosted domain."""
         try:
             localpart, domain = split_address(address)
         except InvalidInput:
             return None
         rows = await self.pool.fetch(
             """
-            SELECT a.localpart || '@' || d.name AS target FROM accounts a
+            SELECT a.localpart || '@' || d.name AS target, true AS hosted FROM accounts a
             JOIN domains d ON d.id = a.domain_id
             WHERE d.name = $1 AND a.localpart = $2 AND d.state = 'active'
             UNION
-            SELECT l.destination FROM aliases l JOIN domains d ON d.id = l.domain_id
+            SELECT l.destination, EXISTS (SELECT 1 FROM domains x
+                                          WHERE x.name = split_part(l.destination, '@', 2))
+            FROM aliases l JOIN domains d ON d.id = l.domain_id
             WHERE d.name = $1 AND l.localpart = $2 AND d.state = 'active'
             """, domain, localpart)
-        return [row["target"] for row in rows] or None
-
-    async def is_hosted(self, domain: str) -> bool:
-        return bool(await self.pool.fetchval(
-            "SELECT 1 FROM domains WHERE name = $1", domain))
+        return {row["target"]: row["hosted"] for row in rows} or None
 
     async def place(self, domain: str) -> Placement:
-        return await place(self.pool, domain)
+        """The domain's host; remembered for PLACEMENT_TTL_S, since every
+        delivery asks and placement changes only when a host drains or dies."""
+        now = time.monotonic()
+        cached = self._placements.get(domain)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        placement = await place(self.pool, domain)
+        self._placements[domain] = (now + PLACEMENT_TTL_S, placement)
+        return placement
+
+    def forget_placement(self, domain: str) -> None:
+        """After a failure towards the domain's host: ask the CMDB next time."""
+        self._placements.pop(domain, None)
 
     async def record_auth(self, protocol: str, username: str, domain: str | None,
                           client_ip: str | None, success: bool, reason: str) -> None:

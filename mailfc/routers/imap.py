@@ -112,18 +112,9 @@ class ImapRouter:
 
     def _handler(self, implicit_tls: bool):  # type: ignore[no-untyped-def]
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._sessions.add(task)
-            try:
-                await ImapSession(self, reader, writer, implicit_tls).run()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("IMAP session failed")
-            finally:
-                self._sessions.discard(task)
-                await netio.close(writer)
+            await netio.run_session(self._sessions, writer,
+                                    ImapSession(self, reader, writer, implicit_tls).run(),
+                                    "IMAP session", log)
         return handle
 
     def record(self, username: str, domain: str | None, client_ip: str | None,

@@ -46,6 +46,7 @@ log = logging.getLogger("mailfc.routers.lmtp")
 
 R_NO_SUCH_USER = "550 5.1.1 {address}: no such mailbox here"
 R_OK_RCPT = "250 2.1.5 OK"
+SESSION_IDLE_S = 2.0
 R_UNAVAILABLE = "4.3.0 mail server for {domain} unavailable, try again later"
 R_FORWARD_ONLY = ("451 4.3.0 {address}: forwarding outside this platform is not available "
                   "yet, try again later")
@@ -63,18 +64,56 @@ class LmtpRouterHandler:
         if targets is None:
             return R_NO_SUCH_USER.format(address=address)
         envelope.rcpt_tos.append(address)
-        expansions: dict[str, list[str]] = envelope.__dict__.setdefault("expansions", {})
+        expansions: dict[str, dict[str, bool]] = envelope.__dict__.setdefault("expansions", {})
         expansions[address] = targets
         return R_OK_RCPT
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        expansions: dict[str, list[str]] = envelope.__dict__.get("expansions", {})
+        expansions: dict[str, dict[str, bool]] = envelope.__dict__.get("expansions", {})
         message = envelope.original_content or b""
         sender = envelope.mail_from or ""
         peer = session.peer if isinstance(session.peer, tuple) else ("127.0.0.1", 0)
         replies = await self.router.deliver(sender, expansions, envelope.rcpt_tos, message,
                                             peer)
         return "\r\n".join(replies[rcpt] for rcpt in envelope.rcpt_tos)
+
+
+class DomainSessions:
+    """Idle LMTP sessions to one domain's container, kept for SESSION_IDLE_S.
+
+    Reusing a session saves the connection through the dispatcher, its PROXY
+    header and LHLO for every message.  Idle sessions close soon, so they never
+    keep an idle container from stopping.
+    """
+
+    def __init__(self) -> None:
+        self.idle: list[tuple[LmtpClient, asyncio.TimerHandle]] = []
+
+    def take(self) -> LmtpClient | None:
+        while self.idle:
+            client, timer = self.idle.pop()
+            timer.cancel()
+            if not client.writer.is_closing() and not client.reader.at_eof():
+                return client
+        return None
+
+    def give_back(self, client: LmtpClient) -> None:
+        loop = asyncio.get_running_loop()
+        entry: tuple[LmtpClient, asyncio.TimerHandle]
+
+        def expire() -> None:
+            if entry in self.idle:
+                self.idle.remove(entry)
+            client.writer.close()
+
+        entry = (client, loop.call_later(SESSION_IDLE_S, expire))
+        self.idle.append(entry)
+
+    def close_all(self) -> None:
+        for client, timer in self.idle:
+            timer.cancel()
+            client.writer.close()
+        self.idle.clear()
 
 
 class LmtpRouter:
@@ -85,6 +124,7 @@ class LmtpRouter:
         self.directory = directory
         self._limits: dict[str, asyncio.Semaphore] = collections.defaultdict(
             lambda: asyncio.Semaphore(config.lmtp_router.per_domain_concurrency))
+        self._sessions: dict[str, DomainSessions] = collections.defaultdict(DomainSessions)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -105,61 +145,86 @@ class LmtpRouter:
             except TimeoutError:
                 log.warning("LMTP sessions still open after %.0fs", drain_timeout)
             self._server = None
+        for sessions in self._sessions.values():
+            sessions.close_all()
 
-    async def deliver(self, sender: str, expansions: dict[str, list[str]],
+    async def deliver(self, sender: str, expansions: dict[str, dict[str, bool]],
                       recipients: list[str], message: bytes,
                       peer: tuple[Any, ...]) -> dict[str, str]:
         """Deliver to every hosted target; one reply line per original recipient."""
         by_domain: dict[str, list[str]] = collections.defaultdict(list)
         for recipient in recipients:
-            for target in expansions.get(recipient, []):
+            for target, hosted in expansions.get(recipient, {}).items():
                 domain = target.rpartition("@")[2]
-                if target not in by_domain[domain]:
+                if hosted and target not in by_domain[domain]:
                     by_domain[domain].append(target)
-        hosted = {d: t for d, t in by_domain.items() if await self.directory.is_hosted(d)}
         results: dict[str, Reply] = {}
         outcomes = await asyncio.gather(*(
             self._deliver_domain(domain, sender, targets, message, peer)
-            for domain, targets in hosted.items()))
+            for domain, targets in by_domain.items()))
         for outcome in outcomes:
             results.update(outcome)
         replies: dict[str, str] = {}
         for recipient in recipients:
-            target_replies = [results[t] for t in expansions.get(recipient, []) if t in results]
+            target_replies = [results[t] for t in expansions.get(recipient, {}) if t in results]
             replies[recipient] = _combine(recipient, target_replies)
         return replies
 
     async def _deliver_domain(self, domain: str, sender: str, targets: list[str],
                               message: bytes, peer: tuple[Any, ...]) -> dict[str, Reply]:
-        timeout = self.config.lmtp_router.delivery_timeout_s
         async with self._limits[domain]:
-            writer = None
+            pooled = self._sessions[domain].take()
             try:
-                placement = await self.directory.place(domain)
-                reader, writer = await netio.open_connection(
-                    placement.dispatcher_address, placement.lmtp_port,
-                    self.config.dispatcher.connect_timeout_s)
-                local = writer.get_extra_info("sockname") or ("127.0.0.1", 0)
-                client_ip = peer[0] if peer and _is_ip(peer[0]) else local[0]
-                writer.write(proxy.encode(client_ip, int(peer[1]) if len(peer) > 1 else 0,
-                                          local[0], local[1], authority=domain))
-                client = LmtpClient(reader, writer, timeout)
-                greeting = await asyncio.wait_for(client.greeting(),
-                                                  self.config.runtime.start_timeout_s + timeout)
-                if not greeting.ok:
-                    raise LmtpError(f"greeting {greeting}")
-                results = await client.deliver(self.config.host_name, sender, targets, message)
-                await client.quit()
+                if pooled is not None:
+                    try:
+                        results = await pooled.deliver(sender, targets, message)
+                    except LmtpError as error:
+                        pooled.writer.close()
+                        if error.message_sent:
+                            raise
+                        # The kept session had gone stale (container stopped):
+                        # nothing was delivered, so a fresh session may retry.
+                        pooled = None
+                    else:
+                        self._sessions[domain].give_back(pooled)
+                        return results
+                client = await self._open(domain, peer)
+                try:
+                    results = await client.deliver(sender, targets, message)
+                except BaseException:
+                    client.writer.close()
+                    raise
+                self._sessions[domain].give_back(client)
                 return results
             except asyncio.CancelledError:
                 raise
             except (LmtpError, MailfcError, OSError, TimeoutError) as error:
                 log.warning("delivery to %s failed: %s", domain, error)
-                reply = Reply(451, R_UNAVAILABLE.format(domain=domain))
-                return dict.fromkeys(targets, reply)
-            finally:
-                if writer is not None:
-                    await netio.close(writer)
+                self.directory.forget_placement(domain)
+                return dict.fromkeys(targets, Reply(451, R_UNAVAILABLE.format(domain=domain)))
+
+    async def _open(self, domain: str, peer: tuple[Any, ...]) -> LmtpClient:
+        """A ready LMTP session through the domain's host's dispatcher."""
+        timeout = self.config.lmtp_router.delivery_timeout_s
+        placement = await self.directory.place(domain)
+        reader, writer = await netio.open_connection(
+            placement.dispatcher_address, placement.lmtp_port,
+            self.config.dispatcher.connect_timeout_s)
+        try:
+            local = writer.get_extra_info("sockname") or ("127.0.0.1", 0)
+            client_ip = peer[0] if peer and _is_ip(peer[0]) else local[0]
+            writer.write(proxy.encode(client_ip, int(peer[1]) if len(peer) > 1 else 0,
+                                      local[0], local[1], authority=domain))
+            # The greeting waits for a cold start: allow for it on top.
+            client = LmtpClient(reader, writer, self.config.runtime.start_timeout_s + timeout)
+            reply = await client.hello(self.config.host_name)
+            if not reply.ok:
+                raise LmtpError(f"{domain}'s server said {reply}")
+            client.timeout = timeout
+            return client
+        except BaseException:
+            writer.close()
+            raise
 
 
 def _combine(recipient: str, replies: list[Reply]) -> str:

@@ -76,6 +76,7 @@ class Runtime:
         self._host: asyncpg.Record | None = None
         self._inflight: dict[tuple[str, str], asyncio.Task[Instance]] = {}
         self._reserved: set[ipaddress.IPv4Address] = set()
+        self._own_starts: set[str] = set()   # container names this runtime is starting
         self.starts = 0   # containers this runtime started (tests and benchmarks read it)
 
     # -- set-up ----------------------------------------------------------------------
@@ -161,6 +162,13 @@ class Runtime:
                     await self._discard(row["name"], None, row["id"], "exited unexpectedly",
                                         image.name)
             starting = [r for r in live if r["state"] == "starting"]
+            stale = [r for r in starting if r["name"] not in self._own_starts
+                     and await self._start_is_stale(r)]
+            for row in stale:
+                # Its starter died mid-start (a start never outlives start_timeout).
+                await self._discard(row["name"], None, row["id"], "start abandoned",
+                                    image.name)
+                starting.remove(row)
             if not starting:
                 return await self._start(spec, image, service)
             # Another process is starting it: wait for its outcome, bounded.
@@ -168,6 +176,11 @@ class Runtime:
                 raise StartFailed(f"{domain} {image.name}: another process's start did not"
                                   f" finish within {self.settings.start_timeout:g} s")
             await asyncio.sleep(0.01)
+
+    async def _start_is_stale(self, row: asyncpg.Record) -> bool:
+        age = await self.db.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)",
+                                     row["created_at"])
+        return float(age) > 2 * self.settings.start_timeout + CLEANUP_TIMEOUT
 
     async def start(self, domain: str, service: str) -> Instance:
         """Start another instance of (domain, service) (scale out)."""
@@ -187,6 +200,7 @@ class Runtime:
             async with asyncio.timeout(self.settings.start_timeout):
                 endpoint = await self.network.acquire()
                 name = endpoint.name
+                self._own_starts.add(name)
                 row = await cmdb.insert_instance(
                     self.db, spec=spec, service=image.record_service, host_row=self._host,
                     network=self.settings.network, name=name, reserved=self._reserved)
@@ -205,9 +219,11 @@ class Runtime:
         except BaseException as error:
             reason = _describe(error, self.settings.start_timeout)
             if log_file is not None:
+                # Postfix's master logs through postlogd, so a master that dies
+                # before spawning it leaves nothing: name the file either way.
                 tail = storage.log_tail(log_file, log_offset)
-                if tail:
-                    reason += f"; its log says: {tail[-400:]}"
+                reason += f"; its log {log_file}" + (f" says: {tail[-400:]}" if tail else
+                                                    " is empty")
             if endpoint is not None and row is None and not endpoint.address:
                 # Nothing was made with it: the endpoint can serve the next start.
                 self.network.give_back(endpoint)
@@ -221,6 +237,8 @@ class Runtime:
                 raise  # UnknownDomain, AddressExhausted, CapacityExhausted: already clear
             raise StartFailed(f"{domain} {image.name} did not start: {reason}") from None
         finally:
+            if endpoint is not None:
+                self._own_starts.discard(endpoint.name)
             with contextlib.suppress(RuntimeError):
                 self.network.refill_soon()
         return Instance(

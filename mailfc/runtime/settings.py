@@ -159,6 +159,7 @@ def from_config(config: Config, **overrides: Any) -> RuntimeSettings:
         "host_name": config.host_name,
         "start_timeout": config.runtime.start_timeout_s,
         "stop_timeout": config.runtime.stop_timeout_s,
+        "name_prefix": config.runtime.name_prefix,
     }
     # Filter-Out listens on the host; containers reach it through the bridge address.
     _host, port = config.listen.filter_out.rsplit(":", 1)

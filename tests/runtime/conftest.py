@@ -21,8 +21,7 @@ import pytest
 from pyroute2 import AsyncIPRoute
 
 from mailfc.config import Config
-from mailfc.runtime import Runtime, RuntimeSettings
-from mailfc.runtime import cgroups
+from mailfc.runtime import Runtime, RuntimeSettings, cgroups
 from tests.conftest import require, require_binary, require_root
 
 TEST_BRIDGE = "mfctest0"
