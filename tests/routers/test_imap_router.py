@@ -197,6 +197,15 @@ async def test_literal_login_and_client_vanishing(router_host: RouterHost) -> No
     # The router is still serving.
     replies = await asyncio.to_thread(raw_session, [b"a1 NOOP\r\n"])
     assert replies[1].startswith(b"a1 OK")
+    # Every session above has ended: no task or backend connection is left.
+    router = next(s for s in router_host.platform.services if s.name == "imap-router")
+    dispatcher = next(s for s in router_host.platform.services if s.name == "dispatcher")
+    for _ in range(100):
+        if not router._sessions and not dispatcher.open_sessions:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.05)
+    assert not router._sessions  # type: ignore[attr-defined]
+    assert not dispatcher.open_sessions  # type: ignore[attr-defined]
 
 
 async def test_backend_dying_mid_session_says_bye(router_host: RouterHost) -> None:
