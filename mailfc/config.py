@@ -166,6 +166,21 @@ class LmtpRouterSection(Section):
     delivery_timeout_s: float = 60.0
 
 
+class ControllerSection(Section):
+    """The controller (mailfc.controller.controller): see decisions.py for the rules."""
+
+    interval_s: float = 2.0
+    scale_up_share: float = 0.2
+    scale_step: float = 1.5
+    memory_high: float = 0.85
+    scale_down_after_s: float = 30.0
+    scale_out_sessions: int = 50
+    scale_in_after_s: float = 60.0
+    # Another host whose heartbeat is older than this is marked down.
+    host_down_after_s: float = 60.0
+    adaptive_interval_s: float = 30.0
+
+
 class RuntimeSection(Section):
     start_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0
@@ -226,6 +241,88 @@ class RecorderSection(Section):
     flush_timeout_s: float = 10.0
 
 
+class SmtpInSection(Section):
+    """SMTP-In (mailfc.gateways.smtp_in): the MX of every hosted domain."""
+
+    max_message_size: int = 52_428_800
+    max_recipients: int = 100
+    # 8-bit bytes in a message whose MAIL FROM did not say BODY=8BITMIME get 554 5.6.0.
+    require_8bitmime: bool = True
+    # A client silent for this long between commands is disconnected.
+    timeout_s: float = 300.0
+    # "Limit only when needed": a domain with this many messages waiting in the
+    # spool gets 451 4.7.1 for new recipients until its queue shrinks.
+    max_queued_per_domain: int = 20_000
+    # Replace the listener after this long (0: never); see gateways/listener.py.
+    cycle_after_s: float = 0.0
+
+
+class SpoolSection(Section):
+    """The durable spool of SMTP-In (mailfc.gateways.spool)."""
+
+    # Empty: <state_dir>/spool/smtp-in.
+    directory: str = ""
+    # Below this much free space new messages get 452 4.3.1.
+    min_free_bytes: int = 104_857_600
+    # Deliveries in flight in all, and towards one recipient domain.
+    max_deliveries: int = 32
+    per_domain_concurrency: int = 4
+    # Retries: retry_base_s, doubling up to retry_max_s, until max_lifetime_s
+    # after which the sender gets a DSN bounce.
+    retry_base_s: float = 60.0
+    retry_max_s: float = 3600.0
+    max_lifetime_s: float = 432_000.0
+    delivery_timeout_s: float = 120.0
+    # How often the spool looks for messages other processes queued and for
+    # requests of `mailfc queue retry|delete`.
+    scan_interval_s: float = 1.0
+
+
+class FilterSection(Section):
+    """A filter gateway (mailfc.gateways.filter): one chain of checks per direction."""
+
+    # Built-in checks in order: "eicar", "headers", "dnsbl".
+    checks: list[str] = ["eicar", "headers"]
+    # DNSBL zones asked when "dnsbl" is among the checks (e.g. "zen.spamhaus.org").
+    dnsbl_zones: list[str] = []
+    # Milters, Postfix syntax: "inet:127.0.0.1:8891" or "unix:/run/opendkim.sock".
+    milters: list[str] = []
+    milter_timeout_s: float = 30.0
+    # A milter that cannot be reached: "tempfail" (451 4.7.1) or "accept".
+    milter_default_action: str = "tempfail"
+    # Empty: the LMTP Router (listen.lmtp_router).
+    next_hop: str = ""
+    # Empty: <state_dir>/quarantine.
+    quarantine_dir: str = ""
+    max_message_size: int = 52_428_800
+
+    @field_validator("checks")
+    @classmethod
+    def _are_checks(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in ("eicar", "headers", "dnsbl"):
+                raise ValueError(f'unknown check {name!r}: one of "eicar", "headers", "dnsbl"')
+        return value
+
+    @field_validator("milters")
+    @classmethod
+    def _are_milters(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            kind, _, rest = spec.partition(":")
+            if kind == "inet":
+                split_hostport(rest)
+            elif kind != "unix" or not rest.startswith("/"):
+                raise ValueError(f'expected "inet:host:port" or "unix:/path", got {spec!r}')
+        return value
+
+    @field_validator("milter_default_action")
+    @classmethod
+    def _is_action(cls, value: str) -> str:
+        if value not in ("tempfail", "accept"):
+            raise ValueError('expected "tempfail" or "accept"')
+        return value
+
+
 class Config(Section):
     paths: PathsSection = PathsSection()
     database: DatabaseSection = DatabaseSection()
@@ -237,9 +334,13 @@ class Config(Section):
     imap_router: ImapRouterSection = ImapRouterSection()
     lmtp_router: LmtpRouterSection = LmtpRouterSection()
     runtime: RuntimeSection = RuntimeSection()
+    controller: ControllerSection = ControllerSection()
     milter: MilterSection = MilterSection()
     policy: PolicySection = PolicySection()
     recorder: RecorderSection = RecorderSection()
+    smtp_in: SmtpInSection = SmtpInSection()
+    spool: SpoolSection = SpoolSection()
+    filter_in: FilterSection = FilterSection()
 
     @property
     def state_dir(self) -> Path:

@@ -12,6 +12,7 @@ from mailfc.cli.common import emit, json_option, pass_config, print_json, run_db
 from mailfc.config import Config
 from mailfc.db import limits
 from mailfc.durations import format_duration, parse_duration
+from mailfc.errors import InvalidInput
 from mailfc.policy.kinds import KINDS, MODES
 
 
@@ -29,19 +30,32 @@ def group() -> None:
 @click.option("--mode", type=click.Choice(MODES), default="enforce", show_default=True)
 @click.option("--per-account", is_flag=True,
               help="On a domain: the default for each of its accounts.")
+@click.option("--range", "value_range", default=None, metavar="FLOOR:CEILING",
+              help="Adaptive: the controller moves the value within this range.")
 @json_option
 @pass_config
 def set_cmd(config: Config, target: str, kind: str, value: int, window: str | None,
-            mode: str, per_account: bool, as_json: bool) -> None:
+            mode: str, per_account: bool, value_range: str | None, as_json: bool) -> None:
     window_s = parse_duration(window) if window is not None else None
+    bounds = _parse_range(value_range) if value_range is not None else None
     row = run_db(config, lambda db: limits.set_limit(
-        db, target, kind, value, window_s=window_s, mode=mode, per_account=per_account))
+        db, target, kind, value, window_s=window_s, mode=mode, per_account=per_account,
+        value_range=bounds))
     if as_json:
         print_json(row)
     else:
         per = f" per {format_duration(row['window_s'])}" if row["window_s"] else ""
+        adaptive = (f", adaptive {row['min_value']}..{row['max_value']}"
+                    if row["min_value"] is not None else "")
         say(f"{row['scope']} limit on {row['target']}: {row['kind']} {row['value']}{per} "
-            f"({row['mode']})")
+            f"({row['mode']}{adaptive})")
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    floor, sep, ceiling = text.partition(":")
+    if not sep or not floor.strip().isdigit() or not ceiling.strip().isdigit():
+        raise InvalidInput(f"invalid range {text!r}: expected FLOOR:CEILING, e.g. 50:500")
+    return int(floor), int(ceiling)
 
 
 @group.command("list")
@@ -54,8 +68,10 @@ def list_cmd(config: Config, target: str | None, as_json: bool) -> None:
     if not as_json:
         for row in rows:
             row["window"] = format_duration(row["window_s"]) if row["window_s"] else None
+            row["range"] = (f"{row['min_value']}..{row['max_value']}"
+                            if row["min_value"] is not None else None)
     emit(rows, as_json=as_json,
-         columns=("target", "scope", "kind", "value", "window", "mode", "updated_at"),
+         columns=("target", "scope", "kind", "value", "window", "mode", "range", "updated_at"),
          empty="no limits")
 
 

@@ -18,6 +18,7 @@ from mailfc.cli import (
     container,
     db_cmd,
     domain,
+    events,
     host,
     limit,
     sessions,
@@ -36,8 +37,8 @@ def cli(config_path: str | None) -> None:
     """mailfc: a Postfix and a Dovecot per mail domain, started on demand."""
 
 
-for module in (config_cmd, db_cmd, domain, account, alias, host, limit, container, sessions,
-               up):
+for module in (config_cmd, db_cmd, domain, account, alias, host, limit, container, events,
+               sessions, up):
     cli.add_command(module.group)
 
 

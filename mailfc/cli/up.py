@@ -27,6 +27,9 @@ def group(config: Config, verbose: bool, services: str) -> None:
         raise click.BadParameter(
             f"unknown service(s) {', '.join(sorted(unknown)) or '(none given)'}; choose from "
             + ", ".join(SERVICE_NAMES), param_hint="--services")
+    if "controller" in wanted and "dispatcher" not in wanted:
+        raise click.BadParameter("the controller runs with the dispatcher of its host",
+                                 param_hint="--services")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from mailfc.config import Config
+from mailfc.controller.controller import Controller
 from mailfc.db import connect, hosts
 from mailfc.dispatcher.server import Dispatcher
 from mailfc.errors import ConfigError
@@ -46,7 +47,7 @@ class Service(Protocol):
     async def stop(self, drain_timeout: float) -> None: ...
 
 
-SERVICE_NAMES = ("milter", "dispatcher", "lmtp-router", "imap-router")
+SERVICE_NAMES = ("milter", "dispatcher", "controller", "lmtp-router", "imap-router")
 
 
 class Platform:
@@ -59,8 +60,11 @@ class Platform:
                  *, runtime_overrides: dict[str, Any] | None = None) -> None:
         unknown = set(services) - set(SERVICE_NAMES)
         if unknown:
-            raise ValueError(f"unknown service(s) {', '.join(sorted(unknown))}: "
+            raise ConfigError(f"unknown service(s) {', '.join(sorted(unknown))}: "
                              f"choose from {', '.join(SERVICE_NAMES)}")
+        if "controller" in services and "dispatcher" not in services:
+            raise ConfigError("the controller acts on the containers of its host's dispatcher:"
+                             " run it together with the dispatcher")
         self.wanted = services
         self.runtime_overrides = runtime_overrides or {}
         self.config = config
@@ -69,6 +73,7 @@ class Platform:
         self.services: list[Service] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.runtime: Runtime | None = None
+        self.controller: Controller | None = None
 
     async def start(self) -> None:
         self.pool = await connect(self.config)
@@ -128,7 +133,11 @@ class Platform:
             await runtime.open()
             await runtime.recover()
             self.runtime = runtime
-            services.append(Dispatcher(self.config, runtime, self.pool))
+            dispatcher = Dispatcher(self.config, runtime, self.pool)
+            services.append(dispatcher)
+            if "controller" in self.wanted:
+                self.controller = Controller(self.config, self.pool, runtime, dispatcher)
+                services.append(self.controller)
         if "lmtp-router" in self.wanted:
             services.append(LmtpRouter(self.config, directory))
         if "imap-router" in self.wanted:

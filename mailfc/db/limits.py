@@ -21,7 +21,7 @@ _SELECT = """
 SELECT l.id, l.scope,
        CASE WHEN l.scope = 'account' THEN a.localpart || '@' || d.name ELSE d.name END
            AS target,
-       l.kind, l.value, l.window_s, l.mode, l.updated_at
+       l.kind, l.value, l.window_s, l.mode, l.min_value, l.max_value, l.updated_at
 FROM limits l JOIN domains d ON d.id = l.domain_id
 LEFT JOIN accounts a ON a.id = l.account_id
 """
@@ -56,22 +56,31 @@ def check_kind(kind: str, window_s: int | None, mode: str) -> None:
 async def set_limit(
     db: asyncpg.Connection, target: str, kind: str, value: int, *,
     window_s: int | None = None, mode: str = "enforce", per_account: bool = False,
+    value_range: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
+    """`value_range` (floor, ceiling) makes the limit adaptive: the controller
+    moves `value` within it; without a range the limit is fixed."""
     check_kind(kind, window_s, mode)
     if value < 0:
         raise InvalidInput("a limit value must not be negative")
+    floor, ceiling = value_range if value_range is not None else (None, None)
+    if value_range is not None and not 0 <= value_range[0] <= value <= value_range[1]:
+        raise InvalidInput(f"value {value} must lie within the range "
+                           f"{value_range[0]}:{value_range[1]} (floor <= value <= ceiling)")
     async with db.transaction():
         scope, identifier, account = await _resolve(db, target, per_account)
         row_id = await db.fetchval(
             """
-            INSERT INTO limits (scope, domain_id, account_id, kind, value, window_s, mode)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            INSERT INTO limits (scope, domain_id, account_id, kind, value, window_s, mode,
+                                min_value, max_value)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             ON CONFLICT (scope, domain_id, coalesce(account_id, 0), kind) DO UPDATE SET
                 value = EXCLUDED.value, window_s = EXCLUDED.window_s, mode = EXCLUDED.mode,
+                min_value = EXCLUDED.min_value, max_value = EXCLUDED.max_value,
                 updated_at = now()
             RETURNING id
             """,
-            scope, identifier, account, kind, value, window_s, mode,
+            scope, identifier, account, kind, value, window_s, mode, floor, ceiling,
         )
     return dict(await db.fetchrow(_SELECT + " WHERE l.id = $1", row_id))
 

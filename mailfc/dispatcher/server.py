@@ -44,7 +44,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -76,13 +76,19 @@ class ContainerInstance(Protocol):
     @property
     def pid(self) -> int | None: ...
 
+    @property
+    def state(self) -> str: ...
+
     def port(self, service: str | None = None, *, proxy: bool = False) -> int: ...
 
 
 class Containers(Protocol):
     """What the dispatcher needs of the runtime (mailfc.runtime.Runtime)."""
 
-    async def ensure(self, domain: str, service: str) -> ContainerInstance: ...
+    async def ensure(self, domain: str, service: str) -> Any: ...
+
+    async def instances(self, domain: str | None = None,
+                        service: str | None = None) -> list[Any]: ...
 
 
 def unavailable_reply(service: str, reason: str) -> bytes:
@@ -116,7 +122,7 @@ class Dispatcher:
         self._active: set[str] = set()
         # (domain, service) -> (until, instance): the runtime's answer is
         # remembered briefly, sparing two CMDB queries per session.
-        self._warm: dict[tuple[str, str], tuple[float, ContainerInstance]] = {}
+        self._warm: dict[tuple[str, str], tuple[float, list[ContainerInstance]]] = {}
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -218,27 +224,37 @@ class Dispatcher:
 
     async def _backend(self, domain: str, service: str) -> tuple[
             ContainerInstance, asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection to a running instance serving (domain, service)."""
+        """A connection to the least busy running instance serving (domain, service)."""
         key = (domain, service)
         remembered = self._warm.get(key)
-        if remembered is not None and remembered[0] > time.monotonic() \
-                and remembered[1].pid and process_alive(remembered[1].pid):
-            instance = remembered[1]
-            try:
-                reader, writer = await netio.open_connection(
-                    str(instance.address), instance.port(service, proxy=True),
-                    WARM_CONNECT_TIMEOUT_S)
-                return instance, reader, writer
-            except (OSError, TimeoutError):
-                pass  # stopped meanwhile: ask the runtime
+        if remembered is not None and remembered[0] > time.monotonic():
+            alive = [i for i in remembered[1] if i.pid and process_alive(i.pid)]
+            if alive:
+                instance = min(alive, key=lambda i: self.open_sessions[i.name])
+                try:
+                    reader, writer = await netio.open_connection(
+                        str(instance.address), instance.port(service, proxy=True),
+                        WARM_CONNECT_TIMEOUT_S)
+                    return instance, reader, writer
+                except (OSError, TimeoutError):
+                    pass  # stopped meanwhile: ask the runtime
         self._warm.pop(key, None)
-        instance = await asyncio.wait_for(self.containers.ensure(domain, service),
-                                          self.config.runtime.start_timeout_s + 1.0)
+        first: ContainerInstance = await asyncio.wait_for(
+            self.containers.ensure(domain, service), self.config.runtime.start_timeout_s + 1.0)
+        running: list[ContainerInstance] = [
+            i for i in await self.containers.instances(domain, service)
+            if i.state == "running"] or [first]
+        instance = min(running, key=lambda i: self.open_sessions[i.name])
         reader, writer = await netio.open_connection(
             str(instance.address), instance.port(service, proxy=True),
             self.config.dispatcher.connect_timeout_s)
-        self._warm[key] = (time.monotonic() + WARM_TTL_S, instance)
+        self._warm[key] = (time.monotonic() + WARM_TTL_S, running)
         return instance, reader, writer
+
+    def forget(self, domain: str) -> None:
+        """The domain's instances changed (drained, stopped, scaled out): look again."""
+        for key in [k for k in self._warm if k[0] == domain]:
+            del self._warm[key]
 
     async def _flush_activity_forever(self) -> None:
         while True:

@@ -70,3 +70,26 @@ def test_limit_bad_input(mailfc: Mailfc) -> None:
     mailfc.fails("limit", "set", "carol@example.org", "concurrent_sends", "3",
                  says="unknown account")
     mailfc.fails("limit", "unset", "example.org", "concurrent_sends", says="no concurrent_sends")
+
+
+def test_adaptive_limit_range(mailfc: Mailfc) -> None:
+    mailfc.ok("domain", "add", "example.org")
+    out = mailfc.ok("limit", "set", "example.org", "messages", "100", "--window", "1h",
+                    "--range", "50:500").out
+    assert "adaptive 50..500" in out
+    row = json.loads(mailfc.ok("limit", "list", "example.org", "--json").out)[0]
+    assert (row["value"], row["min_value"], row["max_value"]) == (100, 50, 500)
+    mailfc.fails("limit", "set", "example.org", "messages", "10", "--window", "1h",
+                 "--range", "50:500", says="within the range")
+    mailfc.fails("limit", "set", "example.org", "messages", "10", "--window", "1h",
+                 "--range", "lots", says="invalid range")
+    # Set again without a range: fixed again.
+    mailfc.ok("limit", "set", "example.org", "messages", "100", "--window", "1h")
+    row = json.loads(mailfc.ok("limit", "list", "example.org", "--json").out)[0]
+    assert row["min_value"] is None and row["max_value"] is None
+
+
+def test_events_listing(mailfc: Mailfc) -> None:
+    result = mailfc.ok("events", "--json", "--since", "1h")
+    assert isinstance(json.loads(result.out), list)
+    mailfc.fails("events", "--since", "soon", says="invalid duration")

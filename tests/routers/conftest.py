@@ -116,7 +116,9 @@ async def router_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Rout
     # Placement must choose this test's host for the test domains.
     await cmdb.execute("UPDATE hosts SET state = 'draining' WHERE name <> $1", HOST)
     await provision(cmdb)
-    platform = Platform(router_config(state_dir, runtime={"name_prefix": "mfcr"}))
+    # No controller: these tests start and stop containers themselves.
+    platform = Platform(router_config(state_dir, runtime={"name_prefix": "mfcr"}),
+                        ("milter", "dispatcher", "lmtp-router", "imap-router"))
     await platform.start()
     try:
         yield RouterHost(platform)

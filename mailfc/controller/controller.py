@@ -1,0 +1,308 @@
+"""Controller: keeps this host's containers in balance (one per host, resident).
+
+Every controller.interval_s it looks at this host's containers and acts:
+
+SCALE TO ZERO
+    An instance idle past its spec's idle_timeout_s is drained and stopped.
+    One past its lifetime_s with no open session is stopped; with sessions
+    open it is marked draining (the dispatcher gives new sessions to another
+    instance, starting one if needed) and stopped once they have ended.
+
+SCALE UP / DOWN
+    CPU quota and memory limit follow throttling and memory pressure
+    (decisions.py), live with `runc update`, between the spec's base and
+    maximum values.
+
+SCALE OUT / IN
+    Open sessions per running instance (from the dispatcher) above
+    controller.scale_out_sessions start another instance, up to the spec's
+    max_instances; when quiet for scale_in_after_s the newest extra instance
+    drains.
+
+ADAPTIVE LIMITS
+    Limits with a range (min_value/max_value) move within it from the host's
+    headroom and the domain's recent reject ratio, every adaptive_interval_s.
+
+HOSTS
+    Another host whose heartbeat is older than host_down_after_s is marked
+    down; its domains are placed elsewhere at their next session.
+
+Every decision is an event row (mailfc.controller.events) with its reason
+and measurements.  A failing step is logged and retried next round; the
+controller never stops a container that has open sessions, except when the
+container's lifetime has passed and it has been draining for drain_grace_s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from mailfc.config import Config
+from mailfc.controller import decisions, events
+from mailfc.dispatcher.server import Dispatcher
+from mailfc.runtime.errors import CapacityExhausted
+from mailfc.runtime.instance import Instance
+from mailfc.runtime.lifecycle import Runtime
+
+log = logging.getLogger("mailfc.controller")
+
+RECENT_WINDOW = "15 minutes"
+
+
+class Controller:
+    name = "controller"
+
+    def __init__(self, config: Config, pool: asyncpg.Pool, runtime: Runtime,
+                 dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.settings = config.controller
+        self.pool = pool
+        self.runtime = runtime
+        self.dispatcher = dispatcher
+        self.host = config.host_name
+        self._cpu: dict[str, decisions.CpuSample] = {}
+        self._last_throttled: dict[str, float] = {}
+        self._quiet_since: dict[tuple[str, str], float] = {}
+        self._next_adaptive = 0.0
+        # What "headroom" means is the host's business; replaceable for tests.
+        self.headroom: Callable[[], float] = host_headroom
+        self._task: asyncio.Task[None] | None = None
+        self.rounds = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self, drain_timeout: float) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("controller round failed; retrying next round")
+            await asyncio.sleep(max(0.0, self.settings.interval_s -
+                                    (time.monotonic() - started)))
+
+    async def round(self) -> None:
+        """One look at everything; public so tests can drive it step by step."""
+        self.rounds += 1
+        await self.lifecycle()
+        instances = [i for i in await self.runtime.instances() if i.state == "running"]
+        for instance in instances:
+            await self.scale_vertically(instance)
+        await self.scale_horizontally(instances)
+        await self.watch_hosts()
+        if time.monotonic() >= self._next_adaptive:
+            self._next_adaptive = time.monotonic() + self.settings.adaptive_interval_s
+            await self.adapt_limits()
+
+    async def _event(self, kind: str, reason: str, instance: Instance | None = None,
+                     domain: str | None = None, **detail: Any) -> None:
+        log.info("%s %s: %s", kind, instance.name if instance else domain, reason)
+        await events.record(
+            self.pool, kind, reason, host=self.host,
+            domain=instance.domain if instance else domain,
+            service=instance.service if instance else None,
+            instance=instance.name if instance else None, detail=detail)
+
+    # -- scale to zero ---------------------------------------------------------------
+
+    async def lifecycle(self) -> None:
+        for instance, why in await self.runtime.due_for_stop():
+            sessions = self.dispatcher.open_sessions.get(instance.name, 0)
+            if why == "idle" and sessions:
+                continue  # activity not yet written: it is not idle
+            if sessions:
+                await self.pool.execute(
+                    "UPDATE container_instances SET state = 'draining', draining_at = now()"
+                    " WHERE id = $1 AND state = 'running'", instance.id)
+                self.dispatcher.forget(instance.domain)
+                await self._event("drain", f"lifetime over with {sessions} session(s) open:"
+                                  " no new sessions, stops when they end", instance,
+                                  open_sessions=sessions)
+                continue
+            await self._stop(instance, f"{why} timeout reached" if why == "idle"
+                             else "lifetime over, no session open", reason_kind=why)
+        for instance in await self.runtime.instances():
+            if instance.state == "draining" and \
+                    not self.dispatcher.open_sessions.get(instance.name):
+                await self._stop(instance, "drained: its last session ended",
+                                 reason_kind="drained")
+
+    async def _stop(self, instance: Instance, reason: str, reason_kind: str) -> None:
+        self.dispatcher.forget(instance.domain)
+        await self.runtime.stop(instance, reason=reason)
+        self._cpu.pop(instance.name, None)
+        self._last_throttled.pop(instance.name, None)
+        await self._event("stop", reason, instance, cause=reason_kind)
+
+    # -- scale up / down ----------------------------------------------------------------
+
+    async def scale_vertically(self, instance: Instance) -> None:
+        try:
+            stats = self.runtime.stats(instance)
+            limits = self.runtime.limits(instance)
+        except Exception as error:  # the container went away between looks
+            log.debug("no stats for %s: %s", instance.name, error)
+            return
+        sample = decisions.CpuSample(stats.nr_periods, stats.nr_throttled)
+        before = self._cpu.get(instance.name)
+        self._cpu[instance.name] = sample
+        if before is None:
+            return
+        spec = await self._spec(instance)
+        share = decisions.throttled_share(before, sample)
+        quota = limits.cpu_quota_us if limits.cpu_quota_us > 0 else spec["cpu_quota_us"]
+        now = time.monotonic()
+        if share >= self.settings.scale_up_share:
+            self._last_throttled[instance.name] = now
+            target = decisions.scaled_up(quota, spec["cpu_quota_max_us"],
+                                         self.settings.scale_step)
+            if target is not None:
+                await self.runtime.update(instance, cpu_quota_us=target)
+                await self._event("scale_up", f"throttled in {share:.0%} of CPU periods:"
+                                  f" quota {quota} -> {target} us", instance,
+                                  throttled_share=round(share, 3), cpu_quota_us=target)
+        elif now - self._last_throttled.get(instance.name, now - 1e9) >= \
+                self.settings.scale_down_after_s or instance.name not in self._last_throttled:
+            target = decisions.scaled_down(quota, spec["cpu_quota_us"], self.settings.scale_step)
+            if target is not None:
+                await self.runtime.update(instance, cpu_quota_us=target)
+                await self._event("scale_down", f"no throttling for "
+                                  f"{self.settings.scale_down_after_s:g} s: quota {quota} ->"
+                                  f" {target} us", instance, cpu_quota_us=target)
+        memory_limit = limits.memory_bytes if limits.memory_bytes > 0 else spec["memory_bytes"]
+        if memory_limit and stats.memory_bytes / memory_limit >= self.settings.memory_high:
+            target = decisions.scaled_up(memory_limit, spec["memory_max_bytes"],
+                                         self.settings.scale_step)
+            if target is not None:
+                await self.runtime.update(instance, memory_bytes=target)
+                await self._event("scale_up", f"memory at {stats.memory_bytes / memory_limit:.0%}"
+                                  f" of its limit: {memory_limit} -> {target} bytes", instance,
+                                  memory_bytes=target)
+
+    async def _spec(self, instance: Instance) -> asyncpg.Record:
+        row = await self.pool.fetchrow(
+            "SELECT s.* FROM container_specs s WHERE s.service = $2"
+            " AND (s.domain_id = $1 OR s.domain_id IS NULL)"
+            " ORDER BY s.domain_id IS NULL LIMIT 1", instance.domain_id, instance.service)
+        assert row is not None, "migration 0001 inserts default specs"
+        return row
+
+    # -- scale out / in -----------------------------------------------------------------
+
+    async def scale_horizontally(self, instances: list[Instance]) -> None:
+        groups: dict[tuple[str, str], list[Instance]] = defaultdict(list)
+        for instance in instances:
+            groups[(instance.domain, instance.service)].append(instance)
+        threshold = self.settings.scale_out_sessions
+        now = time.monotonic()
+        for (domain, service), members in groups.items():
+            sessions = [self.dispatcher.open_sessions.get(i.name, 0) for i in members]
+            spec = await self._spec(members[0])
+            if decisions.wants_scale_out(sessions, threshold, spec["max_instances"]):
+                try:
+                    started = await self.runtime.start(domain, service)
+                except CapacityExhausted as error:
+                    log.info("cannot scale out %s: %s", domain, error)
+                    continue
+                self.dispatcher.forget(domain)
+                self._quiet_since.pop((domain, service), None)
+                await self._event("scale_out", f"{sum(sessions)} sessions on {len(members)}"
+                                  f" instance(s) (>= {threshold} each): started another",
+                                  started, open_sessions=sessions)
+                continue
+            if decisions.quiet_enough_to_scale_in(sessions, threshold):
+                since = self._quiet_since.setdefault((domain, service), now)
+                if now - since >= self.settings.scale_in_after_s:
+                    newest = max(members, key=lambda i: i.id)
+                    await self.pool.execute(
+                        "UPDATE container_instances SET state = 'draining',"
+                        " draining_at = now() WHERE id = $1 AND state = 'running'", newest.id)
+                    self.dispatcher.forget(domain)
+                    self._quiet_since.pop((domain, service), None)
+                    await self._event("scale_in", f"{sum(sessions)} sessions on {len(members)}"
+                                      f" instances for {self.settings.scale_in_after_s:g} s:"
+                                      " draining the newest", newest, open_sessions=sessions)
+            else:
+                self._quiet_since.pop((domain, service), None)
+
+    # -- hosts ------------------------------------------------------------------------
+
+    async def watch_hosts(self) -> None:
+        rows = await self.pool.fetch(
+            "UPDATE hosts SET state = 'down' WHERE state <> 'down' AND name <> $1"
+            " AND heartbeat_at < now() - make_interval(secs => $2)"
+            " RETURNING name, heartbeat_at", self.host, self.settings.host_down_after_s)
+        for row in rows:
+            await events.record(self.pool, "host_down",
+                                f"no heartbeat since {row['heartbeat_at']:%H:%M:%S}: its"
+                                " domains move at their next session",
+                                host=row["name"], detail={"seen_by": self.host})
+
+    # -- adaptive limits ------------------------------------------------------------------
+
+    async def adapt_limits(self) -> None:
+        rows = await self.pool.fetch(
+            "SELECT l.id, l.kind, l.value, l.min_value, l.max_value, d.name AS domain"
+            " FROM limits l JOIN domains d ON d.id = l.domain_id"
+            " WHERE l.min_value IS NOT NULL AND (d.host_id IS NULL OR d.host_id ="
+            " (SELECT id FROM hosts WHERE name = $1))", self.host)
+        if not rows:
+            return
+        headroom = self.headroom()
+        for row in rows:
+            reject_ratio = await self._reject_ratio(row["domain"])
+            target = decisions.adaptive_target(row["min_value"], row["max_value"], headroom,
+                                               reject_ratio)
+            value = decisions.adaptive_step(row["value"], target, row["min_value"],
+                                            row["max_value"])
+            if value == row["value"]:
+                continue
+            await self.pool.execute("UPDATE limits SET value = $2, updated_at = now()"
+                                    " WHERE id = $1", row["id"], value)
+            await self._event("limit_change", f"{row['kind']} {row['value']} -> {value}"
+                              f" (headroom {headroom:.0%}, rejects {reject_ratio:.0%},"
+                              f" range {row['min_value']}..{row['max_value']})",
+                              domain=row["domain"], limit_kind=row["kind"], value=value,
+                              headroom=round(headroom, 3), reject_ratio=round(reject_ratio, 3))
+
+    async def _reject_ratio(self, domain: str) -> float:
+        row = await self.pool.fetchrow(
+            f"SELECT count(*) AS total, count(*) FILTER (WHERE verdict IN"
+            f" ('reject', 'tempfail')) AS refused FROM smtp_messages"
+            f" WHERE domain = $1 AND started_at >= now() - interval '{RECENT_WINDOW}'", domain)
+        if row is None or not row["total"]:
+            return 0.0
+        return float(row["refused"]) / float(row["total"])
+
+
+def host_headroom() -> float:
+    """1 - the busiest of CPU load per core and memory in use, from /proc."""
+    cpu = os.getloadavg()[0] / (os.cpu_count() or 1)
+    memory = 0.0
+    try:
+        info: dict[str, int] = {}
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0])
+        memory = 1.0 - info["MemAvailable"] / info["MemTotal"]
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        pass
+    return max(0.0, 1.0 - max(cpu, memory))

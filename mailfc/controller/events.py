@@ -1,0 +1,49 @@
+"""Events: every decision the controller takes, as a row with its reason.
+
+    kind        start, stop, drain, scale_up, scale_down, scale_out, scale_in,
+                limit_change, host_down
+    reason      words an admin can read ("idle for 300 s", "throttled in 45% of
+                CPU periods")
+    detail      the measurements behind it (JSON)
+
+`mailfc events [--domain D] [--follow]` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+KINDS = ("start", "stop", "drain", "scale_up", "scale_down", "scale_out", "scale_in",
+         "limit_change", "host_down", "retry_queue")
+
+
+async def record(db: asyncpg.Pool | asyncpg.Connection, kind: str, reason: str, *,
+                 host: str | None = None, domain: str | None = None,
+                 service: str | None = None, instance: str | None = None,
+                 detail: dict[str, Any] | None = None) -> None:
+    await db.execute(
+        "INSERT INTO events (host, domain, service, instance, kind, reason, detail)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+        host, domain, service, instance, kind, reason, json.dumps(detail or {}, default=str))
+
+
+async def recent(db: asyncpg.Pool | asyncpg.Connection, *, domain: str | None = None,
+                 kind: str | None = None, after_id: int = 0, since_s: int | None = None,
+                 limit: int = 200) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        """
+        SELECT id, at, host, domain, service, instance, kind, reason, detail::text AS detail
+        FROM events
+        WHERE id > $1 AND ($2::text IS NULL OR domain = $2) AND ($3::text IS NULL OR kind = $3)
+          AND ($4::integer IS NULL OR at >= now() - make_interval(secs => $4))
+        ORDER BY id DESC LIMIT $5
+        """, after_id, domain, kind, since_s, limit)
+    result = []
+    for row in reversed(rows):
+        item = dict(row)
+        item["detail"] = json.loads(item["detail"])
+        result.append(item)
+    return result

@@ -1,0 +1,220 @@
+"""The spool's files: how a message is made durable, how its progress is kept.
+
+LAYOUT (under spool.directory)
+    tmp/<id>          a message being written; never delivered, removed at start-up
+    queue/<id>        a committed message: one JSON line (the envelope), then the message
+    queue/<id>.log    its progress, JSON lines appended and fsync'd:
+                        {"rcpt": "bob@a.example", "code": 250, "text": "2.0.0 OK"}   final
+                        {"domain": "a.example", "attempts": 2, "next": 1700000000.0,
+                         "error": "451 4.3.0 ..."}                                  deferred
+    control/<id>.<retry|delete>   requests of `mailfc queue` for the running spool
+    lock              flock(2) held by the one process that delivers from this spool
+
+COMMIT
+    write tmp/<id>, fsync it, rename it to queue/<id>, fsync queue/.  Only then is the
+    message accepted (SMTP-In answers 250).  A crash before the rename leaves a tmp file
+    that start-up removes: the client got no 250 and sends again.
+
+EXACTLY ONCE
+    A recipient's final reply is appended to the log (fsync'd) as soon as the next hop
+    gives it; after a restart the log says who is done, so nobody gets it twice.  When
+    every recipient is final the message and its log are unlinked (message first).
+
+DISK FULL
+    Any OSError while writing (ENOSPC, EDQUOT, EIO) removes the partial tmp file and
+    raises SpoolFull: SMTP-In answers 452 4.3.1 and nothing half-written stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailfc.errors import TemporaryFailure
+
+CONTROL_ACTIONS = ("retry", "delete")
+
+
+class SpoolFull(TemporaryFailure):
+    """The spool cannot store the message now (disk full, I/O error)."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the spool keeps about a message besides its bytes."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    received_at: float
+    mail_options: tuple[str, ...] = ()
+    client_ip: str | None = None
+    client_name: str | None = None
+    helo: str | None = None
+    size: int = 0
+    # A DSN made by this spool: it never gets a bounce of its own.
+    is_bounce: bool = False
+
+    def to_json(self) -> bytes:
+        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return json.dumps(values, separators=(",", ":")).encode() + b"\n"
+
+    @staticmethod
+    def from_json(line: bytes) -> Envelope:
+        values: dict[str, Any] = json.loads(line)
+        values["recipients"] = tuple(values["recipients"])
+        values["mail_options"] = tuple(values.get("mail_options", ()))
+        return Envelope(**values)
+
+
+@dataclass
+class Progress:
+    """The log of one message replayed: final replies and per-domain deferrals."""
+
+    final: dict[str, tuple[int, str]] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    next_try: dict[str, float] = field(default_factory=dict)
+    last_error: dict[str, str] = field(default_factory=dict)
+
+
+def new_queue_id() -> str:
+    # Time first, so a listing sorted by id is in arrival order.
+    return f"{time.time_ns() // 1000:X}{secrets.token_hex(3).upper()}"
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class SpoolFiles:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.tmp = directory / "tmp"
+        self.queue = directory / "queue"
+        self.control = directory / "control"
+        self.lock_path = directory / "lock"
+
+    def prepare(self) -> None:
+        for path in (self.directory, self.tmp, self.queue, self.control):
+            path.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o700)
+
+    # -- writing (blocking: callers run these in a thread) ---------------------------
+
+    def commit(self, envelope: Envelope, message: bytes) -> None:
+        """Write, fsync and rename the message into the queue; SpoolFull on any failure."""
+        tmp = self.tmp / envelope.queue_id
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, envelope.to_json())
+                _write_all(fd, message)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.queue / envelope.queue_id)
+            _fsync_dir(self.queue)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpoolFull(f"cannot store message: {error.strerror or error}") from None
+
+    def append_log(self, queue_id: str, records: list[dict[str, Any]]) -> None:
+        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+        fd = os.open(self.queue / f"{queue_id}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, queue_id: str) -> None:
+        """Forget a finished message: the message first, so a crash leaves at most a log."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.queue / queue_id).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.queue / f"{queue_id}.log").unlink()
+        _fsync_dir(self.queue)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def queue_ids(self) -> list[str]:
+        return sorted(name for name in os.listdir(self.queue) if "." not in name)
+
+    def read_envelope(self, queue_id: str) -> Envelope:
+        with (self.queue / queue_id).open("rb") as handle:
+            return Envelope.from_json(handle.readline())
+
+    def read_message(self, queue_id: str) -> bytes:
+        with (self.queue / queue_id).open("rb") as handle:
+            handle.readline()
+            return handle.read()
+
+    def read_progress(self, queue_id: str) -> Progress:
+        progress = Progress()
+        try:
+            data = (self.queue / f"{queue_id}.log").read_bytes()
+        except FileNotFoundError:
+            return progress
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue    # a torn last line of a crash: the record was never complete
+            if "rcpt" in record:
+                progress.final[record["rcpt"]] = (int(record["code"]), record["text"])
+            elif "domain" in record:
+                domain = record["domain"]
+                progress.attempts[domain] = int(record["attempts"])
+                progress.next_try[domain] = float(record["next"])
+                progress.last_error[domain] = record.get("error", "")
+        return progress
+
+    def clean_tmp(self) -> int:
+        """Remove uncommitted files and logs without a message (start-up, as owner)."""
+        removed = 0
+        for path in self.tmp.iterdir():
+            path.unlink(missing_ok=True)
+            removed += 1
+        for path in self.queue.glob("*.log"):
+            if not (self.queue / path.stem).exists():
+                path.unlink(missing_ok=True)
+        return removed
+
+    # -- control requests -------------------------------------------------------------
+
+    def request(self, queue_id: str, action: str) -> Path:
+        path = self.control / f"{queue_id}.{action}"
+        path.touch()
+        return path
+
+    def take_requests(self) -> list[tuple[str, str]]:
+        found = []
+        for path in self.control.iterdir():
+            queue_id, _, action = path.name.rpartition(".")
+            path.unlink(missing_ok=True)
+            if action in CONTROL_ACTIONS:
+                found.append((queue_id, action))
+        return found
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

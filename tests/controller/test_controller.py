@@ -1,0 +1,242 @@
+"""The controller against real containers: scale to zero, up/down, out, adaptive limits.
+
+The platform runs with the controller's own loop slowed to an hour; each test
+drives `controller.round()` itself, so what it asserts follows from what it did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import smtplib
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from mailfc.config import Config, parse_config
+from mailfc.controller.controller import Controller
+from mailfc.controller.platform import Platform
+from mailfc.db import accounts, domains, limits
+from mailfc.db.pool import embedded_cluster
+from mailfc.passwords import hash_password
+from mailfc.runtime import cgroups
+from mailfc.runtime.lifecycle import Runtime
+from tests.conftest import require_binary
+from tests.routers.conftest import PASSWORD, client_tls
+
+LMTP_PORT, IMAP_PORT, IMAPS_PORT = 20024, 20143, 20993
+
+
+@pytest.fixture(scope="module")
+async def platform(state_dir: Path, cmdb: asyncpg.Pool,
+                   mailfc_config: Config) -> AsyncIterator[Platform]:
+    require_binary("runc", "runc")
+    own = state_dir / "controller"
+    own.mkdir(exist_ok=True)
+    own.chmod(0o711)
+    config = parse_config({
+        "paths": {"state_dir": str(own)},
+        "database": {"dsn": embedded_cluster(mailfc_config).dsn},
+        "host": {"name": "controller-host"},
+        "network": {"bridge": "mfcc0", "subnet": "10.93.0.0/24"},
+        "listen": {"lmtp_router": f"127.0.0.1:{LMTP_PORT}",
+                   "imap_router": f"127.0.0.1:{IMAP_PORT}",
+                   "imap_router_tls": f"127.0.0.1:{IMAPS_PORT}"},
+        "dispatcher": {"lmtp_port": 20124, "imap_port": 20243, "smtp_port": 20587},
+        "runtime": {"name_prefix": "mfcc"},
+        "controller": {"interval_s": 3600.0, "scale_out_sessions": 2,
+                       "scale_down_after_s": 1.0, "scale_in_after_s": 1.0},
+    }, "controller tests")
+    hashed = hash_password(PASSWORD)
+    async with cmdb.acquire() as db:
+        for name in ("idle.example", "life.example", "burn.example", "flood.example",
+                     "adapt.example"):
+            if not await db.fetchval("SELECT 1 FROM domains WHERE name = $1", name):
+                await domains.add(db, name)
+                await accounts.add(db, f"user@{name}", hashed)
+    platform = Platform(config, ("dispatcher", "controller", "lmtp-router", "imap-router"))
+    await platform.start()
+    await cmdb.execute(
+        "UPDATE domains SET host_id = (SELECT id FROM hosts WHERE name = 'controller-host')"
+        " WHERE name LIKE '%.example' AND name IN ('idle.example', 'life.example',"
+        " 'burn.example', 'flood.example', 'adapt.example')")
+    try:
+        yield platform
+    finally:
+        await platform.stop()
+        await asyncio.to_thread(subprocess.run, ["ip", "link", "del", "mfcc0"],
+                                capture_output=True, check=False)
+
+
+def controller_of(platform: Platform) -> Controller:
+    assert platform.controller is not None
+    return platform.controller
+
+
+def runtime_of(platform: Platform) -> Runtime:
+    assert platform.runtime is not None
+    return platform.runtime
+
+
+async def set_spec(pool: asyncpg.Pool, domain: str, **values: int) -> None:
+    columns = ", ".join(values)
+    placeholders = ", ".join(f"${i + 2}" for i in range(len(values)))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in values)
+    await pool.execute(
+        f"INSERT INTO container_specs (domain_id, service, {columns})"
+        f" SELECT id, 'imap', {placeholders} FROM domains WHERE name = $1"
+        f" ON CONFLICT (coalesce(domain_id, 0), service) DO UPDATE SET {updates}",
+        domain, *values.values())
+
+
+async def events_of(pool: asyncpg.Pool, domain: str, kind: str) -> list[asyncpg.Record]:
+    return list(await pool.fetch("SELECT * FROM events WHERE domain = $1 AND kind = $2"
+                                 " ORDER BY id", domain, kind))
+
+
+async def until(condition: Callable[[], object], controller: Controller,
+                seconds: float = 20.0) -> None:
+    """Run controller rounds until `condition()` (awaited if needed) holds."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        await controller.round()
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError("condition not reached within the time allowed")
+
+
+def deliver(address: str) -> dict[str, tuple[int, bytes]]:
+    with smtplib.LMTP("127.0.0.1", LMTP_PORT, timeout=30) as client:
+        return client.sendmail("x@remote.example", [address], b"Subject: c\r\n\r\nhi\r\n")
+
+
+def open_imap(address: str) -> imaplib.IMAP4_SSL:
+    client = imaplib.IMAP4_SSL("127.0.0.1", IMAPS_PORT, ssl_context=client_tls(), timeout=30)
+    client.login(address, PASSWORD)
+    client.select("INBOX")
+    return client
+
+
+async def test_idle_container_stops_and_restarts_on_next_session(platform: Platform) -> None:
+    pool, runtime, controller = platform.pool, runtime_of(platform), controller_of(platform)
+    assert pool is not None
+    await set_spec(pool, "idle.example", idle_timeout_s=1)
+    assert await asyncio.to_thread(deliver, "user@idle.example") == {}
+    assert len(await runtime.instances("idle.example")) == 1
+
+    async def stopped() -> bool:
+        return not await runtime.instances("idle.example")
+
+    await until(stopped, controller)
+    stops = await events_of(pool, "idle.example", "stop")
+    assert stops and "idle" in stops[-1]["reason"]
+    # The next session starts it again.
+    assert await asyncio.to_thread(deliver, "user@idle.example") == {}
+    assert len(await runtime.instances("idle.example")) == 1
+
+
+async def test_lifetime_drains_instead_of_cutting_a_session(platform: Platform) -> None:
+    pool, runtime, controller = platform.pool, runtime_of(platform), controller_of(platform)
+    assert pool is not None
+    await set_spec(pool, "life.example", lifetime_s=2)
+    first = await asyncio.to_thread(open_imap, "user@life.example")
+    [old] = await runtime.instances("life.example")
+
+    async def draining() -> bool:
+        return any(i.state == "draining" for i in await runtime.instances("life.example"))
+
+    await until(draining, controller)
+    assert (await events_of(pool, "life.example", "drain"))
+    # The open session goes on; a new one goes to a new instance.
+    assert (await asyncio.to_thread(first.noop))[0] == "OK"
+    await set_spec(pool, "life.example", lifetime_s=3600)
+    second = await asyncio.to_thread(open_imap, "user@life.example")
+    names = {i.name for i in await runtime.instances("life.example")}
+    assert len(names) == 2 and old.name in names
+    await asyncio.to_thread(first.logout)
+
+    async def old_gone() -> bool:
+        return old.name not in {i.name for i in await runtime.instances("life.example")}
+
+    await until(old_gone, controller)
+    assert (await asyncio.to_thread(second.noop))[0] == "OK"
+    await asyncio.to_thread(second.logout)
+    assert any("drained" in e["reason"] for e in await events_of(pool, "life.example", "stop"))
+
+
+async def test_cpu_burner_is_scaled_up_then_down(platform: Platform) -> None:
+    pool, runtime, controller = platform.pool, runtime_of(platform), controller_of(platform)
+    assert pool is not None
+    await set_spec(pool, "burn.example", cpu_quota_us=20000, cpu_quota_max_us=60000)
+    instance = await runtime.ensure("burn.example", "imap")
+    path = runtime.cgroup_path(instance.name)
+    assert cgroups.limits(path).cpu_quota_us == 20000
+    # A real busy loop inside the domain's container, ending by itself.
+    await asyncio.to_thread(subprocess.run, [
+        "runc", "--root", str(runtime.settings.runc_root), "exec", "-d", instance.name,
+        "/usr/bin/timeout", "6", "/bin/sh", "-c", "while :; do :; done"], check=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await until(lambda: cgroups.limits(path).cpu_quota_us > 20000, controller, 10)
+    ups = await events_of(pool, "burn.example", "scale_up")
+    assert ups and "throttled" in ups[-1]["reason"]
+    # Never above the spec's maximum.
+    await until(lambda: cgroups.limits(path).cpu_quota_us == 20000, controller, 30)
+    assert max(cgroups.limits(path).cpu_quota_us, 0) <= 60000
+    assert await events_of(pool, "burn.example", "scale_down")
+
+
+async def test_session_flood_scales_out_and_both_instances_serve(platform: Platform) -> None:
+    pool, runtime, controller = platform.pool, runtime_of(platform), controller_of(platform)
+    assert pool is not None
+    dispatcher = next(s for s in platform.services if s.name == "dispatcher")
+    clients = [await asyncio.to_thread(open_imap, "user@flood.example") for _ in range(3)]
+    try:
+        await until(lambda: True, controller, 1)
+        running = [i for i in await runtime.instances("flood.example") if i.state == "running"]
+        assert len(running) == 2
+        assert await events_of(pool, "flood.example", "scale_out")
+        clients += [await asyncio.to_thread(open_imap, "user@flood.example") for _ in range(3)]
+        open_sessions = dispatcher.open_sessions  # type: ignore[attr-defined]
+        assert all(open_sessions.get(i.name, 0) > 0 for i in running), open_sessions
+    finally:
+        for client in clients:
+            await asyncio.to_thread(client.logout)
+
+    async def back_to_one() -> bool:
+        return len(await runtime.instances("flood.example")) == 1
+
+    await until(back_to_one, controller, 30)
+    assert await events_of(pool, "flood.example", "scale_in")
+
+
+async def test_adaptive_limit_moves_within_its_range(platform: Platform) -> None:
+    pool, controller = platform.pool, controller_of(platform)
+    assert pool is not None
+    async with pool.acquire() as db:
+        await limits.set_limit(db, "adapt.example", "messages", 10, window_s=3600,
+                               value_range=(10, 100))
+        await limits.set_limit(db, "adapt.example", "recipients", 500, window_s=3600)
+    # A host with most of its capacity free (this machine's own load is whatever
+    # the other tests make it).
+    controller.headroom = lambda: 0.9
+    seen = []
+    for _ in range(8):
+        await controller.adapt_limits()
+        seen.append(await pool.fetchval(
+            "SELECT value FROM limits l JOIN domains d ON d.id = l.domain_id"
+            " WHERE d.name = 'adapt.example' AND l.kind = 'messages'"))
+    assert all(10 <= value <= 100 for value in seen)
+    assert seen[0] > 10 and seen[0] - 10 <= (100 - 10) // 5  # one bounded step
+    fixed = await pool.fetchval(
+        "SELECT value FROM limits l JOIN domains d ON d.id = l.domain_id"
+        " WHERE d.name = 'adapt.example' AND l.kind = 'recipients'")
+    assert fixed == 500
+    changes = await events_of(pool, "adapt.example", "limit_change")
+    assert changes and "headroom" in changes[0]["reason"]
