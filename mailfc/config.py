@@ -179,6 +179,8 @@ class ControllerSection(Section):
     # Another host whose heartbeat is older than this is marked down.
     host_down_after_s: float = 60.0
     adaptive_interval_s: float = 30.0
+    # A stopped domain Postfix with deferred mail is started again this often.
+    deferred_retry_s: float = 300.0
 
 
 class RuntimeSection(Section):

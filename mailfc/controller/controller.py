@@ -72,6 +72,7 @@ class Controller:
         self._last_throttled: dict[str, float] = {}
         self._quiet_since: dict[tuple[str, str], float] = {}
         self._next_adaptive = 0.0
+        self._next_retry = 0.0
         # What "headroom" means is the host's business; replaceable for tests.
         self.headroom: Callable[[], float] = host_headroom
         self._task: asyncio.Task[None] | None = None
@@ -110,6 +111,9 @@ class Controller:
         if time.monotonic() >= self._next_adaptive:
             self._next_adaptive = time.monotonic() + self.settings.adaptive_interval_s
             await self.adapt_limits()
+        if time.monotonic() >= self._next_retry:
+            self._next_retry = time.monotonic() + self.settings.deferred_retry_s
+            await self.retry_deferred()
 
     async def _event(self, kind: str, reason: str, instance: Instance | None = None,
                      domain: str | None = None, **detail: Any) -> None:
@@ -242,6 +246,24 @@ class Controller:
             else:
                 self._quiet_since.pop((domain, service), None)
 
+    # -- deferred mail of stopped domains -----------------------------------------------
+
+    async def retry_deferred(self) -> None:
+        """Start the Postfix of every domain whose persistent queue holds mail but
+        which has no live instance here, so the mail is retried, not forgotten."""
+        live = {i.domain for i in await self.runtime.instances(service="smtp")}
+        for domain, queued in await asyncio.to_thread(queued_mail, self.runtime):
+            if domain in live:
+                continue
+            try:
+                instance = await self.runtime.ensure(domain, "smtp")
+            except Exception as error:
+                log.warning("cannot start %s to retry its %d queued message(s): %s",
+                            domain, queued, error)
+                continue
+            await self._event("retry_queue", f"{queued} message(s) waiting in its queue:"
+                              " started Postfix to retry them", instance, queued=queued)
+
     # -- hosts ------------------------------------------------------------------------
 
     async def watch_hosts(self) -> None:
@@ -290,6 +312,24 @@ class Controller:
         if row is None or not row["total"]:
             return 0.0
         return float(row["refused"]) / float(row["total"])
+
+
+QUEUE_DIRECTORIES = ("deferred", "active", "incoming", "hold")
+
+
+def queued_mail(runtime: Runtime) -> list[tuple[str, int]]:
+    """(domain, messages) for each domain with files in its Postfix queues."""
+    found = []
+    for domain_dir in sorted(runtime.settings.domains_dir.glob("*")):
+        count = 0
+        for spool in domain_dir.glob("postfix-*/spool"):
+            for name in QUEUE_DIRECTORIES:
+                queue = spool / name
+                if queue.is_dir():
+                    count += sum(1 for path in queue.rglob("*") if path.is_file())
+        if count:
+            found.append((domain_dir.name, count))
+    return found
 
 
 def host_headroom() -> float:

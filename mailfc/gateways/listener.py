@@ -24,6 +24,7 @@ DRAINING
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import socket
@@ -92,6 +93,21 @@ class CyclingListener:
         self.server: asyncio.Server | None = None
         self.connections: set[Connection] = set()
         self.started_at = 0.0
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    def attach(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        self._drained.clear()
+
+    def detach(self, connection: Connection) -> bool:
+        """False when the connection was not (or no longer) one of ours."""
+        if connection not in self.connections:
+            return False
+        self.connections.discard(connection)
+        if not self.connections:
+            self._drained.set()
+        return True
 
     async def start(self) -> None:
         sock = listening_socket(self.host, self.port)
@@ -108,15 +124,14 @@ class CyclingListener:
         for sock in self.server.sockets:
             # The socket object asyncio hands out is a transport socket wrapper;
             # setsockopt on it works on the real descriptor.
-            steer_to(sock, 1)  # type: ignore[arg-type]
+            steer_to(sock, 1)
 
     async def stop(self, drain_timeout: float) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
-        deadline = time.monotonic() + drain_timeout
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), drain_timeout)
         for connection in list(self.connections):
             connection.close_for_shutdown()
         if self.connections:

@@ -177,7 +177,9 @@ static const char *const *conn_next_line(void)
 			conn_fail("the server sent an overlong line");
 		return NULL;
 	}
-	line = t_strndup(data, lf - data);
+	line = t_malloc_no0(lf - data + 1);
+	memcpy(line, data, lf - data);
+	line[lf - data] = '\0';
 	buffer_delete(conn.input, 0, lf - data + 1);
 	fields = t_strsplit_tabescaped_inplace(line);
 	if (fields[0] != NULL && strcmp(fields[0], MAILFC_HOOKS_HELLO) == 0) {
@@ -225,7 +227,10 @@ static void conn_input(void *context ATTR_UNUSED)
 
 bool hooks_conn_connect(void)
 {
-	struct sockaddr_un sa;
+	union {
+		struct sockaddr sa;
+		struct sockaddr_un un;
+	} addr;
 	int fd;
 
 	if (conn.fd != -1)
@@ -233,9 +238,9 @@ bool hooks_conn_connect(void)
 	if (ioloop_time < conn.retry_at)
 		return FALSE;
 
-	i_zero(&sa);
-	sa.sun_family = AF_UNIX;
-	if (i_strocpy(sa.sun_path, conn.path, sizeof(sa.sun_path)) < 0) {
+	i_zero(&addr);
+	addr.un.sun_family = AF_UNIX;
+	if (i_strocpy(addr.un.sun_path, conn.path, sizeof(addr.un.sun_path)) < 0) {
 		conn_fail("socket path too long");
 		return FALSE;
 	}
@@ -244,7 +249,7 @@ bool hooks_conn_connect(void)
 		conn_fail(t_strdup_printf("socket() failed: %m"));
 		return FALSE;
 	}
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+	if (connect(fd, &addr.sa, sizeof(addr.un)) < 0) {
 		const char *why = t_strdup_printf("connect() failed: %m");
 		i_close_fd(&fd);
 		conn_fail(why);

@@ -240,3 +240,23 @@ async def test_adaptive_limit_moves_within_its_range(platform: Platform) -> None
     assert fixed == 500
     changes = await events_of(pool, "adapt.example", "limit_change")
     assert changes and "headroom" in changes[0]["reason"]
+
+
+async def test_queued_mail_of_a_stopped_domain_is_retried(platform: Platform) -> None:
+    pool, runtime, controller = platform.pool, runtime_of(platform), controller_of(platform)
+    assert pool is not None
+    assert not await runtime.instances("idle.example", "smtp")
+    # A message left deferred in the domain's persistent queue by an earlier
+    # instance (written the way Postfix lays it out: deferred/<hash>/<queue id>).
+    deferred = runtime.settings.domains_dir / "idle.example" / "postfix-0" / "spool" / \
+        "deferred" / "A"
+    await asyncio.to_thread(deferred.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread((deferred / "A1B2C3D4E5").write_bytes, b"")
+    try:
+        await controller.retry_deferred()
+        assert len(await runtime.instances("idle.example", "smtp")) == 1
+        retries = await events_of(pool, "idle.example", "retry_queue")
+        assert retries and "1 message(s)" in retries[-1]["reason"]
+    finally:
+        for instance in await runtime.instances("idle.example", "smtp"):
+            await runtime.stop(instance)

@@ -25,7 +25,7 @@ from mailfc.gateways.listener import Connection, CyclingListener
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
 
-class SmtpInProtocol(SMTP, Connection):  # type: ignore[misc]
+class SmtpInProtocol(SMTP, Connection):
     def __init__(self, listener: CyclingListener, handler: Any, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.listener = listener
@@ -40,12 +40,11 @@ class SmtpInProtocol(SMTP, Connection):  # type: ignore[misc]
         if first:
             # Called again after STARTTLS with the TLS transport: one session only.
             self._announced = True
-            self.listener.connections.add(self)
+            self.listener.attach(self)
             self.event_handler.connected(self, self.session)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self in self.listener.connections:
-            self.listener.connections.discard(self)
+        if self.listener.detach(self):
             self.event_handler.disconnected(self, self.session)
         super().connection_lost(error)
 
@@ -70,10 +69,10 @@ class SmtpInProtocol(SMTP, Connection):  # type: ignore[misc]
 
     async def smtp_DATA(self, arg: str) -> None:
         # RFC 2920: DATA ends a pipelined group; the message may follow only after 354.
-        waiting = len(self._reader._buffer)
+        waiting = len(self._reader._buffer)  # type: ignore[attr-defined]
         if waiting and self.envelope is not None and self.envelope.rcpt_tos and not arg:
             log.info("%s: improper pipelining after DATA (%d bytes early)",
-                     self.session.peer, waiting)
+                     self.session.peer if self.session else "?", waiting)
             await self.push(replies.PIPELINING.format(command="DATA"))
             self.event_handler.refused(self.session, "pipelining", "improper pipelining")
             assert self.transport is not None

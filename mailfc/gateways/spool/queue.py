@@ -161,11 +161,11 @@ class Spool:
     async def put(self, sender: str, recipients: list[str], message: bytes, *,
                   mail_options: tuple[str, ...] = (), client_ip: str | None = None,
                   client_name: str | None = None, helo: str | None = None,
-                  is_bounce: bool = False) -> str:
+                  is_bounce: bool = False, queue_id: str | None = None) -> str:
         """Make the message durable and queue it; raises SpoolFull.  Returns its queue id."""
         if not self.has_room(len(message)):
             raise SpoolFull("free space below spool.min_free_bytes")
-        envelope = Envelope(new_queue_id(), sender, tuple(recipients), time.time(),
+        envelope = Envelope(queue_id or new_queue_id(), sender, tuple(recipients), time.time(),
                             mail_options, client_ip, client_name, helo, len(message),
                             is_bounce)
         self._committing.add(envelope.queue_id)
@@ -405,9 +405,9 @@ class Spool:
                     self._make_ready(entry.envelope.queue_id, domain)
         return bool(targets)
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Until nothing is queued (tests, benchmarks); False on timeout."""
-        deadline = time.monotonic() + timeout
+    async def wait_idle(self, within: float) -> bool:
+        """Until nothing is queued (tests, benchmarks); False when `within` s passed."""
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if not self.entries and not self._committing:
                 return True

@@ -1,0 +1,378 @@
+"""SMTP-In's decisions, one aiosmtpd hook per stage, and what each stage records.
+
+STAGES
+    connect   smtp_sessions row (component "smtp-in", client address, host)
+    EHLO      announces SIZE, PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES and,
+              before TLS, STARTTLS (no AUTH: this is an MX); records the HELO name
+    MAIL      one decision of the limit engine with blocks (client IP/CIDR, sender,
+              sender domain: 550 5.7.1); room in the spool for SIZE= (452 4.3.1);
+              smtp_messages row
+    RCPT      syntax (501 5.1.3), hosted domain (554 5.7.1 relaying denied), mailbox or
+              alias (550 5.1.1), too many (452 4.5.3), the domain's spool queue over
+              smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), and the
+              domain's received_messages limit where one is configured (451 4.7.1)
+    DATA      bare LF (554 5.5.2), 8-bit data without BODY=8BITMIME (554 5.6.0), the
+              received_messages limits counted, a Received: header added, the message
+              committed to the spool (452 4.3.1 when it cannot be), then 250 with the
+              queue id
+    close     smtp_sessions totals and verdict
+
+Refusals by policy become smtp_events rows with the rule (block:ip, limit:..., relay,
+unknown_user, queue_busy, bare_lf, ...).  When the limit database is down, inbound mail
+follows policy.on_db_error_inbound ("accept" by default: recorded as accepted unchecked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailfc.addresses import split_address
+from mailfc.config import Config
+from mailfc.errors import InvalidInput
+from mailfc.gateways import replies
+from mailfc.gateways.spool import Spool, SpoolFull
+from mailfc.gateways.spool.store import new_queue_id
+from mailfc.policy.engine import (
+    ACCEPT,
+    REJECT,
+    TEMPFAIL,
+    Decision,
+    LimitEngine,
+    PolicyUnavailable,
+    Subject,
+)
+from mailfc.policy.recorder import Recorder, Row, now
+from mailfc.policy.replies import RULE_UNAVAILABLE, smtp_reply
+from mailfc.routers.directory import Directory
+
+log = logging.getLogger("mailfc.gateways.smtp_in")
+
+BARE_LF = re.compile(rb"(?<!\r)\n")
+LIMITED_REFRESH_S = 5.0
+COMPONENT = "smtp-in"
+
+
+@dataclass
+class Transaction:
+    row: Row
+    recipients: list[str] = field(default_factory=list)
+    limited_domains: set[str] = field(default_factory=set)
+
+
+@dataclass
+class SessionState:
+    row: Row
+    client_ip: str | None
+    worst: Decision | None = None
+    txn: Transaction | None = None
+    tls: bool = False
+
+
+class LimitedDomains:
+    """Which domains have a received_messages limit: the engine is asked only for those.
+
+    Refreshed every LIMITED_REFRESH_S, so a limit set with `mailfc limit set` applies
+    within seconds and unlimited domains cost no database call per recipient.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.domains: frozenset[str] = frozenset()
+        self._fresh_until = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+
+    async def get(self) -> frozenset[str]:
+        if time.monotonic() >= self._fresh_until:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(self._refresh())
+            await asyncio.shield(self._refreshing)
+        return self.domains
+
+    async def _refresh(self) -> None:
+        try:
+            rows = await self.pool.fetch(
+                "SELECT DISTINCT d.name FROM limits l JOIN domains d ON d.id = l.domain_id"
+                " WHERE l.kind = 'received_messages' AND l.scope = 'domain'")
+            self.domains = frozenset(row["name"] for row in rows)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("cannot read received_messages limits (keeping the last known): %s",
+                        error)
+        self._fresh_until = time.monotonic() + LIMITED_REFRESH_S
+
+
+class SmtpInHandler:
+    def __init__(self, config: Config, spool: Spool, directory: Directory,
+                 engine: LimitEngine, recorder: Recorder, limited: LimitedDomains) -> None:
+        self.config = config
+        self.spool = spool
+        self.directory = directory
+        self.engine = engine
+        self.recorder = recorder
+        self.limited = limited
+        self.hostname = config.host_name
+        self.on_db_error = config.policy.on_db_error_inbound
+
+    # -- connection (called by the protocol) -------------------------------------------
+
+    def connected(self, server: SMTP, session: Session) -> None:
+        peer = session.peer if isinstance(session.peer, tuple) else None
+        client_ip = str(peer[0]) if peer else None
+        row = self.recorder.new("smtp_sessions", started_at=now(), component=COMPONENT,
+                                host=self.hostname, client_ip=client_ip)
+        session.__dict__["mailfc"] = SessionState(row, client_ip)
+
+    def disconnected(self, server: SMTP, session: Session) -> None:
+        state = _state(session)
+        if state.txn is not None:
+            self._close_txn(state, "aborted", "the client ended the transaction")
+        worst = state.worst
+        self.recorder.update(state.row, ended_at=now(), tls=state.tls,
+                             verdict=worst.verdict if worst else ACCEPT,
+                             reason=worst.reason if worst else None)
+
+    def refused(self, session: Session, rule: str, reason: str) -> None:
+        """A protocol-level refusal (pipelining, bare LF, ...): recorded as an event."""
+        state = _state(session)
+        self._event(state, "data", Decision(REJECT, reason, f"smtp:{rule}"), {})
+
+    # -- aiosmtpd hooks ----------------------------------------------------------------
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        self.recorder.update(_state(session).row, helo=hostname[:255])
+        keep = [r for r in responses[1:]
+                if r[4:].split(" ", 1)[0] in ("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS")]
+        lines = [responses[0], *keep, "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        last = lines.pop()
+        return [*lines, "250 " + last[4:]]
+
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        session.host_name = hostname
+        self.recorder.update(_state(session).row, helo=hostname[:255])
+        return f"250 {self.hostname}"
+
+    async def handle_STARTTLS(self, server: SMTP, session: Session,
+                              envelope: Envelope) -> bool:
+        _state(session).tls = True
+        return True
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        state = _state(session)
+        if address != "<>" and address:
+            try:
+                split_address(address)
+            except InvalidInput:
+                return replies.BAD_ADDRESS
+        sender = "" if address == "<>" else address
+        size = next((int(o[5:]) for o in mail_options
+                     if o.startswith("SIZE=") and o[5:].isdigit()), 0)
+        decisions: list[Decision]
+        try:
+            check = await self.engine.check(Subject.of(None, None, state.client_ip),
+                                            blocks=True, sender=sender)
+            decisions = list(check.decisions)
+        except PolicyUnavailable as error:
+            decisions = [self._unavailable(error)]
+        row = self.recorder.new("smtp_messages", session_id=state.row, started_at=now(),
+                                client_ip=state.client_ip, sender=sender, size=size or None)
+        state.txn = Transaction(row)
+        refusal = self._decide(state, "mail", decisions, {"sender": sender})
+        if refusal is not None:
+            self._close_txn(state, refusal.verdict, refusal.reason)
+            return _reply(refusal)
+        if not self.spool.has_room(size):
+            self._event(state, "mail", Decision(TEMPFAIL, "spool storage low",
+                                                "spool:storage"), {"size": size})
+            self._close_txn(state, TEMPFAIL, "spool storage low")
+            return replies.STORAGE
+        envelope.mail_from = sender
+        envelope.mail_options.extend(mail_options)
+        return replies.OK_SENDER
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        state = _state(session)
+        txn = state.txn
+        if txn is None:
+            return replies.NEED_MAIL
+        if len(envelope.rcpt_tos) >= self.config.smtp_in.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        try:
+            localpart, domain = split_address(address)
+        except InvalidInput:
+            return replies.BAD_ADDRESS
+        detail: dict[str, object] = {"recipient": address}
+        targets = await self.directory.recipient(address)
+        if targets is None:
+            hosted = await self.directory.pool.fetchval(
+                "SELECT state FROM domains WHERE name = $1", domain)
+            if hosted is None:
+                self._event(state, "rcpt", Decision(REJECT, "relaying denied", "smtp:relay"),
+                            detail)
+                return replies.RELAY_DENIED.format(address=address)
+            self._event(state, "rcpt", Decision(REJECT, "no such mailbox",
+                                                "smtp:unknown_user"), detail)
+            return replies.NO_SUCH_USER.format(address=address)
+        if self.spool.queued(domain) >= self.config.smtp_in.max_queued_per_domain:
+            self._event(state, "rcpt", Decision(TEMPFAIL, f"spool queue of {domain} is full",
+                                                "spool:queue_busy"), detail)
+            return replies.QUEUE_BUSY.format(domain=domain)
+        if domain not in txn.limited_domains and domain in await self.limited.get():
+            try:
+                check = await self.engine.check(Subject.of(domain),
+                                                peek={"received_messages": 1})
+                decisions = list(check.decisions)
+            except PolicyUnavailable as error:
+                decisions = [self._unavailable(error)]
+            refusal = self._decide(state, "rcpt", decisions, detail)
+            if refusal is not None:
+                return _reply(refusal)
+            txn.limited_domains.add(domain)
+        if not state.row.values.get("domain"):
+            self.recorder.update(state.row, domain=domain)
+            self.recorder.update(txn.row, domain=domain)
+        recipient = f"{localpart}@{domain}"
+        envelope.rcpt_tos.append(recipient)
+        envelope.rcpt_options.extend(rcpt_options)
+        txn.recipients.append(recipient)
+        self.recorder.update(txn.row, recipients=list(txn.recipients),
+                             recipient_count=len(txn.recipients))
+        return replies.OK_RCPT
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        state = _state(session)
+        txn = state.txn
+        assert txn is not None
+        message = envelope.original_content or b""
+        if BARE_LF.search(message):
+            self._refuse_data(state, "bare_lf", "bare LF in message data")
+            return replies.BARE_LF
+        declared = {o.upper() for o in envelope.mail_options}
+        if (self.config.smtp_in.require_8bitmime and not message.isascii()
+                and "BODY=8BITMIME" not in declared and "SMTPUTF8" not in declared):
+            self._refuse_data(state, "8bit", "8-bit data without BODY=8BITMIME")
+            return replies.EIGHT_BIT
+        for domain in sorted(txn.limited_domains):
+            try:
+                done = await self.engine.check(Subject.of(domain),
+                                               consume={"received_messages": 1})
+                decisions = list(done.decisions)
+            except PolicyUnavailable as error:
+                decisions = [self._unavailable(error)]
+            refusal = self._decide(state, "data", decisions, {"domain": domain})
+            if refusal is not None:
+                self._close_txn(state, refusal.verdict, refusal.reason)
+                return _reply(refusal)
+        queue_id_hint = _received(self.hostname, session, state, envelope)
+        try:
+            queue_id = await self.spool.put(
+                envelope.mail_from or "", list(envelope.rcpt_tos),
+                queue_id_hint[1] + message, queue_id=queue_id_hint[0],
+                mail_options=tuple(o for o in envelope.mail_options
+                                   if o.startswith(("BODY=", "SMTPUTF8"))),
+                client_ip=state.client_ip, helo=session.host_name)
+        except SpoolFull as error:
+            log.error("spool: %s", error)
+            self._refuse_data(state, "storage", str(error), verdict=TEMPFAIL)
+            return replies.STORAGE
+        values = state.row.values
+        self.recorder.update(state.row, messages=values["messages"] + 1,
+                             recipients=values["recipients"] + len(txn.recipients),
+                             bytes=values["bytes"] + len(message))
+        self.recorder.update(txn.row, queue_id=queue_id, size=len(message))
+        self._close_txn(state, ACCEPT, None)
+        return replies.QUEUED.format(queue_id=queue_id)
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        state = _state(session)
+        if state.txn is not None:
+            self._close_txn(state, "aborted", "RSET")
+        return replies.OK
+
+    async def handle_exception(self, error: Exception) -> str:
+        if type(error).__name__ == "TLSSetupException":
+            log.info("TLS handshake failed: %s", error.__cause__ or error)
+            return replies.TLS_FAILED
+        log.exception("SMTP-In session failed")
+        return replies.UNAVAILABLE
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _unavailable(self, error: PolicyUnavailable) -> Decision:
+        if self.on_db_error == "tempfail":
+            return Decision(TEMPFAIL, "policy service unavailable, try again later",
+                            RULE_UNAVAILABLE)
+        return Decision(ACCEPT, f"accepted unchecked (inbound): {error}", RULE_UNAVAILABLE)
+
+    def _decide(self, state: SessionState, stage: str, decisions: list[Decision],
+                detail: dict[str, object]) -> Decision | None:
+        refusal = None
+        for decision in decisions:
+            if decision.verdict == ACCEPT and decision.rule is None:
+                continue
+            self._event(state, stage, decision, detail)
+            if decision.refuses and refusal is None:
+                refusal = decision
+        return refusal
+
+    def _event(self, state: SessionState, stage: str, decision: Decision,
+               detail: dict[str, object]) -> None:
+        self.recorder.new("smtp_events", session_id=state.row,
+                          message_id=state.txn.row if state.txn else None, at=now(),
+                          stage=stage, verdict=decision.verdict, reason=decision.reason,
+                          rule=decision.rule, mode=decision.mode, detail=detail)
+        severity = {ACCEPT: 0, TEMPFAIL: 1, REJECT: 2}
+        if decision.refuses and (state.worst is None or severity.get(decision.verdict, 0)
+                                 > severity.get(state.worst.verdict, 0)):
+            state.worst = decision
+
+    def _refuse_data(self, state: SessionState, rule: str, reason: str,
+                     verdict: str = REJECT) -> None:
+        self._event(state, "data", Decision(verdict, reason, f"smtp:{rule}"), {})
+        self._close_txn(state, verdict, reason)
+
+    def _close_txn(self, state: SessionState, verdict: str, reason: str | None) -> None:
+        txn, state.txn = state.txn, None
+        if txn is not None and txn.row.values.get("verdict") is None:
+            self.recorder.update(txn.row, verdict=verdict, reason=reason, ended_at=now())
+
+
+def _state(session: Session) -> SessionState:
+    state = session.__dict__.get("mailfc")
+    assert isinstance(state, SessionState), "session not announced by the protocol"
+    return state
+
+
+def _reply(decision: Decision) -> str:
+    code, status, text = smtp_reply(decision)
+    return f"{code} {status} {' '.join(text.split())}"
+
+
+def _received(hostname: str, session: Session, state: SessionState,
+              envelope: Envelope) -> tuple[str, bytes]:
+    """The queue id the message will get and its Received: header (RFC 5321 4.4)."""
+    queue_id = new_queue_id()
+    helo = _clean(session.host_name or "unknown")
+    protocol = "ESMTPS" if state.tls else ("ESMTP" if session.extended_smtp else "SMTP")
+    recipient = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+    header = (f"Received: from {helo} ([{state.client_ip or 'unknown'}])\r\n"
+              f"\tby {hostname} (mailfc SMTP-In) with {protocol} id {queue_id}"
+              + (f"\r\n\tfor <{_clean(recipient)}>" if recipient else "")
+              + f"; {email.utils.formatdate(localtime=False)}\r\n")
+    return queue_id, header.encode("utf-8", "replace")
+
+
+def _clean(text: str) -> str:
+    return "".join(c for c in text if c.isprintable() and c not in "()<>;\\")[:200]
+

@@ -1,0 +1,100 @@
+"""SMTP-In as a resident service: listener, spool, next hop, engine and recorder wired up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+
+import asyncpg
+
+from mailfc.config import Config, split_hostport
+from mailfc.gateways.listener import CyclingListener, cycle
+from mailfc.gateways.lmtp_hop import LmtpHop
+from mailfc.gateways.smtp_in.handler import LimitedDomains, SmtpInHandler
+from mailfc.gateways.smtp_in.protocol import SmtpInProtocol
+from mailfc.gateways.spool import Envelope, Spool, spool_directory
+from mailfc.policy.engine import LimitEngine
+from mailfc.policy.recorder import Recorder
+from mailfc.protocols.lmtp import Reply
+from mailfc.routers.directory import Directory
+
+log = logging.getLogger("mailfc.gateways.smtp_in")
+
+
+class SmtpInService:
+    name = "smtp-in"
+
+    def __init__(self, config: Config, pool: asyncpg.Pool,
+                 tls_context: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.tls_context = tls_context
+        policy, rec = config.policy, config.recorder
+        self.engine = LimitEngine(pool, lease_s=policy.lease_s,
+                                  timeout_s=policy.decision_timeout_s)
+        self.recorder = Recorder(pool, component=self.name,
+                                 flush_interval_s=rec.flush_interval_s,
+                                 batch_size=rec.batch_size, max_pending=rec.max_pending,
+                                 flush_timeout_s=rec.flush_timeout_s, holder=self.engine.holder)
+        hop_host, hop_port = split_hostport(config.listen.filter_in)
+        if hop_host == "0.0.0.0":
+            hop_host = "127.0.0.1"
+        self.hop = LmtpHop(hop_host, hop_port, helo=config.host_name,
+                           timeout=config.spool.delivery_timeout_s)
+        self.spool = Spool(spool_directory(config.state_dir, config.spool.directory, "smtp-in"),
+                           self._deliver, config.spool, hostname=config.host_name)
+        self.handler = SmtpInHandler(config, self.spool, Directory(pool), self.engine,
+                                     self.recorder, LimitedDomains(pool))
+        host, port = split_hostport(config.listen.smtp_in)
+        self.listener = CyclingListener(self.name, host, port, self._protocol)
+        self._cycler: asyncio.Task[None] | None = None
+
+    def _protocol(self, listener: CyclingListener) -> SmtpInProtocol:
+        smtp_in = self.config.smtp_in
+        return SmtpInProtocol(listener, self.handler, data_size_limit=smtp_in.max_message_size,
+                              enable_SMTPUTF8=True, hostname=self.config.host_name,
+                              ident="ESMTP mailfc", tls_context=self.tls_context,
+                              timeout=smtp_in.timeout_s)
+
+    async def _deliver(self, envelope: Envelope, recipients: list[str],
+                       message: bytes) -> dict[str, Reply]:
+        xforward = {"ADDR": envelope.client_ip or "[UNAVAILABLE]",
+                    "HELO": envelope.helo or "[UNAVAILABLE]", "PROTO": "ESMTP",
+                    "IDENT": envelope.queue_id}
+        return await self.hop.deliver(envelope.sender, recipients, message,
+                                      mail_options=list(envelope.mail_options),
+                                      xforward=xforward)
+
+    async def start(self) -> None:
+        # aiosmtpd logs every command at INFO: far too much for an MX.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+        await self.engine.start()
+        await self.recorder.start()
+        await self.spool.start()
+        await self.listener.start()
+        if self.config.smtp_in.cycle_after_s > 0:
+            self._cycler = asyncio.create_task(self._cycle_loop())
+
+    async def cycle(self) -> None:
+        """Replace the listener now (new socket first, then the old one drains)."""
+        self.listener = await cycle(self.listener, self.config.runtime.stop_timeout_s)
+
+    async def _cycle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.smtp_in.cycle_after_s)
+            try:
+                await self.cycle()
+            except OSError as error:
+                log.error("cannot cycle the SMTP-In listener, keeping the old one: %s", error)
+
+    async def stop(self, drain_timeout: float) -> None:
+        if self._cycler is not None:
+            self._cycler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cycler
+        await self.listener.stop(drain_timeout)
+        await self.spool.stop(drain_timeout)
+        await self.hop.close()
+        await self.engine.stop()
+        await self.recorder.stop(drain_timeout)
