@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import grp
 import os
 import shutil
@@ -36,9 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyroute2 import IPRoute
+
 from mailfc.config import parse_config
 from mailfc.db import connect, domains, limits
 from mailfc.db.pool import embedded_cluster
+from mailfc.runtime import cgroups
 from mailfc.runtime.instance import Instance
 from mailfc.runtime.lifecycle import Runtime
 from mailfc.runtime.settings import from_config
@@ -184,15 +188,25 @@ async def run(messages: int, rounds: int, libmilter: bool) -> None:
         print(f"  messages recorded by the mailfc milter: {recorded}"
               f" (sent to b1 and b2 incl. warm-up: {2 * (300 + rounds * messages)})")
     finally:
+        # Each step on its own: one failing must not leave the others' things behind.
         for process in processes:
-            await stop_process(process)
-        if sink is not None:
-            sink.terminate()
+            with contextlib.suppress(Exception):
+                await stop_process(process)
+        if sink is not None and sink.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                sink.terminate()
             await sink.wait()
         if runtime is not None:
             for instance in await runtime.instances():
-                await runtime.stop(instance, drain_timeout=2.0)
+                try:
+                    await runtime.stop(instance, drain_timeout=2.0)
+                except Exception as error:
+                    print(f"warning: {instance.name} did not stop: {error}", file=sys.stderr)
             await runtime.close()
+            cgroups.remove_if_empty("/mfcb")
+            with IPRoute() as ipr:
+                for index in ipr.link_lookup(ifname="mfcb0"):
+                    ipr.link("del", index=index)
         await pool.close()
         embedded_cluster(config).stop()
         shutil.rmtree(state, ignore_errors=True)

@@ -157,6 +157,18 @@ class ImapRouterSection(Section):
     login_timeout_s: float = 60.0
 
 
+class SubmissionSection(Section):
+    """The SMTP Router (submission, 587/465): see mailfc.routers.submission."""
+
+    auth_failure_delay_s: float = 1.0
+    max_failures_per_ip: int = 10
+    max_failures_per_account: int = 5
+    failure_window_s: int = 300
+    login_timeout_s: float = 60.0
+    # After AUTH, a client silent for this long is disconnected (RFC 5321: 5 min).
+    idle_timeout_s: float = 300.0
+
+
 class LmtpRouterSection(Section):
     # Deliveries in flight towards one domain's container; other domains'
     # deliveries never wait behind them.
@@ -325,6 +337,55 @@ class FilterSection(Section):
         return value
 
 
+class HooksSection(Section):
+    """The IMAP hook server (mailfc.policy.hooks) and its Dovecot plugin."""
+
+    # Empty: <state_dir>/sockets/hooks.sock, the socket every Dovecot container sees
+    # at /run/mailfc/hooks.sock.
+    socket: str = ""
+    # Group of the socket (mode 0660): the gid the containers' imap processes run as
+    # (the runtime's vmail_gid).
+    socket_gid: int = 5000
+    # Sent to every plugin when it connects: how long it waits for an answer, and
+    # what it does when the server is down or slower: "open" (commands run unchecked
+    # and unrecorded; Dovecot's log says so) or "closed" (NO [UNAVAILABLE]).
+    timeout_ms: int = 500
+    failure: str = "open"
+    # Limit database unreachable: "accept" (pass, record why) or "tempfail"
+    # (NO [UNAVAILABLE]).
+    on_db_error: str = "accept"
+    # How often running sessions look for changed limits.
+    limits_poll_s: float = 1.0
+
+    @field_validator("failure")
+    @classmethod
+    def _is_failure(cls, value: str) -> str:
+        if value not in ("open", "closed"):
+            raise ValueError('expected "open" or "closed"')
+        return value
+
+    @field_validator("on_db_error")
+    @classmethod
+    def _is_db_policy(cls, value: str) -> str:
+        if value not in ("accept", "tempfail"):
+            raise ValueError('expected "accept" or "tempfail"')
+        return value
+
+    @field_validator("timeout_ms")
+    @classmethod
+    def _is_timeout(cls, value: int) -> int:
+        if not 0 < value <= 60_000:
+            raise ValueError("expected milliseconds between 1 and 60000")
+        return value
+
+    @field_validator("limits_poll_s")
+    @classmethod
+    def _is_interval(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("expected seconds > 0")
+        return value
+
+
 class Config(Section):
     paths: PathsSection = PathsSection()
     database: DatabaseSection = DatabaseSection()
@@ -335,11 +396,13 @@ class Config(Section):
     tls: TlsSection = TlsSection()
     imap_router: ImapRouterSection = ImapRouterSection()
     lmtp_router: LmtpRouterSection = LmtpRouterSection()
+    submission: SubmissionSection = SubmissionSection()
     runtime: RuntimeSection = RuntimeSection()
     controller: ControllerSection = ControllerSection()
     milter: MilterSection = MilterSection()
     policy: PolicySection = PolicySection()
     recorder: RecorderSection = RecorderSection()
+    hooks: HooksSection = HooksSection()
     smtp_in: SmtpInSection = SmtpInSection()
     spool: SpoolSection = SpoolSection()
     filter_in: FilterSection = FilterSection()

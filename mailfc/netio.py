@@ -153,15 +153,15 @@ async def run_session(sessions: set[asyncio.Task[None]], writer: asyncio.StreamW
     assert task is not None
     sessions.add(task)
     try:
-        await session
+        try:
+            await session
+        except Exception:
+            log.exception("%s failed", what)
+        await close(writer)
     except asyncio.CancelledError:
         writer.transport.abort()
-        return
-    except Exception:
-        log.exception("%s failed", what)
     finally:
         sessions.discard(task)
-    await close(writer)
 
 
 async def close(writer: asyncio.StreamWriter) -> None:

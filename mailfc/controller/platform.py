@@ -7,8 +7,8 @@ drain timeout.  While running, the host heartbeats in the CMDB (so other hosts
 can tell it is alive) and keeps the session partitions prepared.
 
 Resident services implement the `Service` protocol below and are listed in
-`_services()`: the milter, the dispatcher (with this host's container runtime),
-the LMTP Router and the IMAP Router.
+`_services()`: the milter, the IMAP hook server, the dispatcher (with this host's
+container runtime), the LMTP Router and the IMAP Router.
 """
 
 from __future__ import annotations
@@ -25,10 +25,14 @@ from mailfc.controller.controller import Controller
 from mailfc.db import connect, hosts
 from mailfc.dispatcher.server import Dispatcher
 from mailfc.errors import ConfigError
+from mailfc.gateways.filter import FilterService
+from mailfc.gateways.smtp_in import SmtpInService
+from mailfc.policy.hooks.server import HookService
 from mailfc.policy.milter.server import MilterService
 from mailfc.routers.directory import Directory
 from mailfc.routers.imap import ImapRouter
 from mailfc.routers.lmtp import LmtpRouter
+from mailfc.routers.submission import SubmissionRouter
 from mailfc.runtime.lifecycle import Runtime
 from mailfc.runtime.settings import from_config as runtime_settings
 from mailfc.tls import server_context
@@ -47,7 +51,8 @@ class Service(Protocol):
     async def stop(self, drain_timeout: float) -> None: ...
 
 
-SERVICE_NAMES = ("milter", "dispatcher", "controller", "lmtp-router", "imap-router")
+SERVICE_NAMES = ("milter", "hook-server", "dispatcher", "controller", "lmtp-router",
+                 "imap-router", "submission-router", "filter-in", "smtp-in")
 
 
 class Platform:
@@ -126,6 +131,9 @@ class Platform:
         if "milter" in self.wanted:
             # First: every Postfix the dispatcher starts finds its milter listening.
             services.append(MilterService(self.config, self.pool))
+        if "hook-server" in self.wanted:
+            # Before the dispatcher too: every Dovecot it starts finds its hook server.
+            services.append(HookService(self.config, self.pool))
         if "dispatcher" in self.wanted:
             overrides = {"name_prefix": self.config.runtime.name_prefix,
                          **self.runtime_overrides}
@@ -142,6 +150,14 @@ class Platform:
             services.append(LmtpRouter(self.config, directory))
         if "imap-router" in self.wanted:
             services.append(ImapRouter(self.config, directory, server_context(self.config)))
+        if "submission-router" in self.wanted:
+            services.append(SubmissionRouter(self.config, directory,
+                                             server_context(self.config)))
+        # The inbound gateways after the LMTP Router: each next hop listens first.
+        if "filter-in" in self.wanted:
+            services.append(FilterService(self.config, self.pool))
+        if "smtp-in" in self.wanted:
+            services.append(SmtpInService(self.config, self.pool, server_context(self.config)))
         return services
 
     async def _register_host(self) -> dict[str, object]:

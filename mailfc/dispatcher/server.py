@@ -10,8 +10,9 @@ PROTOCOL
        one if none does, and never hands out one still starting while another
        runs),
     2. connects to the container's PROXY-speaking port and sends a fresh PROXY
-       v2 header with the same client address, so Postfix and Dovecot see the
-       real client,
+       v2 header with the same client address, so Dovecot sees the real client
+       (IMAP, LMTP); for SMTP (submission) it connects to Postfix's plain port,
+       and the SMTP Router passes client address and user with XCLIENT,
     3. copies bytes both ways until either side closes.
 
     When the container cannot be had in time, the router gets the service's
@@ -58,6 +59,11 @@ from mailfc.runtime.readiness import process_alive
 log = logging.getLogger("mailfc.dispatcher")
 
 SERVICES = ("lmtp", "imap", "smtp")
+# Services whose container port takes the client address from a PROXY header.
+# Submission (smtp) does not: the SMTP Router passes the address and the
+# authenticated user with XCLIENT, which Postfix accepts only from the
+# dispatcher's own address, so the dispatcher must not hide behind a header.
+PROXY_SERVICES = ("lmtp", "imap")
 ACTIVITY_FLUSH_S = 5.0
 LATENCY_SAMPLES = 1000
 # Short enough that a draining instance gets new sessions for at most this long.
@@ -207,11 +213,12 @@ class Dispatcher:
             return
         dispatch_s = time.monotonic() - started
         self.latencies.append(SessionRecord(domain, service, instance.name, dispatch_s))
-        client = header.source or "127.0.0.1"
-        local = header.destination or self.config.dispatcher.address
-        backend_writer.write(proxy.encode(
-            client, header.source_port, local if _same_family(client, local) else client,
-            header.destination_port))
+        if service in PROXY_SERVICES:
+            client = header.source or "127.0.0.1"
+            local = header.destination or self.config.dispatcher.address
+            backend_writer.write(proxy.encode(
+                client, header.source_port, local if _same_family(client, local) else client,
+                header.destination_port))
         self.open_sessions[instance.name] += 1
         self._active.add(instance.name)
         try:
@@ -233,7 +240,8 @@ class Dispatcher:
                 instance = min(alive, key=lambda i: self.open_sessions[i.name])
                 try:
                     reader, writer = await netio.open_connection(
-                        str(instance.address), instance.port(service, proxy=True),
+                        str(instance.address),
+                        instance.port(service, proxy=service in PROXY_SERVICES),
                         WARM_CONNECT_TIMEOUT_S)
                     return instance, reader, writer
                 except (OSError, TimeoutError):
@@ -246,7 +254,7 @@ class Dispatcher:
             if i.state == "running"] or [first]
         instance = min(running, key=lambda i: self.open_sessions[i.name])
         reader, writer = await netio.open_connection(
-            str(instance.address), instance.port(service, proxy=True),
+            str(instance.address), instance.port(service, proxy=service in PROXY_SERVICES),
             self.config.dispatcher.connect_timeout_s)
         self._warm[key] = (time.monotonic() + WARM_TTL_S, running)
         return instance, reader, writer

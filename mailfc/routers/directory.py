@@ -76,6 +76,13 @@ class Directory:
             """, domain, localpart)
         return {row["target"]: row["hosted"] for row in rows} or None
 
+    async def sender_addresses(self, address: str) -> set[str]:
+        """Addresses `address` may send as: itself and the aliases that deliver to it."""
+        rows = await self.pool.fetch(
+            "SELECT l.localpart || '@' || d.name AS alias FROM aliases l"
+            " JOIN domains d ON d.id = l.domain_id WHERE l.destination = $1", address)
+        return {address, *(row["alias"] for row in rows)}
+
     async def place(self, domain: str) -> Placement:
         """The domain's host; remembered for PLACEMENT_TTL_S, since every
         delivery asks and placement changes only when a host drains or dies."""

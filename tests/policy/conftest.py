@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from pyroute2 import IPRoute
 
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, domains
@@ -25,6 +26,7 @@ from mailfc.policy.engine import LimitEngine
 from mailfc.policy.milter.server import MilterServer
 from mailfc.policy.milter.session import FailurePolicy
 from mailfc.policy.recorder import Recorder
+from mailfc.runtime import cgroups
 from mailfc.runtime.instance import Instance
 from mailfc.runtime.lifecycle import Runtime
 from mailfc.runtime.settings import from_config
@@ -173,3 +175,12 @@ async def postfix_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Pos
         for instance in await runtime.instances():
             await runtime.stop(instance, drain_timeout=2.0)
         await runtime.close()
+        remove_host_leftovers("mfcm0", "mfcm")
+
+
+def remove_host_leftovers(bridge: str, prefix: str) -> None:
+    """What the runtime keeps for its next start: our bridge and the empty cgroup parent."""
+    cgroups.remove_if_empty("/" + prefix)
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=bridge):
+            ipr.link("del", index=index)

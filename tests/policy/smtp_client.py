@@ -26,11 +26,26 @@ class Attempt:
 
 def open_session(address: str, account: str, client_ip: str = "192.0.2.7") -> smtplib.SMTP:
     smtp = smtplib.SMTP(address, 25, timeout=30)
-    smtp.ehlo("client.example")
-    code, text = smtp.docmd("XCLIENT", f"LOGIN={account} ADDR={client_ip} NAME=client.example")
-    assert code == 220, (code, text)
-    smtp.ehlo("client.example")
+    try:
+        smtp.ehlo("client.example")
+        code, text = smtp.docmd("XCLIENT",
+                                f"LOGIN={account} ADDR={client_ip} NAME=client.example")
+        assert code == 220, (code, text)
+        smtp.ehlo("client.example")
+    except BaseException:
+        smtp.close()
+        raise
     return smtp
+
+
+def finish(smtp: smtplib.SMTP) -> None:
+    """QUIT, and close the socket even when the server is gone already."""
+    try:
+        smtp.quit()
+    except smtplib.SMTPException:
+        pass
+    finally:
+        smtp.close()
 
 
 def transaction(smtp: smtplib.SMTP, sender: str, recipients: list[str], *,
@@ -63,7 +78,7 @@ def send_one(address: str, account: str, recipients: list[str], **kwargs: object
     try:
         return transaction(smtp, account, recipients, **kwargs)  # type: ignore[arg-type]
     finally:
-        smtp.quit()
+        finish(smtp)
 
 
 def swaks(address: str, *args: str) -> str:

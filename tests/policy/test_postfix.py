@@ -8,7 +8,14 @@ import datetime
 import asyncpg
 
 from tests.policy.conftest import MilterUnderTest, PostfixHost, set_limit, wait_for
-from tests.policy.smtp_client import Attempt, open_session, send_one, swaks, transaction
+from tests.policy.smtp_client import (
+    Attempt,
+    finish,
+    open_session,
+    send_one,
+    swaks,
+    transaction,
+)
 
 
 async def flushed(milter: MilterUnderTest) -> None:
@@ -104,7 +111,7 @@ async def test_rate_limit_refuses_the_eleventh(postfix_host: PostfixHost,
             return [transaction(smtp, "carol@m2.example", ["ann@m2.example"])
                     for _ in range(11)]
         finally:
-            smtp.quit()
+            finish(smtp)
     attempts = await asyncio.to_thread(eleven)
     assert all(a.accepted for a in attempts[:10])
     code, text = attempts[10].mail
@@ -168,7 +175,7 @@ async def test_a_limit_changed_while_postfix_runs_applies_at_once(
                                          ["ann@m3.example"])
         assert fourth.accepted
     finally:
-        await asyncio.to_thread(smtp.quit)
+        await asyncio.to_thread(finish, smtp)
 
 
 async def test_admin_block_is_permanent(postfix_host: PostfixHost, milter: MilterUnderTest,

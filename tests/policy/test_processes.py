@@ -15,7 +15,7 @@ import asyncpg
 
 from tests.policy.conftest import HOST, PostfixHost, set_limit
 from tests.policy.mta import MtaClient, reply_text
-from tests.policy.smtp_client import open_session, transaction
+from tests.policy.smtp_client import finish, open_session, transaction
 
 LEASE_S = 2.0
 
@@ -78,7 +78,7 @@ async def test_two_processes_share_a_limit_and_kill_9_returns_slots(
         third = await asyncio.to_thread(open_session, str(postfix.address), account)
         refused = await asyncio.to_thread(transaction, third, account, ["ann@m4.example"])
         assert refused.mail[0] == 451
-        await asyncio.to_thread(third.quit)
+        await asyncio.to_thread(finish, third)
 
         # kill -9 process 1 while it holds two slots: they stay taken until the lease ends.
         first.kill()
@@ -99,6 +99,5 @@ async def test_two_processes_share_a_limit_and_kill_9_returns_slots(
         for client in clients:
             await client.quit()
         for smtp in sessions:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(smtp.close)
+            await asyncio.to_thread(finish, smtp)
     assert await leases(policy_db, account) == 0

@@ -30,6 +30,8 @@ PASSWORD = "router-test-password"
 LMTP_PORT = 11024
 IMAP_PORT = 11143
 IMAPS_PORT = 11993
+SUBMISSION_PORT = 11587
+SUBMISSIONS_PORT = 11465
 DISPATCHER_IMAP_PORT = 12143
 
 
@@ -40,11 +42,14 @@ def router_config(state_dir: Path, **sections: dict[str, object]) -> Config:
         "network": {"bridge": "mfcr0", "subnet": "10.87.0.0/24"},
         "listen": {"lmtp_router": f"127.0.0.1:{LMTP_PORT}",
                    "imap_router": f"127.0.0.1:{IMAP_PORT}",
-                   "imap_router_tls": f"127.0.0.1:{IMAPS_PORT}"},
+                   "imap_router_tls": f"127.0.0.1:{IMAPS_PORT}",
+                   "submission": f"127.0.0.1:{SUBMISSION_PORT}",
+                   "submissions": f"127.0.0.1:{SUBMISSIONS_PORT}"},
         "dispatcher": {"address": "127.0.0.1", "lmtp_port": 12024,
                        "imap_port": DISPATCHER_IMAP_PORT, "smtp_port": 12587,
                        "allowed_clients": ["127.0.0.0/8", "10.0.0.0/8"]},
         "imap_router": {"auth_failure_delay_s": 0.1, "max_failures_per_ip": 50},
+        "submission": {"auth_failure_delay_s": 0.1, "max_failures_per_ip": 50},
         "runtime": {"start_timeout_s": 5.0},
     }
     for name, values in sections.items():
@@ -102,11 +107,11 @@ async def provision(pool: asyncpg.Pool) -> None:
         if not await db.fetchval("SELECT 1 FROM aliases"):
             await accounts.add_alias(db, "info@a.example", "bob@a.example")
             await accounts.add_alias(db, "info@a.example", "dave@b.example")
-        # broken.example's Dovecot can never start: 1 MiB of memory is too little.
+        # broken.example's servers can never start: 1 MiB of memory is too little.
         await db.execute(
             "INSERT INTO container_specs (domain_id, service, memory_bytes)"
-            " SELECT id, 'imap', 1048576 FROM domains WHERE name = 'broken.example'"
-            " ON CONFLICT DO NOTHING")
+            " SELECT id, service, 1048576 FROM domains, (VALUES ('imap'), ('smtp')) v(service)"
+            " WHERE name = 'broken.example' ON CONFLICT DO NOTHING")
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +123,8 @@ async def router_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Rout
     await provision(cmdb)
     # No controller: these tests start and stop containers themselves.
     platform = Platform(router_config(state_dir, runtime={"name_prefix": "mfcr"}),
-                        ("milter", "dispatcher", "lmtp-router", "imap-router"))
+                        ("milter", "dispatcher", "lmtp-router", "imap-router",
+                         "submission-router"))
     await platform.start()
     try:
         yield RouterHost(platform)

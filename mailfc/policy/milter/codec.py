@@ -75,6 +75,27 @@ SMFIR_SKIP = b"s"
 SMFIR_TEMPFAIL = b"t"
 SMFIR_REPLYCODE = b"y"
 
+# milter -> MTA modification actions at end of message (used by the filter gateway's
+# milter client; each needs its SMFIF_* action negotiated at OPTNEG).
+SMFIR_ADDRCPT = b"+"
+SMFIR_DELRCPT = b"-"
+SMFIR_REPLBODY = b"b"
+SMFIR_CHGFROM = b"e"
+SMFIR_ADDHEADER = b"h"
+SMFIR_INSHEADER = b"i"
+SMFIR_CHGHEADER = b"m"
+SMFIR_PROGRESS = b"p"
+SMFIR_QUARANTINE = b"q"
+
+# Actions (what a milter may change), negotiated at OPTNEG.
+SMFIF_ADDHDRS = 0x1
+SMFIF_CHGBODY = 0x2
+SMFIF_ADDRCPT = 0x4
+SMFIF_DELRCPT = 0x8
+SMFIF_CHGHDRS = 0x10
+SMFIF_QUARANTINE = 0x20
+SMFIF_CHGFROM = 0x40
+
 # Protocol flags (what the milter does not want, or will not reply to).
 SMFIP_NOCONNECT = 0x1
 SMFIP_NOHELO = 0x2

@@ -1,0 +1,109 @@
+"""The built-in checks of the filter gateway: EICAR, header sanity, DNSBL.
+
+    eicar     the EICAR anti-virus test signature anywhere in the message, raw or inside
+              a base64 / quoted-printable MIME part: reject (550 5.7.1).
+    headers   RFC 5322 sanity: a From field, no second From, Sender, Reply-To, To, Cc,
+              Bcc, Subject, Date, Message-ID, In-Reply-To or References (a second From is
+              the classic trick to show one sender and have another verified), no header
+              line that is not `name: value`, no NUL: reject (550 5.6.0).
+    dnsbl     the original client address (XFORWARD ADDR) looked up in each of
+              filter_*.dnsbl_zones through the system resolver; listed (127.0.0.0/8):
+              reject (550 5.7.1).  Off unless "dnsbl" is in checks; a lookup that fails
+              or times out counts as not listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+
+from mailfc.gateways.filter.message import ACCEPT, FilterMessage, Verdict
+
+EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
+SINGLETONS = ("from", "sender", "reply-to", "to", "cc", "bcc", "subject", "date",
+              "message-id", "in-reply-to", "references")
+DNSBL_TIMEOUT_S = 5.0
+
+Check = Callable[[FilterMessage], Awaitable[Verdict]]
+
+
+async def eicar(message: FilterMessage) -> Verdict:
+    found = Verdict("reject", "infected: EICAR-Test-Signature found", "filter:eicar")
+    raw = message.as_bytes()
+    if EICAR in raw:
+        return found
+    lower = raw.lower()
+    if b"base64" not in lower and b"quoted-printable" not in lower:
+        return ACCEPT
+    # Decoding every part costs a parse; only messages with encoded parts pay it.
+    parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for part in parsed.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes) and EICAR in payload:
+            return found
+    return ACCEPT
+
+
+async def headers(message: FilterMessage) -> Verdict:
+    def bad(reason: str) -> Verdict:
+        return Verdict("reject", reason, "filter:headers",
+                       f"550 5.6.0 message header rejected: {reason}")
+
+    if message.malformed:
+        return bad(f"malformed header line {message.malformed[0][:60]!r}")
+    counts: dict[str, int] = {}
+    for name, value in message.headers:
+        if "\0" in value:
+            return bad(f"NUL byte in {name}")
+        lower = name.lower()
+        counts[lower] = counts.get(lower, 0) + 1
+    if not counts.get("from"):
+        return bad("no From field")
+    for name in SINGLETONS:
+        if counts.get(name, 0) > 1:
+            return bad(f"{counts[name]} {name} fields (at most one allowed)")
+    return ACCEPT
+
+
+def dnsbl(zones: list[str]) -> Check:
+    async def check(message: FilterMessage) -> Verdict:
+        if not message.client_ip or not zones:
+            return ACCEPT
+        try:
+            address = ipaddress.ip_address(message.client_ip)
+        except ValueError:
+            return ACCEPT
+        if address.is_loopback or address.is_private:
+            return ACCEPT
+        reversed_name = address.reverse_pointer.rsplit(".", 2)[0]
+        results = await asyncio.gather(*(_listed(f"{reversed_name}.{zone}") for zone in zones))
+        for zone, listed in zip(zones, results, strict=True):
+            if listed:
+                return Verdict("reject", f"client {address} is listed in {zone}",
+                               f"filter:dnsbl:{zone}")
+        return ACCEPT
+
+    return check
+
+
+async def _listed(name: str) -> bool:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM),
+            DNSBL_TIMEOUT_S)
+    except (OSError, TimeoutError):
+        return False
+    return any(str(info[4][0]).startswith("127.") for info in infos)
+
+
+def built_in(names: list[str], dnsbl_zones: list[str]) -> list[tuple[str, Check]]:
+    table: dict[str, Check] = {"eicar": eicar, "headers": headers,
+                               "dnsbl": dnsbl(dnsbl_zones)}
+    return [(name, table[name]) for name in names]

@@ -1,0 +1,63 @@
+"""A filter gateway as a resident service (Filter-In now; Filter-Out takes the same class)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import asyncpg
+
+from mailfc.config import Config, FilterSection, split_hostport
+from mailfc.gateways.filter.checks import built_in
+from mailfc.gateways.filter.milter_client import MilterClient
+from mailfc.gateways.filter.server import FilterHandler, FilterProtocol
+from mailfc.gateways.listener import CyclingListener
+from mailfc.gateways.lmtp_hop import LmtpHop
+from mailfc.policy.recorder import Recorder
+
+
+class FilterService:
+    def __init__(self, config: Config, pool: asyncpg.Pool, *, name: str = "filter-in",
+                 section: FilterSection | None = None, listen: str | None = None,
+                 next_hop: str | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.section = section = section or config.filter_in
+        rec = config.recorder
+        self.recorder = Recorder(pool, component=name, flush_interval_s=rec.flush_interval_s,
+                                 batch_size=rec.batch_size, max_pending=rec.max_pending,
+                                 flush_timeout_s=rec.flush_timeout_s)
+        hop_host, hop_port = split_hostport(section.next_hop or next_hop
+                                            or config.listen.lmtp_router)
+        if hop_host == "0.0.0.0":
+            hop_host = "127.0.0.1"
+        self.hop = LmtpHop(hop_host, hop_port, helo=config.host_name,
+                           timeout=config.lmtp_router.delivery_timeout_s
+                           + config.runtime.start_timeout_s)
+        milters = [MilterClient(spec, timeout=section.milter_timeout_s,
+                                hostname=config.host_name, daemon=name)
+                   for spec in section.milters]
+        quarantine = Path(section.quarantine_dir) if section.quarantine_dir else (
+            config.state_dir / "quarantine")
+        self.handler = FilterHandler(name, config.host_name,
+                                     built_in(section.checks, section.dnsbl_zones), milters,
+                                     section.milter_default_action, self.hop, self.recorder,
+                                     quarantine)
+        host, port = split_hostport(listen or config.listen.filter_in)
+        self.listener = CyclingListener(name, host, port, self._protocol)
+
+    def _protocol(self, listener: CyclingListener) -> FilterProtocol:
+        return FilterProtocol(listener, self.handler,
+                              data_size_limit=self.section.max_message_size,
+                              enable_SMTPUTF8=True, hostname=self.config.host_name,
+                              ident=f"mailfc {self.name}")
+
+    async def start(self) -> None:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+        await self.recorder.start()
+        await self.listener.start()
+
+    async def stop(self, drain_timeout: float) -> None:
+        await self.listener.stop(drain_timeout)
+        await self.hop.close()
+        await self.recorder.stop(drain_timeout)

@@ -1,0 +1,470 @@
+"""SMTP Router (submission): authenticates users, then hands them to their domain's Postfix.
+
+LISTENERS
+    listen.submission (587, STARTTLS required before AUTH) and
+    listen.submissions (465, implicit TLS).
+
+DIALOGUE (before AUTH, answered by the router)
+    220 <host> ESMTP mailfc submission
+    EHLO/HELO, STARTTLS, AUTH PLAIN [initial-response], AUTH LOGIN, NOOP, RSET,
+    QUIT.  MAIL before AUTH: 530 5.7.0.  AUTH before TLS: 538 5.7.11.
+    Wrong user or password: 535 5.7.8 after submission.auth_failure_delay_s;
+    per-IP and per-account failure throttling as for IMAP; three failures end
+    the session.
+
+AFTER AUTH
+    While the password is checked, the session to the domain's Postfix is
+    already being opened through the dispatcher of the domain's host (a cold
+    start overlaps with AUTH).  The router then sends
+        EHLO <router>; XCLIENT LOGIN=<user> ADDR=<client> NAME=... HELO=...; EHLO ...
+    so Postfix and its milter see the authenticated user and the real client
+    (Postfix accepts XCLIENT only from the dispatcher's address).  From then on
+    each client command is passed to Postfix and its reply back, except:
+        MAIL FROM with a sender that is not the user's address or one of its
+            aliases           -> 553 5.7.1, not passed on
+        EHLO/HELO             -> answered here (the session stays authenticated)
+        AUTH, STARTTLS again  -> 503 5.5.1
+    DATA content streams through untouched up to the final dot.
+    Domain's container not available: 451 4.3.0 for the AUTH (try again later).
+
+CONFIGURATION
+    submission.auth_failure_delay_s (1), max_failures_per_ip (10),
+    max_failures_per_account (5), failure_window_s (300), login_timeout_s (60),
+    idle_timeout_s (300).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+from mailfc import netio
+from mailfc.addresses import normalize_address
+from mailfc.config import Config, split_hostport
+from mailfc.errors import InvalidInput, MailfcError
+from mailfc.protocols import proxy
+from mailfc.protocols.lmtp import LmtpError, Reply, read_reply
+from mailfc.routers.directory import Account, Directory
+from mailfc.routers.throttle import FailureThrottle
+
+log = logging.getLogger("mailfc.routers.submission")
+
+MAX_LINE = 4096
+MAX_FAILURES_PER_SESSION = 3
+BACKEND_TIMEOUT_S = 60.0
+
+R_GREETING = "220 {host} ESMTP mailfc submission"
+R_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+R_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required: use STARTTLS first"
+R_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+R_AUTH_OK = "235 2.7.0 Authentication successful"
+R_UNAVAILABLE = "451 4.3.0 The mail server for {domain} is not available, try again later"
+R_BAD_SENDER = "553 5.7.1 Sender address <{sender}> is not owned by user {user}"
+R_ALREADY = "503 5.5.1 Already authenticated"
+R_SYNTAX = "501 5.5.4 Syntax error in parameters"
+R_UNKNOWN = "502 5.5.2 Command not recognized"
+R_BYE = "221 2.0.0 Bye"
+R_LINE_TOO_LONG = "500 5.5.6 Line too long"
+R_TIMEOUT = "421 4.4.2 {host} Timeout, closing connection"
+R_LOST = "421 4.3.0 Connection to the mail server lost, closing"
+
+
+class BackendUnavailable(Exception):
+    """The domain's Postfix did not greet or refused XCLIENT."""
+
+
+@dataclass
+class Backend:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, as XCLIENT wants its attribute values."""
+    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=" else
+                   "".join(f"+{b:02X}" for b in c.encode()) for c in value)
+
+
+class SubmissionRouter:
+    name = "submission-router"
+
+    def __init__(self, config: Config, directory: Directory,
+                 tls_context: ssl.SSLContext) -> None:
+        self.config = config
+        self.directory = directory
+        self.tls_context = tls_context
+        settings = config.submission
+        window = float(settings.failure_window_s)
+        self.ip_throttle = FailureThrottle(settings.max_failures_per_ip, window)
+        self.account_throttle = FailureThrottle(settings.max_failures_per_account, window)
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._records: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        host, port = split_hostport(self.config.listen.submission)
+        tls_host, tls_port = split_hostport(self.config.listen.submissions)
+        self._servers.append(await asyncio.start_server(
+            self._handler(False), host, port, reuse_address=True, reuse_port=True,
+            limit=netio.CHUNK * 4))
+        self._servers.append(await asyncio.start_server(
+            self._handler(True), tls_host, tls_port, ssl=self.tls_context,
+            reuse_address=True, reuse_port=True, ssl_handshake_timeout=30,
+            limit=netio.CHUNK * 4))
+
+    async def stop(self, drain_timeout: float) -> None:
+        for server in self._servers:
+            server.close()
+        if self._sessions:
+            await asyncio.wait(set(self._sessions), timeout=drain_timeout)
+        for task in set(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, *self._records, return_exceptions=True)
+        self._servers.clear()
+
+    def _handler(self, implicit_tls: bool):  # type: ignore[no-untyped-def]
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await netio.run_session(self._sessions, writer,
+                                    SubmissionSession(self, reader, writer, implicit_tls).run(),
+                                    "submission session", log)
+        return handle
+
+    def record(self, username: str, domain: str | None, client_ip: str,
+               success: bool, reason: str) -> None:
+        async def write() -> None:
+            try:
+                await self.directory.record_auth("submission", username, domain, client_ip,
+                                                 success, reason)
+            except Exception as error:
+                log.warning("could not record login attempt of %r: %s", username, error)
+        task = asyncio.create_task(write())
+        self._records.add(task)
+        task.add_done_callback(self._records.discard)
+
+
+class SubmissionSession:
+    def __init__(self, router: SubmissionRouter, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, implicit_tls: bool) -> None:
+        self.router = router
+        self.settings = router.config.submission
+        self.host = router.config.host_name
+        self.reader = reader
+        self.writer = writer
+        self.tls = implicit_tls
+        peer = writer.get_extra_info("peername") or ("0.0.0.0", 0)
+        local = writer.get_extra_info("sockname") or ("0.0.0.0", 0)
+        self.client_ip: str = peer[0]
+        self.client_port: int = peer[1]
+        self.local: tuple[str, int] = (local[0], local[1])
+        self.helo: str | None = None
+        self.failures = 0
+
+    async def send(self, line: str) -> None:
+        self.writer.write(line.encode() + b"\r\n")
+        await self.writer.drain()
+
+    async def read_line(self, wait_s: float) -> bytes:
+        try:
+            line = await asyncio.wait_for(self.reader.readuntil(b"\n"), wait_s)
+        except asyncio.LimitOverrunError:
+            raise InvalidInput("line too long") from None
+        if len(line) > MAX_LINE:
+            raise InvalidInput("line too long")
+        return line
+
+    def capabilities(self) -> list[str]:
+        words = [self.host, "PIPELINING", "SIZE 52428800", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if not self.tls:
+            words.append("STARTTLS")
+        else:
+            words.append("AUTH PLAIN LOGIN")
+        return words
+
+    async def ehlo(self, argument: str) -> None:
+        if not argument:
+            await self.send(R_SYNTAX)
+            return
+        self.helo = argument.split()[0][:255]
+        words = self.capabilities()
+        for index, word in enumerate(words):
+            await self.send(("250 " if index == len(words) - 1 else "250-") + word)
+
+    # -- before AUTH ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.send(R_GREETING.format(host=self.host))
+        deadline = time.monotonic() + self.settings.login_timeout_s
+        while True:
+            try:
+                raw = await self.read_line(max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                await self.send(R_TIMEOUT.format(host=self.host))
+                return
+            except InvalidInput:
+                await self.send(R_LINE_TOO_LONG)
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            verb, _, argument = line.partition(" ")
+            verb = verb.upper()
+            if verb in ("EHLO", "HELO"):
+                await self.ehlo(argument.strip())
+            elif verb == "STARTTLS":
+                if not await self.starttls():
+                    return
+            elif verb == "AUTH":
+                outcome = await self.auth(argument.strip())
+                if outcome is False:
+                    return
+                if isinstance(outcome, tuple):
+                    await self.relay(*outcome)
+                    return
+            elif verb in ("NOOP", "RSET"):
+                await self.send("250 2.0.0 OK")
+            elif verb == "QUIT":
+                await self.send(R_BYE)
+                return
+            elif verb in ("MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN"):
+                await self.send(R_AUTH_REQUIRED)
+            else:
+                await self.send(R_UNKNOWN)
+
+    async def starttls(self) -> bool:
+        if self.tls:
+            await self.send("503 5.5.1 TLS already active")
+            return True
+        # Commands pipelined after STARTTLS would count as sent over TLS.
+        if self.reader._buffer:  # type: ignore[attr-defined]
+            await self.send("503 5.5.1 Data pipelined after STARTTLS")
+            return False
+        await self.send("220 2.0.0 Ready to start TLS")
+        try:
+            await self.writer.start_tls(self.router.tls_context, ssl_handshake_timeout=30)
+        except (ssl.SSLError, OSError, TimeoutError) as error:
+            log.info("STARTTLS from %s failed: %s", self.client_ip, error)
+            return False
+        self.tls = True
+        self.helo = None  # RFC 3207: the client must say EHLO again
+        return True
+
+    async def auth(self, argument: str) -> tuple[Account, Backend] | bool:
+        if not self.tls:
+            await self.send(R_ENCRYPTION_REQUIRED)
+            return True
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        try:
+            if mechanism == "PLAIN":
+                response = initial.strip() or await self.challenge("")
+                if response == "*":
+                    await self.send("501 5.7.0 Authentication cancelled")
+                    return True
+                authzid, authcid, password = base64.b64decode(response, validate=True).split(
+                    b"\0")
+                if authzid and authzid != authcid:
+                    await self.send("535 5.7.8 Acting as another user is not allowed")
+                    return True
+            elif mechanism == "LOGIN":
+                user = initial.strip() or await self.challenge("VXNlcm5hbWU6")
+                if user == "*":
+                    await self.send("501 5.7.0 Authentication cancelled")
+                    return True
+                authcid = base64.b64decode(user, validate=True)
+                secret = await self.challenge("UGFzc3dvcmQ6")
+                if secret == "*":
+                    await self.send("501 5.7.0 Authentication cancelled")
+                    return True
+                password = base64.b64decode(secret, validate=True)
+            else:
+                await self.send("504 5.5.4 Unrecognized authentication type")
+                return True
+        except (binascii.Error, ValueError):
+            await self.send("501 5.5.2 Cannot decode the response")
+            return True
+        return await self.login(authcid.decode("utf-8", "replace"),
+                                password.decode("utf-8", "replace"))
+
+    async def challenge(self, prompt: str) -> str:
+        await self.send(f"334 {prompt}")
+        line = await self.read_line(self.settings.login_timeout_s)
+        return line.decode("ascii", "replace").strip()
+
+    async def login(self, username: str, password: str) -> tuple[Account, Backend] | bool:
+        router = self.router
+        key = username.strip().lower()
+        if router.ip_throttle.blocked(self.client_ip) or router.account_throttle.blocked(key):
+            return await self.fail(username, None, "throttled")
+        account = await router.directory.account(username)
+        opening: asyncio.Task[Backend] | None = None
+        if account is not None and account.active:
+            opening = asyncio.create_task(self.open_backend(account))
+        ok = account is not None and account.active and \
+            await router.directory.verify(account, password)
+        if not ok or account is None or opening is None:
+            if opening is not None:
+                opening.cancel()
+                with contextlib.suppress(BaseException):
+                    await netio.close((await opening).writer)
+            reason = "unknown user" if account is None else (
+                "suspended" if not account.active else "wrong password")
+            return await self.fail(username, account.domain if account else None, reason)
+        router.account_throttle.succeed(key)
+        try:
+            backend = await opening
+        except (BackendUnavailable, MailfcError, OSError, TimeoutError, LmtpError,
+                asyncio.IncompleteReadError) as error:
+            log.warning("submission of %s: backend unavailable: %s", account.address, error)
+            router.record(account.address, account.domain, self.client_ip, True,
+                          f"backend unavailable: {error}")
+            await self.send(R_UNAVAILABLE.format(domain=account.domain))
+            return True
+        router.record(account.address, account.domain, self.client_ip, True, "ok")
+        await self.send(R_AUTH_OK)
+        return account, backend
+
+    async def fail(self, username: str, domain: str | None, reason: str) -> bool:
+        router = self.router
+        router.ip_throttle.fail(self.client_ip)
+        router.account_throttle.fail(username.strip().lower())
+        router.record(username, domain, self.client_ip, False, reason)
+        self.failures += 1
+        await asyncio.sleep(self.settings.auth_failure_delay_s)
+        await self.send(R_AUTH_FAILED)
+        if self.failures >= MAX_FAILURES_PER_SESSION:
+            await self.send("421 4.7.0 Too many failed authentications, closing")
+            return False
+        return True
+
+    async def open_backend(self, account: Account) -> Backend:
+        """The domain's Postfix, greeted and told who the client is (XCLIENT)."""
+        config = self.router.config
+        placement = await self.router.directory.place(account.domain)
+        reader, writer = await netio.open_connection(
+            placement.dispatcher_address, placement.smtp_port,
+            config.dispatcher.connect_timeout_s)
+        try:
+            writer.write(proxy.encode(self.client_ip, self.client_port, *self.local,
+                                      authority=account.domain))
+            greeting = await asyncio.wait_for(
+                read_reply(reader), config.runtime.start_timeout_s + BACKEND_TIMEOUT_S)
+            if greeting.code != 220:
+                raise BackendUnavailable(f"greeting {greeting}")
+            await self._expect(reader, writer, f"EHLO {self.host}", 250)
+            attributes = (f"LOGIN={xtext(account.address)} ADDR={self.client_ip}"
+                          f" NAME=[UNAVAILABLE] HELO={xtext(self.helo or 'unknown')}")
+            await self._expect(reader, writer, f"XCLIENT {attributes}", 220)
+            await self._expect(reader, writer, f"EHLO {self.helo or 'unknown'}", 250)
+        except BaseException:
+            await netio.close(writer)
+            raise
+        return Backend(reader, writer)
+
+    @staticmethod
+    async def _expect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      command: str, code: int) -> Reply:
+        writer.write(command.encode() + b"\r\n")
+        reply = await asyncio.wait_for(read_reply(reader), BACKEND_TIMEOUT_S)
+        if reply.code != code:
+            raise BackendUnavailable(f"{command.split()[0]} answered {reply}")
+        return reply
+
+    # -- after AUTH ----------------------------------------------------------------------
+
+    async def relay(self, account: Account, backend: Backend) -> None:
+        senders = await self.router.directory.sender_addresses(account.address)
+        try:
+            while True:
+                try:
+                    raw = await self.read_line(self.settings.idle_timeout_s)
+                except TimeoutError:
+                    await self.send(R_TIMEOUT.format(host=self.host))
+                    return
+                except InvalidInput:
+                    await self.send(R_LINE_TOO_LONG)
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                verb, _, argument = line.partition(" ")
+                verb = verb.upper()
+                if verb in ("EHLO", "HELO"):
+                    await self.ehlo(argument.strip())
+                    continue
+                if verb in ("AUTH", "STARTTLS"):
+                    await self.send(R_ALREADY)
+                    continue
+                if verb == "BDAT":
+                    await self.send(R_UNKNOWN)
+                    continue
+                if verb == "MAIL":
+                    sender = _mail_from(argument)
+                    if sender is None or sender not in senders:
+                        await self.send(R_BAD_SENDER.format(sender=sender or "",
+                                                            user=account.address))
+                        continue
+                reply = await self.forward(backend, raw)
+                if verb == "DATA" and reply.code == 354:
+                    reply = await self.stream_data(backend)
+                if verb == "QUIT" or reply.code == 421:
+                    return
+        except (LmtpError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as error:
+            log.info("submission session of %s: backend lost: %s", account.address, error)
+            with contextlib.suppress(Exception):
+                await self.send(R_LOST)
+        finally:
+            await netio.close(backend.writer)
+
+    async def forward(self, backend: Backend, raw: bytes) -> Reply:
+        backend.writer.write(raw if raw.endswith(b"\r\n") else raw.rstrip(b"\n") + b"\r\n")
+        return await self.pass_reply(backend)
+
+    async def pass_reply(self, backend: Backend) -> Reply:
+        # Read one whole (possibly multi-line) reply and give it to the client as is.
+        lines: list[bytes] = []
+        while True:
+            line = await asyncio.wait_for(backend.reader.readuntil(b"\n"), BACKEND_TIMEOUT_S)
+            lines.append(line)
+            if line[3:4] != b"-":
+                break
+        self.writer.write(b"".join(lines))
+        await self.writer.drain()
+        last = lines[-1].decode("utf-8", "replace")
+        if not last[:3].isdigit():
+            raise LmtpError(f"malformed reply {last[:80]!r}")
+        return Reply(int(last[:3]), last[4:].strip())
+
+    async def stream_data(self, backend: Backend) -> Reply:
+        """Message lines from the client to Postfix, up to the final dot."""
+        while True:
+            line = await asyncio.wait_for(self.reader.readuntil(b"\n"),
+                                          self.settings.idle_timeout_s)
+            backend.writer.write(line)
+            if backend.writer.transport.get_write_buffer_size() > 1 << 20:
+                await backend.writer.drain()  # back-pressure from a slow Postfix
+            if line in (b".\r\n", b".\n"):
+                await backend.writer.drain()
+                return await self.pass_reply(backend)
+
+
+def _mail_from(argument: str) -> str | None:
+    """The address of `FROM:<a@b> SIZE=...`, normalized; None if malformed."""
+    text = argument.strip()
+    if not text.upper().startswith("FROM:"):
+        return None
+    rest = text[5:].strip()
+    if not rest.startswith("<") or ">" not in rest:
+        return None
+    address = rest[1:rest.index(">")]
+    if not address:
+        return None
+    try:
+        return normalize_address(address)
+    except InvalidInput:
+        return None

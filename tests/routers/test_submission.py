@@ -1,0 +1,98 @@
+"""SMTP Router: authenticated submission into the user's own domain's Postfix."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import subprocess
+import uuid
+
+import pytest
+
+from tests.conftest import require_binary
+from tests.routers.conftest import (
+    PASSWORD,
+    SUBMISSION_PORT,
+    SUBMISSIONS_PORT,
+    RouterHost,
+    client_tls,
+)
+
+
+def submit(user: str, password: str, sender: str, subject: str,
+           recipients: tuple[str, ...] = ("someone@remote.example",)) -> dict[str, object]:
+    with smtplib.SMTP("127.0.0.1", SUBMISSION_PORT, timeout=60) as client:
+        client.starttls(context=client_tls())
+        client.login(user, password)
+        return client.sendmail(sender, list(recipients),
+                               f"From: {sender}\r\nSubject: {subject}\r\n\r\nhello\r\n")
+
+
+async def test_authenticated_submission_reaches_the_domains_postfix(
+        router_host: RouterHost) -> None:
+    subject = f"submitted {uuid.uuid4()}"
+    refused = await asyncio.to_thread(submit, "bob@a.example", PASSWORD, "bob@a.example",
+                                      subject)
+    assert refused == {}
+    smtp = await router_host.runtime.instances("a.example", "smtp")
+    assert len(smtp) == 1 and smtp[0].state == "running"
+    # The domain's milter saw the authenticated user and the real client.
+    for _ in range(50):
+        row = await router_host.pool.fetchrow(
+            "SELECT m.account, m.sender, host(s.client_ip) AS ip FROM smtp_messages m"
+            " JOIN smtp_sessions s ON s.id = m.session_id WHERE m.sender = 'bob@a.example'"
+            " ORDER BY m.started_at DESC LIMIT 1")
+        if row is not None:
+            break
+        await asyncio.sleep(0.2)
+    assert row is not None
+    assert row["account"] == "bob@a.example"
+    assert row["ip"] == "127.0.0.1"
+
+
+async def test_swaks_over_implicit_tls_and_alias_sender(router_host: RouterHost) -> None:
+    swaks = require_binary("swaks", "swaks")
+    result = await asyncio.to_thread(subprocess.run, [
+        swaks, "--server", "127.0.0.1", "--port", str(SUBMISSIONS_PORT), "--tlsc",
+        "--auth", "LOGIN", "--auth-user", "bob@a.example", "--auth-password", PASSWORD,
+        "--from", "info@a.example", "--to", "someone@remote.example",
+        "--header", "Subject: via swaks"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "235 2.7.0" in result.stdout and "250 2.0.0" in result.stdout
+
+
+async def test_spoofed_sender_is_refused(router_host: RouterHost) -> None:
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        await asyncio.to_thread(submit, "bob@a.example", PASSWORD, "dave@b.example", "spoof")
+    assert refused.value.smtp_code == 553 and b"5.7.1" in refused.value.smtp_error
+
+
+async def test_auth_rules(router_host: RouterHost) -> None:
+    def plain_auth() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", SUBMISSION_PORT, timeout=30) as client:
+            client.ehlo()
+            assert not client.has_extn("auth")
+            return client.docmd("AUTH", "PLAIN AGJvYkBhLmV4YW1wbGUAeA==")
+
+    code, text = await asyncio.to_thread(plain_auth)
+    assert code == 538 and b"STARTTLS" in text
+
+    def unauthenticated_mail() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", SUBMISSION_PORT, timeout=30) as client:
+            client.starttls(context=client_tls())
+            client.ehlo()
+            return client.mail("bob@a.example")
+
+    assert (await asyncio.to_thread(unauthenticated_mail))[0] == 530
+
+    for user, password in (("bob@a.example", "wrong"), ("nobody@a.example", PASSWORD)):
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            await asyncio.to_thread(submit, user, password, user, "x")
+        assert failed.value.smtp_code == 535 and b"5.7.8" in failed.value.smtp_error
+
+
+async def test_unstartable_domain_gets_451(router_host: RouterHost) -> None:
+    with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+        await asyncio.to_thread(submit, "erin@broken.example", PASSWORD,
+                                "erin@broken.example", "x")
+    assert failed.value.smtp_code == 451 and b"4.3.0" in failed.value.smtp_error
