@@ -100,6 +100,14 @@ def drop_milter(runtime: Runtime, instance: Instance) -> None:
     time.sleep(1.0)
 
 
+def remove_leftovers() -> None:
+    """What the runtime keeps for its next start: our bridge and the empty cgroup parent."""
+    cgroups.remove_if_empty("/mfcb")
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname="mfcb0"):
+            ipr.link("del", index=index)
+
+
 def make_state_dir() -> Path:
     # Under /tmp and searchable: the embedded cluster runs as the postgres user.
     state = Path(tempfile.mkdtemp(prefix="mailfc-bench-milter-", dir="/tmp"))
@@ -203,10 +211,8 @@ async def run(messages: int, rounds: int, libmilter: bool) -> None:
                 except Exception as error:
                     print(f"warning: {instance.name} did not stop: {error}", file=sys.stderr)
             await runtime.close()
-            cgroups.remove_if_empty("/mfcb")
-            with IPRoute() as ipr:
-                for index in ipr.link_lookup(ifname="mfcb0"):
-                    ipr.link("del", index=index)
+            # pyroute2's IPRoute runs its own event loop: not inside ours.
+            await asyncio.to_thread(remove_leftovers)
         await pool.close()
         embedded_cluster(config).stop()
         shutil.rmtree(state, ignore_errors=True)

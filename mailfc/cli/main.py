@@ -21,6 +21,7 @@ from mailfc.cli import (
     events,
     host,
     limit,
+    queue,
     sessions,
     up,
 )
@@ -38,7 +39,7 @@ def cli(config_path: str | None) -> None:
 
 
 for module in (config_cmd, db_cmd, domain, account, alias, host, limit, container, events,
-               sessions, up):
+               queue, sessions, up):
     cli.add_command(module.group)
 
 

@@ -175,7 +175,8 @@ async def postfix_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Pos
         for instance in await runtime.instances():
             await runtime.stop(instance, drain_timeout=2.0)
         await runtime.close()
-        remove_host_leftovers("mfcm0", "mfcm")
+        # pyroute2's IPRoute runs its own event loop: not inside ours.
+        await asyncio.to_thread(remove_host_leftovers, "mfcm0", "mfcm")
 
 
 def remove_host_leftovers(bridge: str, prefix: str) -> None:

@@ -1,0 +1,1 @@
+"""SMTP-Out: the gateway that delivers outbound mail to the recipients' MX hosts."""
