@@ -31,8 +31,8 @@ from typing import Any
 
 import asyncpg
 
-from mailfc.addresses import normalize_address
 from mailfc.analysis import blocks
+from mailfc.analysis.targets import account_address
 from mailfc.analysis.timerange import TimeRange
 from mailfc.errors import NotFound
 
@@ -49,7 +49,7 @@ def _plain(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
 
 async def account_report(db: asyncpg.Connection, address: str, span: TimeRange,
                          limit: int = 200) -> dict[str, Any]:
-    account = normalize_address(address)
+    account = account_address(address)
     domain = account.rpartition("@")[2]
     state = await db.fetchval(
         "SELECT a.state FROM accounts a JOIN domains d ON d.id = a.domain_id"
@@ -163,7 +163,7 @@ async def _timeline(db: asyncpg.Connection, account: str, span: TimeRange, limit
 async def account_series(db: asyncpg.Connection, account: str, span: TimeRange,
                          bucket_s: int) -> dict[str, list[tuple[datetime.datetime, float]]]:
     """Per bucket: messages accepted, refused, recipients; IMAP commands; failed logins."""
-    account = normalize_address(account)
+    account = account_address(account)
     origin = "'2000-01-01 00:00:00+00'"
     series: dict[str, list[tuple[datetime.datetime, float]]] = {}
     queries = {

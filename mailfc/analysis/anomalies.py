@@ -235,7 +235,7 @@ async def _new_ip_send(db: asyncpg.Connection, options: Options, frame: Frame
         f"    AND account IS NOT NULL AND client_ip IS NOT NULL{domain}"
         "   GROUP BY 1, 2 HAVING count(*) >= $4)"
         " SELECT s.account, host(s.client_ip) AS ip, s.messages, s.first_at,"
-        "   (SELECT min(a.at) FROM auth_attempts a WHERE a.username = s.account"
+        "   (SELECT min(a.at) FROM auth_attempts a WHERE lower(a.username) = s.account"
         "      AND a.client_ip = s.client_ip AND a.success AND a.at >= $1 AND a.at < $2"
         "   ) AS login_at"
         " FROM sent s"
@@ -245,7 +245,7 @@ async def _new_ip_send(db: asyncpg.Connection, options: Options, frame: Frame
         "      AND o.client_ip = s.client_ip AND o.started_at >= $3 AND o.started_at < $1)"
         "   AND NOT EXISTS (SELECT 1 FROM imap_sessions o WHERE o.account = s.account"
         "      AND o.client_ip = s.client_ip AND o.started_at >= $3 AND o.started_at < $1)"
-        "   AND NOT EXISTS (SELECT 1 FROM auth_attempts o WHERE o.username = s.account"
+        "   AND NOT EXISTS (SELECT 1 FROM auth_attempts o WHERE lower(o.username) = s.account"
         "      AND o.client_ip = s.client_ip AND o.success AND o.at >= $3 AND o.at < $1)",
         *args)
     found = []
@@ -264,12 +264,20 @@ async def _new_ip_send(db: asyncpg.Connection, options: Options, frame: Frame
 
 
 _LOGINS = (
-    "SELECT username AS account, client_ip, at FROM auth_attempts"
-    "  WHERE success AND at >= {start} AND at < {end} AND client_ip IS NOT NULL"
+    "SELECT lower(username) AS account, client_ip, at FROM auth_attempts"
+    "  WHERE success AND at >= $1 AND at < $2 AND client_ip IS NOT NULL"
     " UNION ALL SELECT account, client_ip, started_at FROM imap_sessions"
-    "  WHERE started_at >= {start} AND started_at < {end} AND account IS NOT NULL"
+    "  WHERE started_at >= $1 AND started_at < $2 AND account IS NOT NULL"
     " UNION ALL SELECT account, client_ip, started_at FROM smtp_sessions"
-    "  WHERE started_at >= {start} AND started_at < {end} AND account IS NOT NULL")
+    "  WHERE started_at >= $1 AND started_at < $2 AND account IS NOT NULL")
+# Was (account, ip) seen in [$3, $1)?  One index probe per table (account, time).
+_SEEN_BEFORE = (
+    "EXISTS (SELECT 1 FROM smtp_sessions o WHERE o.account = n.account"
+    "   AND o.client_ip = n.client_ip AND o.started_at >= $3 AND o.started_at < $1)"
+    " OR EXISTS (SELECT 1 FROM imap_sessions o WHERE o.account = n.account"
+    "   AND o.client_ip = n.client_ip AND o.started_at >= $3 AND o.started_at < $1)"
+    " OR EXISTS (SELECT 1 FROM auth_attempts o WHERE lower(o.username) = n.account"
+    "   AND o.client_ip = n.client_ip AND o.success AND o.at >= $3 AND o.at < $1)")
 
 
 async def _login_ips(db: asyncpg.Connection, options: Options, frame: Frame) -> list[Finding]:
@@ -278,20 +286,16 @@ async def _login_ips(db: asyncpg.Connection, options: Options, frame: Frame) -> 
     if options.domain is not None:
         args.append("%@" + options.domain)
         domain = f" AND account LIKE ${len(args)}"
-    current = _LOGINS.format(start="$1", end="$2")
-    before = _LOGINS.format(start="$3", end="$1")
+    # Only accounts with at least min_ips addresses in the window are probed.
     rows = await db.fetch(
-        f"WITH now_ AS (SELECT account, client_ip, min(at) AS first_at FROM ({current}) c"
+        f"WITH now_ AS (SELECT account, client_ip, min(at) AS first_at FROM ({_LOGINS}) c"
         f"   WHERE client_ip IS NOT NULL{domain} GROUP BY 1, 2),"
-        " busy AS (SELECT account FROM now_ GROUP BY 1 HAVING count(*) >= $4),"
-        f" seen AS (SELECT DISTINCT account, client_ip FROM ({before}) b"
-        "   WHERE account IN (SELECT account FROM busy))"
+        " busy AS (SELECT account FROM now_ GROUP BY 1 HAVING count(*) >= $4)"
         " SELECT n.account, count(*) AS ips,"
-        "   count(*) FILTER (WHERE s.account IS NULL) AS new_ips,"
+        f"   count(*) FILTER (WHERE NOT ({_SEEN_BEFORE})) AS new_ips,"
         "   array_agg(host(n.client_ip) ORDER BY n.first_at)"
-        "     FILTER (WHERE s.account IS NULL) AS new_list"
-        " FROM now_ n LEFT JOIN seen s USING (account, client_ip)"
-        " WHERE n.account IN (SELECT account FROM busy)"
+        f"     FILTER (WHERE NOT ({_SEEN_BEFORE})) AS new_list"
+        " FROM now_ n WHERE n.account IN (SELECT account FROM busy)"
         " GROUP BY 1", *args)
     found = []
     for row in rows:

@@ -44,6 +44,17 @@ def normalize_ip(text: str) -> str:
                            " 2001:db8::1 or 192.0.2.0/24") from None
 
 
+def account_address(text: str) -> str:
+    """The stored form of an account address; the error names the whole address."""
+    try:
+        return normalize_address(text)
+    except InvalidInput as error:
+        message = str(error)
+        if text in message:
+            raise
+        raise InvalidInput(f"invalid address {text!r}: {message}") from None
+
+
 def looks_like_ip(text: str) -> bool:
     head = text.strip().split("/", 1)[0]
     return bool(head) and (":" in head or all(part.isdigit() for part in head.split(".")))
@@ -53,7 +64,7 @@ def classify(text: str) -> Target:
     if not text.strip():
         raise InvalidInput("empty target: give an account, a domain or an IP address")
     if "@" in text:
-        return Target(ACCOUNT, normalize_address(text))
+        return Target(ACCOUNT, account_address(text))
     if looks_like_ip(text):
         return Target(IP, normalize_ip(text))
     return Target(DOMAIN, normalize_domain(text))
@@ -67,7 +78,7 @@ async def account_known(db: asyncpg.Connection, address: str) -> bool:
 
 
 async def require_account(db: asyncpg.Connection, address: str) -> str:
-    account = normalize_address(address)
+    account = account_address(address)
     if not await account_known(db, account):
         raise NotFound(f"no account {account}: see mailfc account list")
     return account

@@ -1,14 +1,18 @@
-"""`mailfc limit set|list|unset`.
+"""`mailfc limit set|list|unset|simulate`.
 
     mailfc limit set example.org --per-account concurrent_sends 3
     mailfc limit set bob@example.org messages 100 --window 1h --mode shadow
+    mailfc limit simulate example.org messages 100 --window 1h --per-account --since 7d
 """
 
 from __future__ import annotations
 
 import click
 
+from mailfc.analysis import simulate as simulate_mod
+from mailfc.analysis import timerange
 from mailfc.cli.common import emit, json_option, pass_config, print_json, run_db, say
+from mailfc.cli.tabular import output_options, render
 from mailfc.config import Config
 from mailfc.db import limits
 from mailfc.durations import format_duration, parse_duration
@@ -84,3 +88,42 @@ def unset(config: Config, target: str, kind: str, per_account: bool) -> None:
     """Remove a limit."""
     run_db(config, lambda db: limits.unset_limit(db, target, kind, per_account=per_account))
     say(f"limit {kind} on {target} removed")
+
+
+@group.command("simulate")
+@click.argument("target")
+@click.argument("kind", metavar="KIND")
+@click.argument("value", type=click.IntRange(min=0))
+@click.option("--window", default=None, help="Counting window, e.g. 1m, 1h, 1d.")
+@click.option("--per-account", is_flag=True,
+              help="On a domain: as the default for each of its accounts.")
+@click.option("--since", default=None, help="History from: 7d (default), or an ISO time.")
+@click.option("--between", nargs=2, default=None, metavar="START END")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="Subjects listed, the most affected first.")
+@output_options
+@pass_config
+def simulate_cmd(config: Config, target: str, kind: str, value: int, window: str | None,
+                 per_account: bool, since: str | None, between: tuple[str, str] | None,
+                 limit: int, fmt: str) -> None:
+    """Replay a proposed limit against the recorded history: who it would have deferred.
+
+    Nothing is changed; see mailfc/analysis/simulate.py for the replay rules.
+    """
+    window_s = timerange.window(window) if window is not None else None
+    span = timerange.resolve(since, between, default="7d")
+    result = run_db(config, lambda db: simulate_mod.simulate(
+        db, target, kind, value, window_s=window_s, span=span, per_account=per_account))
+    if fmt == "json":
+        print_json(result)
+        return
+    spec = result["limit"]
+    per = f" per {spec['window']}" if spec["window"] else ""
+    totals = result["totals"]
+    render(result["subjects"][:limit],
+           ("subject", "transactions", "affected", "share", "refused_amount", "first_at",
+            "last_at"), fmt=fmt,
+           title=f"{spec['kind']} {spec['value']}{per} on {spec['target']} ({spec['scope']}),"
+                 f" {span.describe()}",
+           caption=f"{totals['subjects_affected']} of {totals['subjects']} subjects affected;"
+                   f" {totals['affected']} of {totals['transactions']} transactions")

@@ -2,7 +2,7 @@
 
     mailfc [--config FILE] COMMAND ...
 
-Command groups: up, config, db, domain, account, alias, host, limit, container,
+Command groups: up, config, db, domain, account, alias, host, limit, container, abuse,
 sessions.  Every listing takes --json.  Errors print `Error: <cause and fix>` and exit non-zero.
 """
 
@@ -12,6 +12,7 @@ import click
 
 from mailfc import __version__
 from mailfc.cli import (
+    abuse,
     account,
     alias,
     config_cmd,
@@ -39,7 +40,7 @@ def cli(config_path: str | None) -> None:
 
 
 for module in (config_cmd, db_cmd, domain, account, alias, host, limit, container, events,
-               queue, sessions, up):
+               queue, sessions, up, abuse):
     cli.add_command(module.group)
 
 

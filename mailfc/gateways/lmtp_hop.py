@@ -24,6 +24,11 @@ from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
 IDLE_KEEP = 16
 
 
+def null_sender(mail_from: str | None) -> str:
+    """aiosmtpd keeps the null reverse path (a bounce) as "<>"; hops send it as ""."""
+    return "" if mail_from in (None, "<>") else str(mail_from)
+
+
 def xtext(value: str) -> str:
     """RFC 3461 xtext: `+` and `=`, controls, space and non-ASCII as +HH."""
     return "".join(

@@ -71,7 +71,8 @@ class LmtpRouterHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         expansions: dict[str, dict[str, bool]] = envelope.__dict__.get("expansions", {})
         message = envelope.original_content or b""
-        sender = envelope.mail_from or ""
+        # aiosmtpd keeps the null reverse path as "<>": it is the empty sender.
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         peer = session.peer if isinstance(session.peer, tuple) else ("127.0.0.1", 0)
         replies = await self.router.deliver(sender, expansions, envelope.rcpt_tos, message,
                                             peer)

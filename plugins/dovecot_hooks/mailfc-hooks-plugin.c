@@ -95,8 +95,11 @@ struct hooks_client {
 	/* Commands to ask about: NULL unknown (ask about all), "" none,
 	   "*" all, else ",NAME,NAME," for strstr(). */
 	char *watch;
-	/* The server has been told about this session on this connection. */
-	bool announced;
+	/* Bytes from and to the client, the highest offsets seen: the input
+	   stream's offset does not survive Dovecot closing it at LOGOUT. */
+	uint64_t bytes_in, bytes_out;
+	/* Being announced by hooks_session_start() right now. */
+	bool starting;
 };
 
 struct hooks_command {
@@ -161,6 +164,17 @@ static bool hooks_watches(const struct hooks_client *hc, const char *name)
 	return strstr(hc->watch, t_strconcat(",", name, ",", NULL)) != NULL;
 }
 
+static void hooks_count_bytes(struct hooks_client *hc)
+{
+	struct client *client = hc->client;
+	uint64_t in = i_stream_get_absolute_offset(client->input);
+
+	if (in > hc->bytes_in)
+		hc->bytes_in = in;
+	if (client->output->offset > hc->bytes_out)
+		hc->bytes_out = client->output->offset;
+}
+
 static bool hooks_always_allowed(const char *name)
 {
 	unsigned int i;
@@ -222,17 +236,15 @@ static const char *hooks_session_line(struct hooks_client *hc, bool resumed)
 	return str_c(line);
 }
 
-/* The connection is (again) up: tell the server about the live sessions it
-   does not know (they began while it was down, or before it restarted). */
+/* A new connection: the server (maybe restarted) knows none of the live
+   sessions, so each is announced again, except the one starting now. */
 static void hooks_connected(void)
 {
 	struct hooks_client *hc;
 
 	for (hc = hooks_clients; hc != NULL; hc = hc->next) {
-		if (!hc->announced) {
-			hc->announced = TRUE;
+		if (!hc->starting)
 			hooks_conn_send(hooks_session_line(hc, TRUE));
-		}
 	}
 }
 
@@ -301,7 +313,10 @@ static bool hooks_cmd_refused(struct client_command_context *cmd)
 			break;	/* the whole line is read */
 		if (last->type == IMAP_ARG_LITERAL_SIZE) {
 			/* The client waits for "+" before sending the literal
-			   and gets the refusal instead. */
+			   and gets the refusal instead.  The parser has eaten
+			   the CRLF after "{size}" already: Dovecot must not skip
+			   a line (it would eat the client's next command). */
+			client->input_skip_line = FALSE;
 			break;
 		}
 		hcmd->skip = imap_arg_as_literal_size(last);
@@ -371,6 +386,7 @@ static void hooks_command_pre(struct client_command_context *cmd)
 	if (hc == NULL || HOOKS_CONTEXT(cmd) != NULL)
 		return;		/* not ours, or a later execution slice */
 
+	hooks_count_bytes(hc);
 	hcmd = p_new(cmd->pool, struct hooks_command, 1);
 	hcmd->cid = ++hc->last_cid;
 	hcmd->start_usecs = now_usecs();
@@ -436,6 +452,7 @@ static void hooks_send_tagline(struct client_command_context *cmd,
 		hooks_record(cmd, cmd->cancel ? "NO Command cancelled." : data);
 	} T_END;
 	hc->module_ctx.super.send_tagline(cmd, data);
+	hooks_count_bytes(hc);
 }
 
 static void hooks_client_destroy(struct client *client, const char *reason)
@@ -443,12 +460,13 @@ static void hooks_client_destroy(struct client *client, const char *reason)
 	struct hooks_client *hc = HOOKS_CONTEXT(client);
 	char *line, *watch = hc->watch;
 
+	hooks_count_bytes(hc);
 	T_BEGIN {
 		string_t *str = t_str_new(128);
 
 		str_printfa(str, MAILFC_HOOKS_END "\t%u\t%llu\t%llu", hc->sid,
-			    (unsigned long long)i_stream_get_absolute_offset(client->input),
-			    (unsigned long long)client->output->offset);
+			    (unsigned long long)hc->bytes_in,
+			    (unsigned long long)hc->bytes_out);
 		append_field(str, reason != NULL ? reason :
 			     (client->logged_out ? "Logged out" : "Disconnected"), 256);
 		str_append_c(str, '\n');
@@ -471,11 +489,15 @@ static void hooks_session_start(struct hooks_client *hc)
 {
 	const char *const *reply, *why;
 
-	if (!hooks_conn_connect())
+	/* Announced here, not by the connect callback as a resumed one. */
+	hc->starting = TRUE;
+	if (!hooks_conn_connect()) {
+		hc->starting = FALSE;
 		return;
-	hc->announced = TRUE;
+	}
 	reply = hooks_conn_request(hooks_session_line(hc, FALSE),
 				   MAILFC_HOOKS_SESSION, hc->sid, 0, &why);
+	hc->starting = FALSE;
 	if (reply == NULL || reply[2] == NULL || reply[3] == NULL)
 		return;
 	if (strcmp(reply[2], MAILFC_HOOKS_OK) == 0)

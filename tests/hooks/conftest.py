@@ -132,12 +132,15 @@ class HooksHost:
         paths = glob.glob(str(self.runtime.settings.domains_dir / domain / "dovecot-*.log"))
         return "".join(Path(p).read_text(errors="replace") for p in sorted(paths))
 
-    async def wait_recorded(self, sql: str, *args: object, timeout: float = 10.0) -> object:
-        """Poll until `sql` returns a true value (records are written in batches)."""
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def wait_recorded(self, sql: str, *args: object, expect: object = None,
+                            within_s: float = 10.0) -> object:
+        """Poll until `sql` returns `expect` (or any true value when expect is None):
+        records are written in batches, a moment after the fact."""
+        deadline = asyncio.get_running_loop().time() + within_s
         while True:
             value = await self.pool.fetchval(sql, *args)
-            if value or asyncio.get_running_loop().time() > deadline:
+            done = value == expect if expect is not None else bool(value)
+            if done or asyncio.get_running_loop().time() > deadline:
                 return value
             await asyncio.sleep(0.05)
 
@@ -176,7 +179,12 @@ async def hooks_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Hooks
 
 def imap_login(address: str = "bob@k1.example") -> imaplib.IMAP4:
     client = imaplib.IMAP4("127.0.0.1", IMAP_PORT, timeout=30)
-    client.login(address, PASSWORD)
+    try:
+        client.login(address, PASSWORD)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            client.shutdown()
+        raise
     return client
 
 

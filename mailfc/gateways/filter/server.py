@@ -33,7 +33,7 @@ from mailfc.gateways.filter.checks import Check
 from mailfc.gateways.filter.message import ACCEPT, FilterMessage, Verdict
 from mailfc.gateways.filter.milter_client import MilterClient, MilterUnavailable
 from mailfc.gateways.listener import Connection, CyclingListener
-from mailfc.gateways.lmtp_hop import LmtpHop
+from mailfc.gateways.lmtp_hop import LmtpHop, null_sender
 from mailfc.policy.engine import ENFORCE
 from mailfc.policy.recorder import Recorder, now
 from mailfc.protocols.lmtp import LmtpError, Reply
@@ -123,6 +123,14 @@ class FilterHandler:
         last = lines.pop()
         return [*lines, "250 " + last[4:]]
 
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        # The null reverse path (bounces) stays "<>" here: aiosmtpd needs a true value
+        # to take RCPT; null_sender() turns it into the empty sender.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.OK_SENDER
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         # Who is hosted is decided before us (SMTP-In) and after us (the router).
@@ -132,7 +140,7 @@ class FilterHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         forwarded: dict[str, str] = envelope.__dict__.get("xforward", {})
         message = FilterMessage.parse(envelope.original_content or b"",
-                                      envelope.mail_from or "", list(envelope.rcpt_tos))
+                                      null_sender(envelope.mail_from), list(envelope.rcpt_tos))
         message.client_ip = forwarded.get("ADDR")
         message.client_name = forwarded.get("NAME")
         message.helo = forwarded.get("HELO")

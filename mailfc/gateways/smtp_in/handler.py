@@ -38,6 +38,7 @@ from mailfc.addresses import split_address
 from mailfc.config import Config
 from mailfc.errors import InvalidInput
 from mailfc.gateways import replies
+from mailfc.gateways.lmtp_hop import null_sender
 from mailfc.gateways.spool import Spool, SpoolFull
 from mailfc.gateways.spool.store import new_queue_id
 from mailfc.policy.engine import (
@@ -196,7 +197,8 @@ class SmtpInHandler:
                                                 "spool:storage"), {"size": size})
             self._close_txn(state, TEMPFAIL, "spool storage low")
             return replies.STORAGE
-        envelope.mail_from = sender
+        # "<>" stays as aiosmtpd gave it (it needs a true value to take RCPT).
+        envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return replies.OK_SENDER
 
@@ -277,7 +279,7 @@ class SmtpInHandler:
         queue_id_hint = _received(self.hostname, session, state, envelope)
         try:
             queue_id = await self.spool.put(
-                envelope.mail_from or "", list(envelope.rcpt_tos),
+                null_sender(envelope.mail_from), list(envelope.rcpt_tos),
                 queue_id_hint[1] + message, queue_id=queue_id_hint[0],
                 mail_options=tuple(o for o in envelope.mail_options
                                    if o.startswith(("BODY=", "SMTPUTF8"))),

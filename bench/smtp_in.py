@@ -1,0 +1,188 @@
+"""Benchmark: inbound mail through SMTP-In, the spool, Filter-In and the LMTP Router.
+
+    python -m bench.smtp_in [--messages 2000] [--sessions 10]
+
+Runs a whole inbound host (embedded PostgreSQL, runtime, dispatcher, LMTP Router,
+Filter-In with its built-in checks, SMTP-In) in a temporary state directory on ports,
+bridge (mfcgb0, 10.89.1.0/24) and container prefix (mfcgb) of its own, then loads it
+with Postfix's smtp-source (10 sessions) and prints:
+
+1. mailfc: messages/s accepted (smtp-source finished) and delivered (all of them in
+   the maildir), end to end;
+2. reference: a plain host Postfix (own config directory, own queue) relaying the same
+   message set by LMTP into the same domain's Dovecot, same measures;
+3. the ratio of the end-to-end rates (target: at least 0.8).
+
+Every process it starts is stopped by PID; the state directory and bridge are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from mailfc.config import Config, parse_config
+from mailfc.controller.platform import Platform
+from mailfc.db import accounts, domains
+from mailfc.db.pool import embedded_cluster
+from mailfc.passwords import hash_password
+from mailfc.runtime.images import PORTS
+
+DOMAIN = "bench.example"
+USER = f"user@{DOMAIN}"
+SMTP_IN = 18925
+POSTFIX = 18926
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def config_data(state_dir: Path) -> dict[str, dict[str, object]]:
+    return {
+        "paths": {"state_dir": str(state_dir)},
+        "host": {"name": "bench-gw-host"},
+        "network": {"bridge": "mfcgb0", "subnet": "10.89.1.0/24"},
+        "runtime": {"name_prefix": "mfcgb"},
+        "listen": {"smtp_in": f"127.0.0.1:{SMTP_IN}", "filter_in": "127.0.0.1:18927",
+                   "lmtp_router": "127.0.0.1:18928"},
+        "dispatcher": {"address": "127.0.0.1", "lmtp_port": 18929, "imap_port": 18930,
+                       "smtp_port": 18931},
+        # The same concurrency towards the domain's Dovecot as the reference Postfix
+        # (lmtp_destination_concurrency_limit = 8 below).
+        "spool": {"per_domain_concurrency": 8},
+    }
+
+
+def maildir_count(mail_root: Path) -> int:
+    new = mail_root / DOMAIN / "user" / "Maildir" / "new"
+    return len(os.listdir(new)) if new.exists() else 0
+
+
+async def load(port: int, messages: int, sessions: int, mail_root: Path,
+               within: float = 600.0) -> tuple[float, float]:
+    """(accepted/s, delivered/s) for `messages` through the server on `port`."""
+    before = maildir_count(mail_root)
+    started = time.monotonic()
+    result = await asyncio.to_thread(
+        subprocess.run, [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", "2048",
+                         "-f", "ann@remote.example", "-t", USER, f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=within)
+    accepted = time.monotonic() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"smtp-source failed: {result.stderr.strip()}")
+    deadline = started + within
+    while maildir_count(mail_root) - before < messages:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {maildir_count(mail_root) - before} of {messages} "
+                               "messages arrived")
+        await asyncio.sleep(0.02)
+    delivered = time.monotonic() - started
+    return messages / accepted, messages / delivered
+
+
+def postfix_reference(directory: Path, lmtp_address: str) -> tuple[list[str], Path]:
+    """A host Postfix of our own: config and queue under `directory`, LMTP to Dovecot."""
+    config = directory / "etc"
+    queue = directory / "queue"
+    data = directory / "data"
+    for path in (config, queue, data):
+        path.mkdir(parents=True)
+    shutil.chown(data, "postfix")
+    (config / "main.cf").write_text(f"""
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = reference.bench
+mydestination =
+relay_domains = {DOMAIN}
+relay_transport = lmtp:inet:{lmtp_address}:{PORTS["lmtp"]}
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+mynetworks = 127.0.0.0/8
+maillog_file = {directory}/maillog
+maillog_file_prefixes = {directory}
+smtputf8_enable = no
+lmtp_destination_concurrency_limit = 8
+""")
+    shutil.copy("/etc/postfix/master.cf", config / "master.cf")
+    master = (config / "master.cf").read_text().replace(
+        "smtp      inet  n       -       y       -       -       smtpd",
+        f"127.0.0.1:{POSTFIX} inet  n       -       n       -       -       smtpd")
+    # No chroot: the queue is not under the default chroot.
+    master = "\n".join(line.replace("  y  ", "  n  ") if not line.startswith("#") else line
+                       for line in master.splitlines())
+    (config / "master.cf").write_text(master + "\npostlog   unix-dgram n  -       n       -"
+                                      "       1       postlogd\n")
+    command = ["postfix", "-c", str(config)]
+    subprocess.run([*command, "set-permissions"], capture_output=True, check=False)
+    subprocess.run([*command, "start"], check=True, capture_output=True)
+    return command, config
+
+
+def make_state_dir() -> Path:
+    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-gw-", dir="/tmp"))
+    state_dir.chmod(0o711)     # the embedded PostgreSQL's user must get through
+    return state_dir
+
+
+async def run(messages: int, sessions: int) -> None:
+    state_dir = make_state_dir()
+    data = config_data(state_dir)
+    config = parse_config(data, "bench")
+    platform = Platform(config, ("dispatcher", "lmtp-router", "filter-in", "smtp-in"))
+    postfix: list[str] | None = None
+    try:
+        await platform.start()
+        assert platform.pool is not None
+        async with platform.pool.acquire() as db:
+            await db.execute("UPDATE hosts SET state = 'draining' WHERE name <> $1",
+                             "bench-gw-host")
+            if not await db.fetchval("SELECT 1 FROM domains WHERE name = $1", DOMAIN):
+                await domains.add(db, DOMAIN)
+                await accounts.add(db, USER, hash_password("bench"))
+        mail_root = config.mail_root
+        await load(SMTP_IN, 20, 2, mail_root)        # warm: the container is running
+        assert platform.runtime is not None
+        instance = (await platform.runtime.instances(DOMAIN))[0]
+        postfix, _ = await asyncio.to_thread(postfix_reference, state_dir / "postfix",
+                                             str(instance.address))
+        await load(POSTFIX, 20, 2, mail_root)        # warm the reference too
+        ours = await load(SMTP_IN, messages, sessions, mail_root)
+        theirs = await load(POSTFIX, messages, sessions, mail_root)
+        print(f"{messages} messages, {sessions} smtp-source sessions, 2 kB each")
+        print(f"mailfc  SMTP-In -> spool -> Filter-In -> LMTP Router -> Dovecot: "
+              f"accepted {ours[0]:.0f}/s, delivered {ours[1]:.0f}/s")
+        print(f"Postfix (host) -> LMTP -> the same Dovecot:                      "
+              f"accepted {theirs[0]:.0f}/s, delivered {theirs[1]:.0f}/s")
+        print(f"ratio (end to end): {ours[1] / theirs[1]:.2f} (target >= 0.8)")
+    finally:
+        if postfix is not None:
+            await asyncio.to_thread(subprocess.run, [*postfix, "stop"], capture_output=True,
+                                    check=False)
+        await platform.stop()
+        await asyncio.to_thread(cleanup, config, state_dir)
+
+
+def cleanup(config: Config, state_dir: Path) -> None:
+    subprocess.run(["ip", "link", "del", "mfcgb0"], capture_output=True, check=False)
+    embedded_cluster(config).stop()
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.smtp_in")
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=10)
+    args = parser.parse_args()
+    asyncio.run(run(args.messages, args.sessions))
+
+
+if __name__ == "__main__":
+    main()

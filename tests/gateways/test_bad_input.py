@@ -1,0 +1,212 @@
+"""SMTP-In against clients that misbehave: a proper reply each time, nothing half-queued."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from mailfc.config import parse_config
+from mailfc.gateways.smtp_in import SmtpInService
+from mailfc.tls import server_context
+from tests.gateways.conftest import SMTP_PORT, Gateways, gateway_data
+
+DISK_PORT = 18045
+
+
+class Client:
+    """A raw SMTP conversation: what a broken or hostile client really sends."""
+
+    def __init__(self, port: int = SMTP_PORT) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+        self.greeting = self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> str:
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return "\n".join(lines) or "(closed)"
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line.decode())
+            if line[3:4] != b"-":
+                return "\n".join(lines)
+
+    def command(self, line: str) -> str:
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def transaction(self, rcpt: str = "bob@g1.example", mail_args: str = "") -> None:
+        assert self.command("EHLO client.example").startswith("250")
+        assert self.command(f"MAIL FROM:<ann@remote.example>{mail_args}").startswith("250")
+        assert self.command(f"RCPT TO:<{rcpt}>").startswith("250")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def conversation(steps: object) -> object:
+    client = Client()
+    try:
+        assert callable(steps)
+        return steps(client)
+    finally:
+        client.close()
+
+
+async def run(steps: object) -> object:
+    return await asyncio.to_thread(conversation, steps)
+
+
+async def test_protocol_errors_get_coded_replies(gateways: Gateways) -> None:
+    def steps(c: Client) -> dict[str, str]:
+        out = {"greeting": c.greeting, "data_first": c.command("DATA")}
+        c.command("EHLO client.example")
+        out["rcpt_first"] = c.command("RCPT TO:<bob@g1.example>")
+        out["long"] = c.command("MAIL FROM:<" + "a" * 2000 + "@remote.example>")
+        out["bad_address"] = c.command("MAIL FROM:<not an address>")
+        c.command("MAIL FROM:<ann@remote.example>")
+        out["data_no_rcpt"] = c.command("DATA")
+        out["bad_rcpt"] = c.command("RCPT TO:<bob@@g1.example>")
+        out["quit"] = c.command("QUIT")
+        return out
+
+    out = await run(steps)
+    assert isinstance(out, dict)
+    assert out["greeting"].startswith("220 ")
+    assert out["data_first"].startswith("503 5.5.1")
+    assert out["rcpt_first"].startswith("503 5.5.1")
+    assert out["long"].startswith("500 5.5.2")
+    assert out["bad_address"][:3] in ("501", "553") and out["bad_address"][4:5] == "5"
+    assert out["data_no_rcpt"].startswith("503 5.5.1")
+    assert out["bad_rcpt"][:5] in ("501 5", "553 5")
+    assert out["quit"].startswith("221 2.0.0")
+
+
+async def test_bare_lf_8bit_and_pipelined_data_are_refused(gateways: Gateways) -> None:
+    before = set(gateways.queued())
+
+    def steps(c: Client) -> dict[str, str]:
+        out = {}
+        c.transaction()
+        c.command("DATA")
+        c.send(b"Subject: smuggle\r\n\r\nline one\n.\nMAIL FROM:<x@y.example>\r\n.\r\n")
+        out["bare_lf"] = c.reply()
+        c.transaction()
+        c.command("DATA")
+        c.send("Subject: 8bit\r\n\r\nGr\u00fc\u00dfe\r\n.\r\n".encode())
+        out["eight_bit"] = c.reply()
+        c.transaction()
+        c.send(b"DATA\r\nSubject: early\r\n\r\nbody\r\n.\r\n")
+        out["pipelined"] = c.reply()
+        return out
+
+    out = await run(steps)
+    assert isinstance(out, dict)
+    assert out["bare_lf"].startswith("554 5.5.2")
+    assert out["eight_bit"].startswith("554 5.6.0")
+    assert out["pipelined"].startswith("554 5.5.0")
+    assert set(gateways.queued()) <= before
+
+
+async def test_disconnect_mid_data_and_tls_garbage_queue_nothing(gateways: Gateways) -> None:
+    before = set(gateways.queued())
+
+    def mid_data(c: Client) -> None:
+        c.transaction()
+        assert c.command("DATA").startswith("354")
+        c.send(b"Subject: cut off\r\n\r\nhalf a message")
+
+    def tls_garbage(c: Client) -> str:
+        c.command("EHLO client.example")
+        assert c.command("STARTTLS").startswith("220")
+        c.send(b"\x16\x03\x01\x00\x05garbagegarbage" * 10)
+        with contextlib.suppress(OSError):
+            return c.reply()
+        return "(reset)"
+
+    await run(mid_data)
+    await run(tls_garbage)
+    await asyncio.sleep(0.5)
+    assert set(gateways.queued()) <= before
+    # The server is fine after both.
+    assert (await run(lambda c: c.command("NOOP"))).startswith("250")  # type: ignore[union-attr]
+
+
+async def test_admin_blocks_refuse_with_550_5_7_1(gateways: Gateways, cmdb: asyncpg.Pool
+                                                   ) -> None:
+    await cmdb.execute("INSERT INTO blocks (kind, value, reason) VALUES"
+                       " ('sender_domain', 'spammer.example', 'test block')")
+    try:
+        def steps(c: Client) -> tuple[str, str]:
+            c.command("EHLO client.example")
+            blocked = c.command("MAIL FROM:<x@spammer.example>")
+            fine = c.command("MAIL FROM:<ann@remote.example>")
+            return blocked, fine
+
+        blocked, fine = await run(steps)  # type: ignore[misc]
+        assert blocked.startswith("550 5.7.1") and "test block" in blocked
+        assert fine.startswith("250")
+    finally:
+        await cmdb.execute("DELETE FROM blocks WHERE value = 'spammer.example'")
+
+
+@pytest.fixture
+async def small_disk_smtp_in(state_dir: Path, cmdb: asyncpg.Pool
+                             ) -> AsyncIterator[tuple[SmtpInService, Path]]:
+    """An SMTP-In whose spool is a 2 MiB tmpfs: a real full disk."""
+    spool = state_dir / "mfcg-small-spool"
+    spool.mkdir(exist_ok=True)
+    await asyncio.to_thread(subprocess.run, ["mount", "-t", "tmpfs", "-o", "size=2m",
+                                             "mfcg-spool", str(spool)], check=True)
+    data = gateway_data(state_dir, listen={"smtp_in": f"127.0.0.1:{DISK_PORT}",
+                                           "filter_in": "127.0.0.1:18046"},
+                        spool={"directory": str(spool), "min_free_bytes": 0})
+    config = parse_config(data, "disk full")
+    service = SmtpInService(config, cmdb, server_context(config))
+    await service.start()
+    try:
+        yield service, spool
+    finally:
+        await service.stop(1.0)
+        await asyncio.to_thread(subprocess.run, ["umount", str(spool)], check=False)
+
+
+async def test_disk_full_answers_452_and_leaves_nothing(
+        small_disk_smtp_in: tuple[SmtpInService, Path]) -> None:
+    _, spool = small_disk_smtp_in
+
+    def steps(c: Client) -> str:
+        c.transaction()
+        assert c.command("DATA").startswith("354")
+        line = b"x" * 998 + b"\r\n"
+        c.send(b"Subject: big\r\n\r\n" + line * 3000 + b".\r\n")
+        return c.reply()
+
+    reply = await asyncio.to_thread(lambda: conversation_on(DISK_PORT, steps))
+    assert reply.startswith("452 4.3.1")
+    assert list((spool / "tmp").iterdir()) == []
+    assert list((spool / "queue").iterdir()) == []
+
+
+def conversation_on(port: int, steps: object) -> str:
+    client = Client(port)
+    try:
+        assert callable(steps)
+        result = steps(client)
+        assert isinstance(result, str)
+        return result
+    finally:
+        client.close()
