@@ -45,6 +45,14 @@ for service in postfix dovecot; do
     fi
 done
 
+# mailfc's Dovecot IMAP hook plugin, built against the installed dovecot-dev and
+# installed where every per-domain Dovecot loads it.  make refuses (and installs
+# nothing) when the headers' Dovecot ABI is not the installed Dovecot's.
+if ! make -s -C plugins/dovecot_hooks install; then
+    echo "setup.sh: the Dovecot hook plugin could not be built or installed (see above)" >&2
+    exit 1
+fi
+
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi

@@ -65,7 +65,9 @@ class ListenSection(Section):
 
     smtp_in: str = "0.0.0.0:25"
     filter_in: str = "127.0.0.1:10025"
-    filter_out: str = "127.0.0.1:10026"
+    # "bridge": this host's container bridge address, where the domains' Postfix
+    # containers (and nobody outside the host) can reach Filter-Out.
+    filter_out: str = "bridge:10026"
     smtp_out: str = "127.0.0.1:10027"
     lmtp_router: str = "127.0.0.1:24"
     imap_router: str = "0.0.0.0:143"
@@ -292,6 +294,26 @@ class SpoolSection(Section):
     scan_interval_s: float = 1.0
 
 
+class SmtpOutSection(Section):
+    """SMTP-Out (mailfc.gateways.smtp_out): delivery to the recipients' MX hosts."""
+
+    # Static routes before DNS: "domain=host:port"; "*=host:port" is a smarthost.
+    routes: list[str] = []
+    # One SMTP conversation (connect, each command, DATA) gives up after this.
+    timeout_s: float = 60.0
+    dns_timeout_s: float = 10.0
+    max_message_size: int = 52_428_800
+
+    @field_validator("routes")
+    @classmethod
+    def _are_routes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            domain, sep, target = entry.partition("=")
+            if not sep or not domain.strip() or not target.strip():
+                raise ValueError(f"route {entry!r}: expected domain=host:port or *=host:port")
+        return value
+
+
 class FilterSection(Section):
     """A filter gateway (mailfc.gateways.filter): one chain of checks per direction."""
 
@@ -406,6 +428,8 @@ class Config(Section):
     smtp_in: SmtpInSection = SmtpInSection()
     spool: SpoolSection = SpoolSection()
     filter_in: FilterSection = FilterSection()
+    filter_out: FilterSection = FilterSection()
+    smtp_out: SmtpOutSection = SmtpOutSection()
 
     @property
     def state_dir(self) -> Path:

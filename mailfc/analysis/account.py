@@ -49,6 +49,16 @@ def _plain(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
 
 async def account_report(db: asyncpg.Connection, address: str, span: TimeRange,
                          limit: int = 200) -> dict[str, Any]:
+    # A long-lived connection reuses prepared statements; after five runs PostgreSQL may
+    # switch to a generic plan, which cannot prune partitions by the range or pick the
+    # index for one account (measured: 0.1 s becomes 2.7 s).  Plan each run afresh.
+    async with db.transaction():
+        await db.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        return await _report(db, address, span, limit)
+
+
+async def _report(db: asyncpg.Connection, address: str, span: TimeRange,
+                  limit: int) -> dict[str, Any]:
     account = account_address(address)
     domain = account.rpartition("@")[2]
     state = await db.fetchval(

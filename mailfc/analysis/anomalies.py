@@ -15,7 +15,9 @@ RULES
                             windows; at least min_messages.  An account that has sent
                             this much before (a weekly newsletter) is measured against
                             that peak and stays quiet.
-    fanout        account   recipients addressed, same bound on its own history.
+    fanout        account   recipients addressed, same bound on its own history, at least
+                            2 * min_messages, and at least twice its usual recipients per
+                            message (more mail to as many people is the volume rule's).
     new_ip_send   account   at least min_messages sent from a client address the account
                             had not used (SMTP, IMAP or a successful login) in the
                             baseline; says when it logged in from there.  Accounts with no
@@ -160,12 +162,16 @@ async def anomalies(db: asyncpg.Connection, options: Options, limit: int = 50
 async def _volume_rules(db: asyncpg.Connection, options: Options, frame: Frame
                         ) -> list[Finding]:
     """volume, fanout and refusals: one pass over the active accounts' windows."""
-    args: list[Any] = [frame.start, frame.end, frame.base_start, float(frame.window_s)]
+    args: list[Any] = [frame.start, frame.end, frame.base_start, float(frame.window_s),
+                       options.min_messages]
     domain = _domain_filter(options, "domain", args)
     rows = await db.fetch(
-        "WITH active AS (SELECT DISTINCT account FROM smtp_messages"
+        # Only accounts that reach min_messages in the window can be flagged: their
+        # history is read through the (account, started_at) index, nobody else's.
+        "WITH active AS (SELECT account FROM smtp_messages"
         "   WHERE started_at >= $1 AND started_at < $2 AND account IS NOT NULL"
-        f"  {domain})"
+        f"  {domain} GROUP BY account HAVING count(*) >= $5"
+        "   OR coalesce(sum(recipient_count), 0) >= $5)"
         " SELECT m.account,"
         "   floor(extract(epoch FROM ($2 - m.started_at)) / $4)::int AS k,"
         "   count(*) FILTER (WHERE m.verdict = ANY('{accept,tempfail,reject}')) AS tried,"
@@ -183,24 +189,26 @@ async def _volume_rules(db: asyncpg.Connection, options: Options, frame: Frame
         current = windows.get(0)
         if current is None:
             continue
-        for rule, column, noun in (("volume", "tried", "messages"),
-                                   ("fanout", "recipients", "recipients")):
+        before_tried = sum(float(r["tried"]) for k, r in windows.items() if k > 0)
+        before_rcpts = sum(float(r["recipients"]) for k, r in windows.items() if k > 0)
+        usual_per_message = before_rcpts / before_tried if before_tried else 0.0
+        per_message = float(current["recipients"]) / max(float(current["tried"]), 1.0)
+        for rule, column, noun, minimum in (
+                ("volume", "tried", "messages", options.min_messages),
+                ("fanout", "recipients", "recipients", 2 * options.min_messages)):
             observed = float(current[column])
             history = {k: float(r[column]) for k, r in windows.items() if k > 0}
             base = Baseline.of(zero_filled(history, frame.windows))
             bound = max(base.median + options.k * base.sigma, options.peak_factor * base.peak)
-            minimum = options.min_messages
             if observed < minimum or observed <= bound:
                 continue
-            detail = ""
             if rule == "volume":
-                detail = f" ({current['tried'] - current['refused']} accepted," \
-                         f" {current['refused']} refused)"
+                detail = (f" ({current['tried'] - current['refused']} accepted,"
+                          f" {current['refused']} refused)")
+            elif per_message < 2 * usual_per_message:
+                continue     # more mail, not wider mail: the volume rule speaks for it
             else:
-                per_message = observed / max(current["tried"], 1)
-                usual = (sum(history.values()) /
-                         max(sum(float(r["tried"]) for k, r in windows.items() if k > 0), 1))
-                detail = (f" ({per_message:.1f} per message, usually {usual:.1f})")
+                detail = f" ({per_message:.1f} per message, usually {usual_per_message:.1f})"
             found.append(Finding(
                 "account", account, rule, 1 + severity(observed, bound),
                 f"{noun} in the last {frame.span}: {int(observed)}{detail}; its usual:"
@@ -226,19 +234,25 @@ async def _volume_rules(db: asyncpg.Connection, options: Options, frame: Frame
 
 async def _new_ip_send(db: asyncpg.Connection, options: Options, frame: Frame
                        ) -> list[Finding]:
-    args: list[Any] = [frame.start, frame.end, frame.base_start, options.min_messages]
+    args: list[Any] = [frame.start, frame.end, options.min_messages]
     domain = _domain_filter(options, "domain", args)
+    sent = await db.fetch(
+        "SELECT account, client_ip, count(*) AS messages, min(started_at) AS first_at"
+        " FROM smtp_messages WHERE started_at >= $1 AND started_at < $2"
+        f" AND account IS NOT NULL AND client_ip IS NOT NULL{domain}"
+        " GROUP BY 1, 2 HAVING count(*) >= $3", *args)
+    if not sent:
+        return []
+    # Two steps: the planner cannot know how few (account, address) pairs pass the
+    # HAVING above, and would read the whole baseline to join them; handed over as
+    # arrays, each pair is a few index probes.
     rows = await db.fetch(
-        "WITH sent AS ("
-        "   SELECT account, client_ip, count(*) AS messages, min(started_at) AS first_at"
-        "   FROM smtp_messages WHERE started_at >= $1 AND started_at < $2"
-        f"    AND account IS NOT NULL AND client_ip IS NOT NULL{domain}"
-        "   GROUP BY 1, 2 HAVING count(*) >= $4)"
-        " SELECT s.account, host(s.client_ip) AS ip, s.messages, s.first_at,"
+        "SELECT s.account, host(s.client_ip) AS ip, s.messages, s.first_at,"
         "   (SELECT min(a.at) FROM auth_attempts a WHERE lower(a.username) = s.account"
         "      AND a.client_ip = s.client_ip AND a.success AND a.at >= $1 AND a.at < $2"
         "   ) AS login_at"
-        " FROM sent s"
+        " FROM unnest($4::text[], $5::inet[], $6::bigint[], $7::timestamptz[])"
+        "   AS s(account, client_ip, messages, first_at)"
         " WHERE EXISTS (SELECT 1 FROM smtp_sessions o WHERE o.account = s.account"
         "      AND o.started_at >= $3 AND o.started_at < $1)"
         "   AND NOT EXISTS (SELECT 1 FROM smtp_sessions o WHERE o.account = s.account"
@@ -247,7 +261,9 @@ async def _new_ip_send(db: asyncpg.Connection, options: Options, frame: Frame
         "      AND o.client_ip = s.client_ip AND o.started_at >= $3 AND o.started_at < $1)"
         "   AND NOT EXISTS (SELECT 1 FROM auth_attempts o WHERE lower(o.username) = s.account"
         "      AND o.client_ip = s.client_ip AND o.success AND o.at >= $3 AND o.at < $1)",
-        *args)
+        frame.start, frame.end, frame.base_start, [r["account"] for r in sent],
+        [r["client_ip"] for r in sent], [r["messages"] for r in sent],
+        [r["first_at"] for r in sent])
     found = []
     for row in rows:
         login = (f"logged in from it at {_clock(row['login_at'])}, "

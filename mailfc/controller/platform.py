@@ -20,16 +20,17 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from mailfc.config import Config
+from mailfc.config import Config, split_hostport
 from mailfc.controller.controller import Controller
 from mailfc.db import connect, hosts
+from mailfc.db.directory import Directory
 from mailfc.dispatcher.server import Dispatcher
 from mailfc.errors import ConfigError
 from mailfc.gateways.filter import FilterService
 from mailfc.gateways.smtp_in import SmtpInService
+from mailfc.gateways.smtp_out.service import SmtpOutService
 from mailfc.policy.hooks.server import HookService
 from mailfc.policy.milter.server import MilterService
-from mailfc.routers.directory import Directory
 from mailfc.routers.imap import ImapRouter
 from mailfc.routers.lmtp import LmtpRouter
 from mailfc.routers.submission import SubmissionRouter
@@ -52,7 +53,8 @@ class Service(Protocol):
 
 
 SERVICE_NAMES = ("milter", "hook-server", "dispatcher", "controller", "lmtp-router",
-                 "imap-router", "submission-router", "filter-in", "smtp-in")
+                 "imap-router", "submission-router", "filter-in", "smtp-in", "smtp-out",
+                 "filter-out")
 
 
 class Platform:
@@ -141,7 +143,8 @@ class Platform:
             await runtime.open()
             await runtime.recover()
             self.runtime = runtime
-            dispatcher = Dispatcher(self.config, runtime, self.pool)
+            dispatcher = Dispatcher(self.config, runtime, self.pool,
+                                    socket_dir=runtime.settings.sockets)
             services.append(dispatcher)
             if "controller" in self.wanted:
                 self.controller = Controller(self.config, self.pool, runtime, dispatcher)
@@ -158,7 +161,24 @@ class Platform:
             services.append(FilterService(self.config, self.pool))
         if "smtp-in" in self.wanted:
             services.append(SmtpInService(self.config, self.pool, server_context(self.config)))
+        # Outbound: SMTP-Out listens before Filter-Out, its next hop.
+        if "smtp-out" in self.wanted:
+            services.append(SmtpOutService(self.config, self.pool))
+        if "filter-out" in self.wanted:
+            services.append(FilterService(
+                self.config, self.pool, name="filter-out", section=self.config.filter_out,
+                listen=self._filter_out_listen(), next_hop=self.config.listen.smtp_out))
         return services
+
+    def _filter_out_listen(self) -> str:
+        """listen.filter_out, with the host "bridge" made this host's bridge address."""
+        host, port = split_hostport(self.config.listen.filter_out)
+        if host != "bridge":
+            return self.config.listen.filter_out
+        if self.runtime is None:
+            raise ConfigError("listen.filter_out = bridge:... is the container bridge of this"
+                              " host: run filter-out with the dispatcher, or give an address")
+        return f"{self.runtime.settings.bridge_address}:{port}"
 
     async def _register_host(self) -> dict[str, object]:
         assert self.pool is not None

@@ -45,6 +45,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
@@ -52,6 +53,7 @@ import asyncpg
 from mailfc import netio
 from mailfc.addresses import normalize_domain
 from mailfc.config import Config
+from mailfc.dispatcher.sasl import LockedSaslServer
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import proxy
 from mailfc.runtime.readiness import process_alive
@@ -116,7 +118,7 @@ class Dispatcher:
     name = "dispatcher"
 
     def __init__(self, config: Config, containers: Containers,
-                 pool: asyncpg.Pool | None = None) -> None:
+                 pool: asyncpg.Pool | None = None, *, socket_dir: Path | None = None) -> None:
         self.config = config
         self.containers = containers
         self.pool = pool
@@ -132,6 +134,8 @@ class Dispatcher:
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
+        # The containers' Postfix needs a SASL server to honour XCLIENT LOGIN.
+        self.sasl = LockedSaslServer(socket_dir) if socket_dir is not None else None
 
     def ports(self) -> dict[str, int]:
         settings = self.config.dispatcher
@@ -139,6 +143,8 @@ class Dispatcher:
                 "smtp": settings.smtp_port}
 
     async def start(self) -> None:
+        if self.sasl is not None:
+            await self.sasl.start()
         address = self.config.dispatcher.address
         for service, port in self.ports().items():
             server = await asyncio.start_server(
@@ -164,6 +170,8 @@ class Dispatcher:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self._flush_activity()
+        if self.sasl is not None:
+            await self.sasl.stop()
 
     def _handler(self, service: str) -> Callable[
             [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 
 from mailfc import netio
 from mailfc.config import Config, split_hostport
+from mailfc.db.directory import Account, Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import imap, proxy
-from mailfc.routers.directory import Account, Directory
 from mailfc.routers.throttle import FailureThrottle
 
 log = logging.getLogger("mailfc.routers.imap")

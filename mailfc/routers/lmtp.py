@@ -37,10 +37,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailfc import netio
 from mailfc.config import Config, split_hostport
+from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
-from mailfc.routers.directory import Directory
 
 log = logging.getLogger("mailfc.routers.lmtp")
 

@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from mailfc import netio
 from mailfc.addresses import normalize_address
 from mailfc.config import Config, split_hostport
+from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply
-from mailfc.routers.directory import Account, Directory
 from mailfc.routers.throttle import FailureThrottle
 
 log = logging.getLogger("mailfc.routers.submission")

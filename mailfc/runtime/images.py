@@ -181,6 +181,7 @@ def template_context(image: Image, domain: str, settings: RuntimeSettings) -> di
         "relay": settings.relay,
         "milter_socket": f"{SOCKET_MOUNT}/{settings.milter_socket}",
         "hook_socket": f"{SOCKET_MOUNT}/{settings.hook_socket}",
+        "sasl_socket": f"{SOCKET_MOUNT}/auth.sock",
         "hook_plugin": hook if hook and hook_plugin_installed(hook) else "",
         "users": host_users(settings.vmail_uid, settings.vmail_gid),
         "nameservers": settings.nameservers,

@@ -31,6 +31,7 @@ from mailfc.db import accounts, domains
 from mailfc.gateways.filter import FilterService
 from mailfc.passwords import hash_password
 from tests.conftest import require_binary
+from tests.dkim import opendkim_signing
 
 HOST = "gateway-host"
 SMTP_PORT = 18025
@@ -174,29 +175,8 @@ async def wait_for(predicate: Any, within: float = 30.0, interval: float = 0.1) 
 
 @pytest.fixture(scope="session")
 def opendkim(state_dir: Path) -> Iterator[Path]:
-    binary = require_binary("opendkim", "opendkim")
-    keygen = require_binary("opendkim-genkey", "opendkim-tools")
-    directory = state_dir / "mfcg-dkim"
-    directory.mkdir(exist_ok=True)
-    subprocess.run([keygen, "-D", str(directory), "-d", "remote.example", "-s", "test"],
-                   check=True, capture_output=True)
-    conf = directory / "opendkim.conf"
-    conf.write_text(f"Syslog no\nMode sv\nSocket inet:{DKIM_PORT}@127.0.0.1\n"
-                    f"Domain remote.example\nSelector test\nKeyFile {directory}/test.private\n"
-                    "RequireSafeKeys false\nCanonicalization relaxed/relaxed\n")
-    with (directory / "opendkim.log").open("wb") as log:
-        process = subprocess.Popen([binary, "-f", "-x", str(conf)], stdout=log,
-                                   stderr=subprocess.STDOUT)
-    try:
-        wait_port(DKIM_PORT, 10, process)
+    with opendkim_signing(state_dir / "mfcg-dkim", "remote.example", DKIM_PORT) as directory:
         yield directory
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,10 @@ imap_router = "127.0.0.1:{IMAP_PORT}"
 imap_router_tls = "127.0.0.1:{IMAPS_PORT}"
 milter = "127.0.0.1:19030"
 hook_server = "127.0.0.1:19031"
+smtp_in = "127.0.0.1:19025"
+filter_in = "127.0.0.1:19026"
+submission = "127.0.0.1:19587"
+submissions = "127.0.0.1:19465"
 [dispatcher]
 lmtp_port = 19124
 imap_port = 19243

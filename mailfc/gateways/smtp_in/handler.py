@@ -36,6 +36,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailfc.addresses import split_address
 from mailfc.config import Config
+from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
 from mailfc.gateways import replies
 from mailfc.gateways.lmtp_hop import null_sender
@@ -52,7 +53,6 @@ from mailfc.policy.engine import (
 )
 from mailfc.policy.recorder import Recorder, Row, now
 from mailfc.policy.replies import RULE_UNAVAILABLE, smtp_reply
-from mailfc.routers.directory import Directory
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 

@@ -10,6 +10,7 @@ import ssl
 import asyncpg
 
 from mailfc.config import Config, split_hostport
+from mailfc.db.directory import Directory
 from mailfc.gateways.listener import CyclingListener, cycle
 from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.gateways.smtp_in.handler import LimitedDomains, SmtpInHandler
@@ -18,7 +19,6 @@ from mailfc.gateways.spool import Envelope, Spool, spool_directory
 from mailfc.policy.engine import LimitEngine
 from mailfc.policy.recorder import Recorder
 from mailfc.protocols.lmtp import Reply
-from mailfc.routers.directory import Directory
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 

@@ -76,6 +76,10 @@ class Directory:
             """, domain, localpart)
         return {row["target"]: row["hosted"] for row in rows} or None
 
+    async def is_hosted(self, domain: str) -> bool:
+        return bool(await self.pool.fetchval("SELECT 1 FROM domains WHERE name = $1",
+                                             domain.lower()))
+
     async def sender_addresses(self, address: str) -> set[str]:
         """Addresses `address` may send as: itself and the aliases that deliver to it."""
         rows = await self.pool.fetch(

@@ -1,0 +1,147 @@
+"""SMTP-Out as a resident service: LMTP intake from Filter-Out, durable spool, delivery.
+
+INTAKE
+    listen.smtp_out (127.0.0.1:10027), LMTP from Filter-Out: every syntactically
+    valid recipient is accepted (the sender's domain Postfix and the milter have
+    decided already); at DATA the message is made durable in the spool
+    (<state_dir>/spool/smtp-out) and each recipient gets `250 2.0.0 queued as
+    <id>`, or `452 4.3.1` when the disk is full.
+
+DELIVERY (mailfc.gateways.spool: per-domain queues, round-robin, retries, DSNs)
+    a hosted recipient domain  -> the LMTP Router (the inbound path)
+    any other domain           -> its MX hosts (remote.py, routes.py)
+    A 4xx or an unreachable MX is retried with backoff; a 5xx, or a 4xx past
+    spool.max_lifetime_s, bounces to the sender with a DSN, which the spool
+    delivers like any message (into the sender's own mailbox when hosted).
+    Every delivery result is recorded (smtp_events, component smtp-out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import logging
+from email.parser import BytesHeaderParser
+
+import asyncpg
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailfc.addresses import normalize_address
+from mailfc.config import Config, split_hostport
+from mailfc.db.directory import Directory
+from mailfc.errors import InvalidInput
+from mailfc.gateways.lmtp_hop import LmtpHop
+from mailfc.gateways.smtp_out.remote import RemoteDelivery
+from mailfc.gateways.smtp_out.routes import Router, parse_routes
+from mailfc.gateways.spool import Envelope as SpoolEnvelope
+from mailfc.gateways.spool import Spool, spool_directory
+from mailfc.gateways.spool.store import SpoolFull, domain_of
+from mailfc.protocols.lmtp import Reply
+
+log = logging.getLogger("mailfc.gateways.smtp_out")
+
+
+def _message_id(message: bytes) -> str | None:
+    head = message.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    parsed = BytesHeaderParser(policy=email.policy.SMTP).parsebytes(head + b"\r\n\r\n")
+    value = parsed.get("Message-ID")
+    return str(value).strip() if value else None
+
+
+class SmtpOutHandler:
+    """aiosmtpd hooks for the intake, named after the LMTP verbs they answer."""
+
+    def __init__(self, service: SmtpOutService) -> None:
+        self.service = service
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        try:
+            envelope.rcpt_tos.append(normalize_address(address))
+        except InvalidInput as error:
+            return f"501 5.1.3 {error}"
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        sender = envelope.mail_from or ""
+        if sender == "<>":
+            sender = ""
+        try:
+            queue_id = await self.service.spool.put(
+                sender, list(envelope.rcpt_tos), envelope.original_content or b"",
+                mail_options=tuple(envelope.mail_options or ()))
+        except SpoolFull as error:
+            reply = f"452 4.3.1 insufficient system storage: {error}"
+        else:
+            reply = f"250 2.0.0 queued as {queue_id}"
+        return "\r\n".join(reply for _ in envelope.rcpt_tos)
+
+
+class SmtpOutService:
+    name = "smtp-out"
+
+    def __init__(self, config: Config, pool: asyncpg.Pool) -> None:
+        self.config = config
+        self.pool = pool
+        settings = config.smtp_out
+        self.directory = Directory(pool)
+        self.remote = RemoteDelivery(
+            Router(parse_routes(settings.routes), timeout=settings.dns_timeout_s),
+            helo=config.host_name, timeout=settings.timeout_s)
+        router_host, router_port = split_hostport(config.listen.lmtp_router)
+        if router_host == "0.0.0.0":
+            router_host = "127.0.0.1"
+        self.inbound = LmtpHop(router_host, router_port, helo=config.host_name,
+                               timeout=config.lmtp_router.delivery_timeout_s
+                               + config.runtime.start_timeout_s)
+        self.spool = Spool(spool_directory(config.state_dir, config.spool.directory,
+                                           "smtp-out"),
+                           self._deliver, config.spool, hostname=config.host_name)
+        self._server: asyncio.Server | None = None
+
+    async def _deliver(self, envelope: SpoolEnvelope, recipients: list[str],
+                       message: bytes) -> dict[str, Reply]:
+        domain = domain_of(recipients[0])
+        if await self.directory.is_hosted(domain):
+            replies = await self.inbound.deliver(envelope.sender, recipients, message)
+        else:
+            replies = await self.remote.deliver(envelope.sender, recipients, message)
+        await self._record(envelope, domain, replies, _message_id(message))
+        return replies
+
+    async def _record(self, envelope: SpoolEnvelope, domain: str,
+                      replies: dict[str, Reply], message_id: str | None) -> None:
+        try:
+            await self.pool.executemany(
+                # session_id 0: the delivery belongs to no SMTP session of ours; the
+                # Message-ID ties it to the message the milter recorded.
+                "INSERT INTO smtp_events (session_id, at, stage, verdict, reason, rule, detail)"
+                " VALUES (0, now(), 'delivery', $1, $2, 'smtp-out', jsonb_build_object("
+                "'queue_id', $3::text, 'recipient', $4::text, 'domain', $5::text,"
+                " 'message_id', $6::text, 'sender', $7::text))",
+                [("delivered" if reply.ok else "deferred" if reply.temporary else "bounced",
+                  str(reply), envelope.queue_id, recipient, domain, message_id,
+                  envelope.sender)
+                 for recipient, reply in replies.items()])
+        except (asyncpg.PostgresError, OSError) as error:
+            log.warning("could not record delivery results of %s: %s", envelope.queue_id,
+                        error)
+
+    async def start(self) -> None:
+        await self.spool.start()
+        host, port = split_hostport(self.config.listen.smtp_out)
+        handler = SmtpOutHandler(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: LMTP(handler, data_size_limit=self.config.smtp_out.max_message_size,
+                         enable_SMTPUTF8=True, hostname=self.config.host_name,
+                         ident="mailfc SMTP-Out"),
+            host, port, reuse_address=True, reuse_port=True)
+
+    async def stop(self, drain_timeout: float) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await self.spool.stop(drain_timeout)
+        await self.inbound.close()
