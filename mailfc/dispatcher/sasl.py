@@ -28,15 +28,16 @@ import os
 import secrets
 from pathlib import Path
 
+from mailfc.runtime.images import SASL_SOCKET
+
 log = logging.getLogger("mailfc.dispatcher.sasl")
 
-SOCKET_NAME = "auth.sock"
 MAX_LINE = 8192
 
 
 class LockedSaslServer:
     def __init__(self, socket_dir: Path) -> None:
-        self.path = socket_dir / SOCKET_NAME
+        self.path = socket_dir / SASL_SOCKET
         self._server: asyncio.Server | None = None
         self._clients = itertools.count(1)
 

@@ -168,6 +168,10 @@ def _template_files(root: Path) -> tuple[str, ...]:
     return tuple(sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()))
 
 
+# mailfc.dispatcher.sasl listens here (a name inside the socket directory).
+SASL_SOCKET = "auth.sock"
+
+
 def hook_plugin_installed(name: str) -> bool:
     return bool(glob.glob(str(DOVECOT_MODULES / f"lib*_{name}_plugin.so")))
 
@@ -181,7 +185,10 @@ def template_context(image: Image, domain: str, settings: RuntimeSettings) -> di
         "relay": settings.relay,
         "milter_socket": f"{SOCKET_MOUNT}/{settings.milter_socket}",
         "hook_socket": f"{SOCKET_MOUNT}/{settings.hook_socket}",
-        "sasl_socket": f"{SOCKET_MOUNT}/auth.sock",
+        # Postfix exits when SASL is on and nobody answers on the socket, so it is
+        # turned on only when the dispatcher's locked SASL server listens.
+        "sasl_socket": f"{SOCKET_MOUNT}/{SASL_SOCKET}"
+        if (settings.sockets / SASL_SOCKET).exists() else "",
         "hook_plugin": hook if hook and hook_plugin_installed(hook) else "",
         "users": host_users(settings.vmail_uid, settings.vmail_gid),
         "nameservers": settings.nameservers,

@@ -94,7 +94,8 @@ async def test_overflow_is_counted_logged_and_exposed(
             " 'test/overflow'")
         assert tuple(row) == (10, 15, 1)
         assert await policy_db.fetchval(
-            "SELECT array_agg(username ORDER BY id) FROM auth_attempts WHERE username ~ '^u'"
+            "SELECT array_agg(username ORDER BY id) FROM auth_attempts"
+            " WHERE username ~ '^u[0-9]+$'"
         ) == [f"u{index}" for index in range(15, 25)]
     finally:
         await policy_db.execute("DELETE FROM auth_attempts WHERE username ~ '^u[0-9]+$'")

@@ -26,10 +26,11 @@ from tests.routers.conftest import PASSWORD, client_tls
 LMTP_PORT, IMAP_PORT, IMAPS_PORT = 19024, 19143, 19993
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float,
+              log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, "mailfc up exited early"
+        assert process.poll() is None, "mailfc up exited early:\n" + log.read_text()[-3000:]
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
@@ -80,8 +81,10 @@ milter = "127.0.0.1:19030"
 hook_server = "127.0.0.1:19031"
 smtp_in = "127.0.0.1:19025"
 filter_in = "127.0.0.1:19026"
-submission = "127.0.0.1:19587"
+submission = "127.0.0.1:19588"
 submissions = "127.0.0.1:19465"
+smtp_out = "127.0.0.1:19027"
+filter_out = "bridge:19028"
 [dispatcher]
 lmtp_port = 19124
 imap_port = 19243
@@ -95,7 +98,7 @@ name_prefix = "mfcu"
             await accounts.add(db, "gina@up.example", hash_password(PASSWORD))
     process = await asyncio.to_thread(start_up, config, own_state / "up.log")
     try:
-        await asyncio.to_thread(wait_port, IMAPS_PORT, process, 60)
+        await asyncio.to_thread(wait_port, IMAPS_PORT, process, 60, own_state / "up.log")
         await cmdb.execute(
             "UPDATE domains SET host_id = (SELECT id FROM hosts WHERE name = 'up-host')"
             " WHERE name = 'up.example'")

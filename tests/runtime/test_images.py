@@ -13,6 +13,7 @@ from mailfc.runtime.images import (
     MAIL_MOUNT,
     POSTFIX,
     SOCKET_MOUNT,
+    hook_plugin_installed,
     image_for,
     render_etc,
     template_context,
@@ -42,7 +43,7 @@ def test_postfix_config(tmp_path: Path) -> None:
     main_cf = (etc / "postfix/main.cf").read_text()
     assert "myhostname = mail.example.org" in main_cf
     assert "virtual_mailbox_domains = example.org" in main_cf
-    assert "relayhost = [10.66.0.1]:10026" in main_cf
+    assert "default_transport = lmtp:[10.66.0.1]:10026" in main_cf
     assert "smtpd_authorized_xclient_hosts = 10.66.0.1/32" in main_cf
     assert f"smtpd_milters = unix:{SOCKET_MOUNT}/milter.sock" in main_cf
     assert "milter_default_action = accept" in main_cf
@@ -64,7 +65,8 @@ def test_dovecot_config(tmp_path: Path) -> None:
     assert "haproxy_trusted_networks = 10.66.0.1/32" in conf
     assert f"home={MAIL_MOUNT}/%Ln" in conf
     assert "mail_fsync = always" in conf and "lock_method = dotlock" in conf
-    assert "mailfc_hooks" not in conf, "the hook plugin is loaded only when installed"
+    assert ("mailfc_hooks" in conf) == hook_plugin_installed("mailfc_hooks"), \
+        "the hook plugin is loaded exactly when installed"
     relaxed = _render("dovecot", tmp_path / "relaxed", SETTINGS.replace(nfs_safe=False))
     assert "mail_fsync" not in (relaxed / "dovecot/dovecot.conf").read_text()
 

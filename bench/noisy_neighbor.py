@@ -1,0 +1,396 @@
+"""Benchmark: the reason mailfc exists — one domain's flood must not slow another.
+
+    python -m bench.noisy_neighbor [--seconds 15] [--senders 50]
+
+Domain A floods: --senders concurrent submission loops (10x its limit of 5
+concurrent sends) plus an IMAP SEARCH storm.  Domain B sends one message every
+0.5 s and reads its mailbox every 0.25 s.  Reported, all in one run:
+
+  1. B alone on mailfc,
+  2. B during A's flood on mailfc (A in its own containers, with limits),
+  3. B during the same flood on a plain shared Postfix + Dovecot serving both
+     domains (the same binaries in one shared container pair, no limits: the
+     status quo of one server per box),
+
+as p50/p99 of B's delivery latency (submission start to arrival at the remote
+MX) and of B's IMAP command latency, plus the most concurrent sends A ever had
+open on mailfc (from the milter's records) against its limit.
+
+Everything runs on loopback and this host's own container bridge; the remote
+MX is an aiosmtpd server of this benchmark.  Loads stop by themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import ssl
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailfc.config import Config, parse_config
+from mailfc.controller.platform import Platform
+from mailfc.db import accounts, domains, limits
+from mailfc.db.pool import embedded_cluster
+from mailfc.passwords import hash_password
+from mailfc.protocols.lmtp import read_reply
+
+PASSWORD = "bench-password"
+SUBMISSION = 22587
+IMAPS = 22993
+LMTP = 22024
+MX_PORT = 22525
+A_LIMIT = 5
+A_ACCOUNTS = 10
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.changed = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def wait_for(self, markers: set[str], within: float) -> None:
+        """Until every marker has arrived, or `within` seconds passed."""
+        deadline = time.monotonic() + within
+        while not markers <= set(self.arrived) and time.monotonic() < deadline:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                return
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        marker = content.split(b"X-Bench: ", 1)[1].split(b"\r\n", 1)[0] if \
+            b"X-Bench: " in content else b""
+        self.arrived[marker.decode()] = time.monotonic()
+        if self.loop is not None:  # aiosmtpd's Controller runs its own loop in a thread
+            self.loop.call_soon_threadsafe(self.changed.set)
+        return "250 2.0.0 accepted"
+
+
+def config(state_dir: Path) -> Config:
+    return parse_config({
+        "paths": {"state_dir": str(state_dir)},
+        "host": {"name": "bench-nn"},
+        "network": {"bridge": "mfcn0", "subnet": "10.96.0.0/24"},
+        "runtime": {"name_prefix": "mfcn"},
+        "listen": {"lmtp_router": f"127.0.0.1:{LMTP}", "imap_router": "127.0.0.1:22143",
+                   "imap_router_tls": f"127.0.0.1:{IMAPS}",
+                   "submission": f"127.0.0.1:{SUBMISSION}", "submissions": "127.0.0.1:22465",
+                   "filter_out": "bridge:22026", "smtp_out": "127.0.0.1:22027",
+                   "milter": "127.0.0.1:22030", "hook_server": "127.0.0.1:22031"},
+        "dispatcher": {"lmtp_port": 22124, "imap_port": 22243, "smtp_port": 22687},
+        "submission": {"auth_failure_delay_s": 0.1},
+        "smtp_out": {"routes": [f"*=127.0.0.1:{MX_PORT}"]},
+        "spool": {"retry_base_s": 1.0, "retry_max_s": 2.0, "scan_interval_s": 0.2},
+    }, "noisy neighbor bench")
+
+
+def unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def message(sender: str, marker: str) -> bytes:
+    return (f"From: {sender}\r\nTo: x@remote.example\r\nSubject: bench\r\n"
+            f"Message-ID: <{marker}@bench>\r\nX-Bench: {marker}\r\n\r\n"
+            + "hello\r\n" * 20).encode()
+
+
+@dataclass
+class Samples:
+    delivery: list[float] = field(default_factory=list)
+    imap: list[float] = field(default_factory=list)
+    sent: int = 0
+    refused: int = 0
+
+    def line(self, label: str) -> str:
+        def pct(values: list[float], q: float) -> float:
+            if not values:
+                return float("nan")
+            ordered = sorted(values)
+            return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
+
+        return (f"  {label:<34} delivery p50 {pct(self.delivery, .5):7.0f} ms  p99 "
+                f"{pct(self.delivery, .99):7.0f} ms  ({len(self.delivery)} msgs)   IMAP p50 "
+                f"{pct(self.imap, .5):6.1f} ms  p99 {pct(self.imap, .99):7.1f} ms")
+
+
+# -- clients -----------------------------------------------------------------------------
+
+async def submit_via_router(user: str, marker: str) -> bool:
+    """One authenticated submission through the SMTP Router; False if refused (4xx)."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=SUBMISSION, start_tls=True,
+                             tls_context=unverified(), timeout=60)
+    try:
+        await client.connect()
+        await client.login(user, PASSWORD)
+        await client.sendmail(user, ["x@remote.example"], message(user, marker))
+        return True
+    except aiosmtplib.SMTPException:
+        return False
+    finally:
+        client.close()
+
+
+async def submit_direct(address: str, user: str, marker: str) -> bool:
+    """The status quo: straight to the shared Postfix, user vouched for by XCLIENT."""
+    reader, writer = await asyncio.open_connection(address, 25)
+    try:
+        await read_reply(reader)
+        for line in ("EHLO bench", f"XCLIENT LOGIN={user} ADDR=127.0.0.1", "EHLO bench",
+                     f"MAIL FROM:<{user}>", "RCPT TO:<x@remote.example>", "DATA"):
+            writer.write(line.encode() + b"\r\n")
+            reply = await read_reply(reader)
+            if reply.code >= 400:
+                return False
+        writer.write(message(user, marker) + b".\r\n")
+        return (await read_reply(reader)).code == 250
+    finally:
+        writer.close()
+
+
+async def imap_session(host: str, port: int, user: str, *, tls: bool
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port,
+                                                   ssl=unverified() if tls else None)
+    await reader.readuntil(b"\n")
+    await imap_command(reader, writer, b"l", f'LOGIN "{user}" "{PASSWORD}"'.encode())
+    await imap_command(reader, writer, b"s", b"SELECT INBOX")
+    return reader, writer
+
+
+async def imap_command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       tag: bytes, command: bytes) -> bytes:
+    writer.write(tag + b" " + command + b"\r\n")
+    while True:
+        line = await reader.readuntil(b"\n")
+        if line.startswith(tag + b" "):
+            return line
+
+
+# -- loads ---------------------------------------------------------------------------------
+
+async def quiet_domain(seconds: float, submit: object, open_imap: object, sink: Sink
+                       ) -> Samples:
+    samples = Samples()
+    deadline = time.monotonic() + seconds
+    started: dict[str, float] = {}
+
+    in_flight: set[asyncio.Task[bool]] = set()
+
+    async def sending() -> None:
+        while time.monotonic() < deadline:
+            marker = f"b-{uuid.uuid4().hex}"
+            started[marker] = time.monotonic()
+            # A steady rate: the next message does not wait for this one's reply.
+            task = asyncio.create_task(submit(marker))  # type: ignore[operator]
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            samples.sent += 1
+            await asyncio.sleep(0.5)
+
+    async def reading() -> None:
+        reader, writer = await open_imap()  # type: ignore[operator]
+        n = 0
+        while time.monotonic() < deadline:
+            began = time.monotonic()
+            await imap_command(reader, writer, b"r%d" % n, b"SEARCH ALL")
+            samples.imap.append(time.monotonic() - began)
+            n += 1
+            await asyncio.sleep(0.25)
+        writer.close()
+
+    await asyncio.gather(sending(), reading())
+    await asyncio.gather(*in_flight, return_exceptions=True)
+    await sink.wait_for(set(started), within=30)
+    samples.delivery = [sink.arrived[m] - t for m, t in started.items() if m in sink.arrived]
+    return samples
+
+
+async def flood(seconds: float, senders: int, submit: object, open_imap: object) -> Samples:
+    samples = Samples()
+    deadline = time.monotonic() + seconds
+
+    async def sender(index: int) -> None:
+        while time.monotonic() < deadline:
+            ok = await submit(index, f"a-{uuid.uuid4().hex}")  # type: ignore[operator]
+            samples.sent += 1
+            if not ok:
+                samples.refused += 1
+                await asyncio.sleep(0.05)
+
+    async def searcher(index: int) -> None:
+        reader, writer = await open_imap(index)  # type: ignore[operator]
+        n = 0
+        while time.monotonic() < deadline:
+            await imap_command(reader, writer, b"q%d" % n, b'SEARCH TEXT "hello"')
+            n += 1
+        writer.close()
+
+    await asyncio.gather(*(sender(i) for i in range(senders)),
+                         *(searcher(i) for i in range(5)), return_exceptions=True)
+    return samples
+
+
+async def max_open_sends(platform: Platform, domain: str, since: float) -> int:
+    assert platform.pool is not None
+    rows = await platform.pool.fetch(
+        "SELECT started_at, ended_at FROM smtp_messages WHERE domain = $1 AND ended_at IS NOT"
+        " NULL AND verdict = 'accept' AND started_at >= to_timestamp($2)", domain, since)
+    points = sorted([(r["started_at"], 1) for r in rows] + [(r["ended_at"], -1) for r in rows],
+                    key=lambda p: (p[0], p[1]))
+    most = now = 0
+    for _, step in points:
+        now += step
+        most = max(most, now)
+    return most
+
+
+async def run(args: argparse.Namespace, state_dir: Path) -> None:
+    sink = Sink()
+    sink.loop = asyncio.get_running_loop()
+    mx = Controller(sink, hostname="127.0.0.1", port=MX_PORT)
+    mx.start()
+    platform = Platform(config(state_dir))
+    await platform.start()
+    assert platform.pool is not None and platform.runtime is not None
+    try:
+        hashed = hash_password(PASSWORD)
+        async with platform.pool.acquire() as db:
+            for name in ("a.example", "b.example", "shared.example"):
+                await domains.add(db, name)
+            for i in range(A_ACCOUNTS):
+                await accounts.add(db, f"a{i}@a.example", hashed)
+                await accounts.add(db, f"a{i}@shared.example", hashed)
+            await accounts.add(db, "b0@b.example", hashed)
+            await accounts.add(db, "b0@shared.example", hashed)
+            await limits.set_limit(db, "a.example", "concurrent_sends", A_LIMIT)
+            await limits.set_limit(db, "a.example", "concurrent_sends", 2, per_account=True)
+        # Mailboxes to search: 200 messages for each account, on both setups.
+        for i in range(A_ACCOUNTS):
+            for domain in ("a.example", "shared.example"):
+                await preload(f"a{i}@{domain}", 20)
+        for domain in ("b.example", "shared.example"):
+            await preload(f"b0@{domain}", 50)
+
+        async def b_submit(marker: str) -> bool:
+            return await submit_via_router("b0@b.example", marker)
+
+        async def b_imap() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await imap_session("127.0.0.1", IMAPS, "b0@b.example", tls=True)
+
+        async def a_submit(index: int, marker: str) -> bool:
+            return await submit_via_router(f"a{index % A_ACCOUNTS}@a.example", marker)
+
+        async def a_imap(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await imap_session("127.0.0.1", IMAPS, f"a{index}@a.example", tls=True)
+
+        print(f"B alone and B during A's flood ({args.senders} senders, limit {A_LIMIT};"
+              f" 5 SEARCH sessions), {args.seconds:g} s each")
+        solo = await quiet_domain(args.seconds, b_submit, b_imap, sink)
+        print(solo.line("B alone, mailfc"))
+        flood_started = time.time()
+        flooding = asyncio.create_task(flood(args.seconds + 5, args.senders, a_submit, a_imap))
+        await asyncio.sleep(2)
+        during = await quiet_domain(args.seconds, b_submit, b_imap, sink)
+        a_stats = await flooding
+        print(during.line("B during the flood, mailfc"))
+        most = await max_open_sends(platform, "a.example", flood_started)
+        print(f"  A: {a_stats.sent} submissions tried, {a_stats.refused} refused with 4xx;"
+              f" most concurrent sends open: {most} (limit {A_LIMIT})")
+
+        # The status quo: one shared Postfix and one shared Dovecot for both domains.
+        postfix = await platform.runtime.ensure("shared.example", "smtp")
+        dovecot = await platform.runtime.ensure("shared.example", "imap")
+        # The shared servers get the CPU a whole box gives one server.
+        await platform.pool.execute(
+            "UPDATE container_specs SET cpu_quota_max_us = 200000"
+            " WHERE domain_id IS NULL")
+        await platform.runtime.update(postfix, cpu_quota_us=200000)
+        await platform.runtime.update(dovecot, cpu_quota_us=200000)
+        smtp_address, imap_address = str(postfix.address), str(dovecot.address)
+
+        async def s_b_submit(marker: str) -> bool:
+            return await submit_direct(smtp_address, "b0@shared.example", marker)
+
+        async def s_b_imap() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await imap_session(imap_address, 143, "b0@shared.example", tls=False)
+
+        async def s_a_submit(index: int, marker: str) -> bool:
+            return await submit_direct(smtp_address, f"a{index % A_ACCOUNTS}@shared.example",
+                                       marker)
+
+        async def s_a_imap(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await imap_session(imap_address, 143, f"a{index}@shared.example",
+                                      tls=False)
+
+        flooding = asyncio.create_task(flood(args.seconds + 5, args.senders, s_a_submit,
+                                             s_a_imap))
+        await asyncio.sleep(2)
+        shared = await quiet_domain(args.seconds, s_b_submit, s_b_imap, sink)
+        s_stats = await flooding
+        print(shared.line("B during the flood, shared server"))
+        print(f"  A on the shared server: {s_stats.sent} submissions, {s_stats.refused}"
+              " refused")
+        for label, values in (("delivery", (solo.delivery, during.delivery, shared.delivery)),
+                              ("IMAP", (solo.imap, during.imap, shared.imap))):
+            p99 = [sorted(v)[min(len(v) - 1, round(.99 * (len(v) - 1)))] if v else float("nan")
+                   for v in values]
+            print(f"  B's {label} p99 during the flood / alone: mailfc "
+                  f"{p99[1] / p99[0]:.2f}x, shared server {p99[2] / p99[0]:.2f}x"
+                  " (target on mailfc <= 1.5x)")
+        print(f"  medians: delivery {statistics.median(solo.delivery) * 1000:.0f} ->"
+              f" {statistics.median(during.delivery) * 1000:.0f} ms on mailfc")
+    finally:
+        await platform.stop()
+        mx.stop()
+
+
+async def preload(address: str, count: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", LMTP)
+    await read_reply(reader)
+    for line in ("LHLO bench",):
+        writer.write(line.encode() + b"\r\n")
+        await read_reply(reader)
+    for n in range(count):
+        for line in ("MAIL FROM:<seed@remote.example>", f"RCPT TO:<{address}>", "DATA"):
+            writer.write(line.encode() + b"\r\n")
+            await read_reply(reader)
+        writer.write(message("seed@remote.example", f"seed-{n}") + b".\r\n")
+        await read_reply(reader)
+    writer.write(b"QUIT\r\n")
+    writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--senders", type=int, default=50)
+    args = parser.parse_args()
+    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
+    state_dir.chmod(0o711)
+    try:
+        asyncio.run(run(args, state_dir))
+    finally:
+        embedded_cluster(config(state_dir)).stop()
+        import subprocess
+        subprocess.run(["ip", "link", "del", "mfcn0"], capture_output=True, check=False)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
