@@ -17,16 +17,20 @@ MX) and of B's IMAP command latency, plus the most concurrent sends A ever had
 open on mailfc (from the milter's records) against its limit.
 
 Everything runs on loopback and this host's own container bridge; the remote
-MX is an aiosmtpd server of this benchmark.  Loads stop by themselves.
+MX is an aiosmtpd server of this benchmark.  mailfc runs as an admin runs it,
+`mailfc up` (supervised processes).  Loads stop by themselves.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import shutil
+import signal
 import ssl
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -34,15 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
+import asyncpg
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailfc.config import Config, parse_config
-from mailfc.controller.platform import Platform
-from mailfc.db import accounts, domains, limits
+from mailfc.config import Config, parse_config, render_toml
+from mailfc.db import accounts, connect, domains, limits
 from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
 from mailfc.protocols.lmtp import read_reply
+from mailfc.runtime.lifecycle import Runtime
+from mailfc.runtime.settings import from_config as runtime_settings
 
 PASSWORD = "bench-password"
 SUBMISSION = 22587
@@ -89,7 +95,8 @@ def config(state_dir: Path) -> Config:
                    "imap_router_tls": f"127.0.0.1:{IMAPS}",
                    "submission": f"127.0.0.1:{SUBMISSION}", "submissions": "127.0.0.1:22465",
                    "filter_out": "bridge:22026", "smtp_out": "127.0.0.1:22027",
-                   "milter": "127.0.0.1:22030", "hook_server": "127.0.0.1:22031"},
+                   "milter": "127.0.0.1:22030", "hook_server": "127.0.0.1:22031",
+                   "smtp_in": "127.0.0.1:22025", "filter_in": "127.0.0.1:22028"},
         "dispatcher": {"lmtp_port": 22124, "imap_port": 22243, "smtp_port": 22687},
         "submission": {"auth_failure_delay_s": 0.1},
         "smtp_out": {"routes": [f"*=127.0.0.1:{MX_PORT}"]},
@@ -125,11 +132,15 @@ class Samples:
             return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
 
         return (f"  {label:<34} delivery p50 {pct(self.delivery, .5):7.0f} ms  p99 "
-                f"{pct(self.delivery, .99):7.0f} ms  ({len(self.delivery)} msgs)   IMAP p50 "
+                f"{pct(self.delivery, .99):7.0f} ms  ({len(self.delivery)}/{self.sent} msgs, "
+                f"{self.refused} refused)   IMAP p50 "
                 f"{pct(self.imap, .5):6.1f} ms  p99 {pct(self.imap, .99):7.1f} ms")
 
 
 # -- clients -----------------------------------------------------------------------------
+
+FAILURES: dict[str, int] = {}
+
 
 async def submit_via_router(user: str, marker: str) -> bool:
     """One authenticated submission through the SMTP Router; False if refused (4xx)."""
@@ -140,7 +151,10 @@ async def submit_via_router(user: str, marker: str) -> bool:
         await client.login(user, PASSWORD)
         await client.sendmail(user, ["x@remote.example"], message(user, marker))
         return True
-    except aiosmtplib.SMTPException:
+    except aiosmtplib.SMTPException as error:
+        if user.startswith("b"):
+            key = f"{type(error).__name__}: {str(error)[:60]}"
+            FAILURES[key] = FAILURES.get(key, 0) + 1
         return False
     finally:
         client.close()
@@ -190,7 +204,7 @@ async def quiet_domain(seconds: float, submit: object, open_imap: object, sink: 
     deadline = time.monotonic() + seconds
     started: dict[str, float] = {}
 
-    in_flight: set[asyncio.Task[bool]] = set()
+    in_flight: list[asyncio.Task[bool]] = []
 
     async def sending() -> None:
         while time.monotonic() < deadline:
@@ -198,8 +212,7 @@ async def quiet_domain(seconds: float, submit: object, open_imap: object, sink: 
             started[marker] = time.monotonic()
             # A steady rate: the next message does not wait for this one's reply.
             task = asyncio.create_task(submit(marker))  # type: ignore[operator]
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
+            in_flight.append(task)
             samples.sent += 1
             await asyncio.sleep(0.5)
 
@@ -215,7 +228,8 @@ async def quiet_domain(seconds: float, submit: object, open_imap: object, sink: 
         writer.close()
 
     await asyncio.gather(sending(), reading())
-    await asyncio.gather(*in_flight, return_exceptions=True)
+    outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+    samples.refused = sum(1 for outcome in outcomes if outcome is not True)
     await sink.wait_for(set(started), within=30)
     samples.delivery = [sink.arrived[m] - t for m, t in started.items() if m in sink.arrived]
     return samples
@@ -246,9 +260,48 @@ async def flood(seconds: float, senders: int, submit: object, open_imap: object)
     return samples
 
 
-async def max_open_sends(platform: Platform, domain: str, since: float) -> int:
-    assert platform.pool is not None
-    rows = await platform.pool.fetch(
+def flood_in_process(seconds: float, senders: int, shared: tuple[str, str] | None,
+                     results: multiprocessing.Queue[tuple[int, int]]) -> None:
+    """A's load from a process of its own, so that driving 50 TLS clients does not
+    slow the event loop that measures B."""
+
+    async def main() -> Samples:
+        if shared is None:
+            async def a_submit(index: int, marker: str) -> bool:
+                return await submit_via_router(f"a{index % A_ACCOUNTS}@a.example", marker)
+
+            async def a_imap(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await imap_session("127.0.0.1", IMAPS, f"a{index}@a.example", tls=True)
+
+            return await flood(seconds, senders, a_submit, a_imap)
+        smtp_address, imap_address = shared
+
+        async def s_submit(index: int, marker: str) -> bool:
+            return await submit_direct(smtp_address, f"a{index % A_ACCOUNTS}@shared.example",
+                                       marker)
+
+        async def s_imap(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await imap_session(imap_address, 143, f"a{index}@shared.example", tls=False)
+
+        return await flood(seconds, senders, s_submit, s_imap)
+
+    outcome = asyncio.run(main())
+    results.put((outcome.sent, outcome.refused))
+
+
+async def flood_elsewhere(seconds: float, senders: int,
+                          shared: tuple[str, str] | None) -> tuple[int, int]:
+    results: multiprocessing.Queue[tuple[int, int]] = multiprocessing.Queue()
+    process = multiprocessing.get_context("fork").Process(
+        target=flood_in_process, args=(seconds, senders, shared, results))
+    process.start()
+    outcome = await asyncio.to_thread(results.get, True, seconds + 120)
+    await asyncio.to_thread(process.join, 30)
+    return outcome
+
+
+async def max_open_sends(pool: asyncpg.Pool, domain: str, since: float) -> int:
+    rows = await pool.fetch(
         "SELECT started_at, ended_at FROM smtp_messages WHERE domain = $1 AND ended_at IS NOT"
         " NULL AND verdict = 'accept' AND started_at >= to_timestamp($2)", domain, since)
     points = sorted([(r["started_at"], 1) for r in rows] + [(r["ended_at"], -1) for r in rows],
@@ -260,17 +313,41 @@ async def max_open_sends(platform: Platform, domain: str, since: float) -> int:
     return most
 
 
+async def start_platform(settings: Config, state_dir: Path) -> asyncio.subprocess.Process:
+    """The real `mailfc up` (supervised processes), as an admin starts it."""
+    config_file = state_dir / "mailfc.toml"
+    config_file.write_text(render_toml(settings))
+    with (state_dir / "up.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailfc", "--config", str(config_file), "up",
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise RuntimeError("mailfc up exited: " + (state_dir / "up.log").read_text()[-2000:])
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", SUBMISSION)
+            writer.close()
+            return process
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise RuntimeError("mailfc up did not start in time")
+
+
 async def run(args: argparse.Namespace, state_dir: Path) -> None:
     sink = Sink()
     sink.loop = asyncio.get_running_loop()
     mx = Controller(sink, hostname="127.0.0.1", port=MX_PORT)
     mx.start()
-    platform = Platform(config(state_dir))
-    await platform.start()
-    assert platform.pool is not None and platform.runtime is not None
+    settings = config(state_dir)
+    process = await start_platform(settings, state_dir)
+    pool = await connect(settings)
+    runtime = Runtime(runtime_settings(settings, name_prefix=settings.runtime.name_prefix),
+                      pool)
+    await runtime.open(fill_pool=False)
     try:
         hashed = hash_password(PASSWORD)
-        async with platform.pool.acquire() as db:
+        async with pool.acquire() as db:
             for name in ("a.example", "b.example", "shared.example"):
                 await domains.add(db, name)
             for i in range(A_ACCOUNTS):
@@ -280,7 +357,7 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
             await accounts.add(db, "b0@shared.example", hashed)
             await limits.set_limit(db, "a.example", "concurrent_sends", A_LIMIT)
             await limits.set_limit(db, "a.example", "concurrent_sends", 2, per_account=True)
-        # Mailboxes to search: 200 messages for each account, on both setups.
+        # Mailboxes to search, on both setups.
         for i in range(A_ACCOUNTS):
             for domain in ("a.example", "shared.example"):
                 await preload(f"a{i}@{domain}", 20)
@@ -293,35 +370,30 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         async def b_imap() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await imap_session("127.0.0.1", IMAPS, "b0@b.example", tls=True)
 
-        async def a_submit(index: int, marker: str) -> bool:
-            return await submit_via_router(f"a{index % A_ACCOUNTS}@a.example", marker)
-
-        async def a_imap(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            return await imap_session("127.0.0.1", IMAPS, f"a{index}@a.example", tls=True)
-
         print(f"B alone and B during A's flood ({args.senders} senders, limit {A_LIMIT};"
               f" 5 SEARCH sessions), {args.seconds:g} s each")
         solo = await quiet_domain(args.seconds, b_submit, b_imap, sink)
         print(solo.line("B alone, mailfc"))
         flood_started = time.time()
-        flooding = asyncio.create_task(flood(args.seconds + 5, args.senders, a_submit, a_imap))
+        flooding = asyncio.create_task(flood_elsewhere(args.seconds + 5, args.senders, None))
         await asyncio.sleep(2)
         during = await quiet_domain(args.seconds, b_submit, b_imap, sink)
-        a_stats = await flooding
+        a_sent, a_refused = await flooding
         print(during.line("B during the flood, mailfc"))
-        most = await max_open_sends(platform, "a.example", flood_started)
-        print(f"  A: {a_stats.sent} submissions tried, {a_stats.refused} refused with 4xx;"
+        for reason, count in FAILURES.items():
+            print(f"    B refused {count}x: {reason}")
+        most = await max_open_sends(pool, "a.example", flood_started)
+        print(f"  A: {a_sent} submissions tried, {a_refused} refused with 4xx;"
               f" most concurrent sends open: {most} (limit {A_LIMIT})")
 
         # The status quo: one shared Postfix and one shared Dovecot for both domains.
-        postfix = await platform.runtime.ensure("shared.example", "smtp")
-        dovecot = await platform.runtime.ensure("shared.example", "imap")
+        postfix = await runtime.ensure("shared.example", "smtp")
+        dovecot = await runtime.ensure("shared.example", "imap")
         # The shared servers get the CPU a whole box gives one server.
-        await platform.pool.execute(
-            "UPDATE container_specs SET cpu_quota_max_us = 200000"
-            " WHERE domain_id IS NULL")
-        await platform.runtime.update(postfix, cpu_quota_us=200000)
-        await platform.runtime.update(dovecot, cpu_quota_us=200000)
+        await pool.execute("UPDATE container_specs SET cpu_quota_max_us = 200000"
+                           " WHERE domain_id IS NULL")
+        await runtime.update(postfix, cpu_quota_us=200000)
+        await runtime.update(dovecot, cpu_quota_us=200000)
         smtp_address, imap_address = str(postfix.address), str(dovecot.address)
 
         async def s_b_submit(marker: str) -> bool:
@@ -330,22 +402,13 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         async def s_b_imap() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await imap_session(imap_address, 143, "b0@shared.example", tls=False)
 
-        async def s_a_submit(index: int, marker: str) -> bool:
-            return await submit_direct(smtp_address, f"a{index % A_ACCOUNTS}@shared.example",
-                                       marker)
-
-        async def s_a_imap(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            return await imap_session(imap_address, 143, f"a{index}@shared.example",
-                                      tls=False)
-
-        flooding = asyncio.create_task(flood(args.seconds + 5, args.senders, s_a_submit,
-                                             s_a_imap))
+        flooding = asyncio.create_task(flood_elsewhere(
+            args.seconds + 5, args.senders, (smtp_address, imap_address)))
         await asyncio.sleep(2)
         shared = await quiet_domain(args.seconds, s_b_submit, s_b_imap, sink)
-        s_stats = await flooding
+        s_sent, s_refused = await flooding
         print(shared.line("B during the flood, shared server"))
-        print(f"  A on the shared server: {s_stats.sent} submissions, {s_stats.refused}"
-              " refused")
+        print(f"  A on the shared server: {s_sent} submissions, {s_refused} refused")
         for label, values in (("delivery", (solo.delivery, during.delivery, shared.delivery)),
                               ("IMAP", (solo.imap, during.imap, shared.imap))):
             p99 = [sorted(v)[min(len(v) - 1, round(.99 * (len(v) - 1)))] if v else float("nan")
@@ -356,7 +419,12 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         print(f"  medians: delivery {statistics.median(solo.delivery) * 1000:.0f} ->"
               f" {statistics.median(during.delivery) * 1000:.0f} ms on mailfc")
     finally:
-        await platform.stop()
+        for instance in await runtime.instances("shared.example"):
+            await runtime.stop(instance)
+        await runtime.close()
+        await pool.close()
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
         mx.stop()
 
 

@@ -1,4 +1,10 @@
-"""`mailfc up`: run the whole platform on this machine until SIGTERM or Ctrl-C."""
+"""`mailfc up`: run the whole platform on this machine until SIGTERM or Ctrl-C.
+
+Without --services, the resident services run as a few supervised processes
+(mailfc.controller.supervisor); with --services, exactly those run in this one
+process (how the supervisor starts its children, and how a second machine runs
+only a dispatcher or only routers).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,27 @@ import click
 from mailfc.cli.common import pass_config
 from mailfc.config import Config
 from mailfc.controller.platform import SERVICE_NAMES, Platform
+from mailfc.controller.supervisor import Supervisor
 
 
 @click.command("up")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-@click.option("--services", default=",".join(SERVICE_NAMES), show_default=True,
-              help="Comma-separated resident services to run here; a container host runs "
-                   "at least the dispatcher.")
+@click.option("--services", default=None,
+              help="Comma-separated resident services to run in this one process (" +
+                   ", ".join(SERVICE_NAMES) + "); a container host runs at least the"
+                   " dispatcher.  Default: all of them, as supervised processes.")
 @pass_config
-def group(config: Config, verbose: bool, services: str) -> None:
+@click.pass_context
+def group(ctx: click.Context, config: Config, verbose: bool, services: str | None) -> None:
     """Run the platform (CMDB and every resident service) in the foreground."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if services is None:
+        config_path = ctx.find_root().params.get("config_path")
+        asyncio.run(_supervise(config, config_path, verbose))
+        return
     wanted = tuple(name.strip() for name in services.split(",") if name.strip())
     unknown = set(wanted) - set(SERVICE_NAMES)
     if unknown or not wanted:
@@ -30,11 +47,24 @@ def group(config: Config, verbose: bool, services: str) -> None:
     if "controller" in wanted and "dispatcher" not in wanted:
         raise click.BadParameter("the controller runs with the dispatcher of its host",
                                  param_hint="--services")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
     asyncio.run(_run(config, wanted))
+
+
+async def _supervise(config: Config, config_path: str | None, verbose: bool) -> None:
+    supervisor = Supervisor(config_path, verbose)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await supervisor.start()
+        logging.getLogger("mailfc").info(
+            "mailfc is up (state in %s, %d processes); Ctrl-C or SIGTERM stops it",
+            config.state_dir, len(supervisor.children))
+        await supervisor.watch(stopping)
+    finally:
+        logging.getLogger("mailfc").info("stopping")
+        await supervisor.stop()
 
 
 async def _run(config: Config, services: tuple[str, ...]) -> None:

@@ -175,10 +175,10 @@ class Platform:
         host, port = split_hostport(self.config.listen.filter_out)
         if host != "bridge":
             return self.config.listen.filter_out
-        if self.runtime is None:
-            raise ConfigError("listen.filter_out = bridge:... is the container bridge of this"
-                              " host: run filter-out with the dispatcher, or give an address")
-        return f"{self.runtime.settings.bridge_address}:{port}"
+        # The dispatcher's runtime made the bridge (in this process or, under the
+        # supervisor, in the host process started before this one).
+        settings = self.runtime.settings if self.runtime else runtime_settings(self.config)
+        return f"{settings.bridge_address}:{port}"
 
     async def _register_host(self) -> dict[str, object]:
         assert self.pool is not None

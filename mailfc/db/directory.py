@@ -10,6 +10,9 @@ a few seconds, and forgotten at once when a host fails a delivery.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -21,6 +24,8 @@ from mailfc.errors import InvalidInput
 from mailfc.passwords import verify_password
 
 PLACEMENT_TTL_S = 5.0
+VERIFIED_TTL_S = 300.0
+VERIFIED_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class Directory:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self._placements: dict[str, tuple[float, Placement]] = {}
+        self._verified: dict[bytes, float] = {}
+        self._cache_key = secrets.token_bytes(32)
 
     async def account(self, username: str) -> Account | None:
         try:
@@ -52,8 +59,26 @@ class Directory:
                        row["active"])
 
     async def verify(self, account: Account, password: str) -> bool:
-        # Argon2 takes ~20 ms of CPU: off the event loop so other sessions go on.
-        return await asyncio.to_thread(verify_password, account.password_hash, password)
+        """Check a password; a success is remembered for VERIFIED_TTL_S.
+
+        Argon2 costs ~20 ms of CPU by design, and mail clients log in again and
+        again with the same password: without this cache a busy (or
+        compromised) account's reconnects would spend the shared routers' CPU
+        on hashing.  The key is a keyed digest of hash and password, so the
+        cache never holds a password, and a changed password misses it at once.
+        """
+        key = hmac.new(self._cache_key, account.password_hash.encode() + b"\0"
+                       + password.encode(), hashlib.sha256).digest()
+        now = time.monotonic()
+        if self._verified.get(key, 0.0) > now:
+            return True
+        # Off the event loop so other sessions go on meanwhile.
+        ok = await asyncio.to_thread(verify_password, account.password_hash, password)
+        if ok:
+            if len(self._verified) >= VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[key] = now + VERIFIED_TTL_S
+        return ok
 
     async def recipient(self, address: str) -> dict[str, bool] | None:
         """Where `address` delivers: itself or an alias's targets, each with

@@ -1,0 +1,158 @@
+"""Supervisor: `mailfc up` runs the resident services as a few processes, not one.
+
+Each group below is one `mailfc up --services ...` child process with its own
+event loop, so a flood that keeps one role busy (TLS handshakes and logins at
+the SMTP Router, say) does not delay the sessions of another (IMAP of a quiet
+domain) behind it in a shared loop, and the machine's cores are all used:
+
+    milter      milter                      (every domain Postfix's policy)
+    hooks       hook-server                 (every domain Dovecot's policy)
+    host        dispatcher, controller      (the controller reads the dispatcher's counts)
+    outbound    smtp-out, filter-out
+    routers     lmtp-router, imap-router
+    submission  submission-router
+    inbound     filter-in, smtp-in
+
+A flood of one domain's submissions then loads the submission, milter and
+outbound processes, while another domain's IMAP commands pass the routers,
+host and hooks processes, each with its own share of the CPU.
+
+They start in this order, each once the previous one reports that it is up
+(the next hop listens before its clients start); they stop in reverse order on
+SIGTERM or Ctrl-C.  A child that dies is started again after RESTART_DELAY_S;
+one that fails while starting stops the whole platform with its error.  The
+children's log lines go to the supervisor's standard error, prefixed with the
+group name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from mailfc.errors import ConfigError
+
+log = logging.getLogger("mailfc.supervisor")
+
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("milter", ("milter",)),
+    ("hooks", ("hook-server",)),
+    ("host", ("dispatcher", "controller")),
+    ("outbound", ("smtp-out", "filter-out")),
+    ("routers", ("lmtp-router", "imap-router")),
+    ("submission", ("submission-router",)),
+    ("inbound", ("filter-in", "smtp-in")),
+)
+READY_MARK = "mailfc is up"
+START_TIMEOUT_S = 120.0
+RESTART_DELAY_S = 1.0
+
+
+@dataclass
+class Child:
+    name: str
+    services: tuple[str, ...]
+    process: asyncio.subprocess.Process | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    pump: asyncio.Task[None] | None = None
+    last_lines: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config_path: str | None, verbose: bool) -> None:
+        self.config_path = config_path
+        self.verbose = verbose
+        self.children = [Child(name, services) for name, services in GROUPS]
+        self.stopping = False
+
+    def _argv(self, child: Child) -> list[str]:
+        argv = [sys.executable, "-m", "mailfc"]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        argv += ["up", "--services", ",".join(child.services)]
+        if self.verbose:
+            argv.append("--verbose")
+        return argv
+
+    async def _spawn(self, child: Child) -> None:
+        child.ready.clear()
+        child.last_lines.clear()
+        child.process = await asyncio.create_subprocess_exec(
+            *self._argv(child), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "MAILFC_PROCESS": child.name})
+        child.pump = asyncio.create_task(self._pump(child))
+
+    async def _pump(self, child: Child) -> None:
+        assert child.process is not None and child.process.stderr is not None
+        while line := await child.process.stderr.readline():
+            text = line.decode("utf-8", "replace").rstrip()
+            child.last_lines = [*child.last_lines[-19:], text]
+            sys.stderr.write(f"[{child.name}] {text}\n")
+            if READY_MARK in text:
+                child.ready.set()
+
+    async def start(self) -> None:
+        for child in self.children:
+            await self._spawn(child)
+            assert child.process is not None
+            waiting = asyncio.create_task(child.ready.wait())
+            exited = asyncio.create_task(child.process.wait())
+            await asyncio.wait({waiting, exited}, timeout=START_TIMEOUT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            exited.cancel()
+            if not child.ready.is_set():
+                if child.pump is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait_for(child.pump, 2.0)
+                error = next((line for line in reversed(child.last_lines)
+                              if line.startswith(("Error:", "error:"))),
+                             "\n".join(child.last_lines[-5:]) or "no output")
+                await self.stop()
+                raise ConfigError(f"the {child.name} process did not start: {error}")
+            log.info("%s process up (%s)", child.name, ", ".join(child.services))
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Restart children that die, until `stop` is set."""
+        while not stop.is_set():
+            waits = {asyncio.create_task(c.process.wait()): c for c in self.children
+                     if c.process is not None}
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({*waits, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (*waits, stopper):
+                task.cancel()
+            if stop.is_set():
+                return
+            for task in done:
+                child = waits.get(task)
+                if child is None:
+                    continue
+                log.error("%s process exited (status %s); starting it again", child.name,
+                          child.process.returncode if child.process else "?")
+                await asyncio.sleep(RESTART_DELAY_S)
+                await self._spawn(child)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for child in reversed(self.children):
+            process = child.process
+            if process is None or process.returncode is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 60)
+            except TimeoutError:
+                log.error("%s process did not stop within 60 s; killing it", child.name)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+            if child.pump is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(child.pump, 2.0)
