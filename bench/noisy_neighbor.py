@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,8 +68,11 @@ class Sink:
 
     async def wait_for(self, markers: set[str], within: float) -> None:
         """Until every marker has arrived, or `within` seconds passed."""
+        await self.wait_until(lambda: markers <= set(self.arrived), within)
+
+    async def wait_until(self, done: Callable[[], bool], within: float) -> None:
         deadline = time.monotonic() + within
-        while not markers <= set(self.arrived) and time.monotonic() < deadline:
+        while not done() and time.monotonic() < deadline:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())

@@ -84,14 +84,18 @@ async def load(port: int, messages: int, sessions: int, mail_root: Path,
     return messages / accepted, messages / delivered
 
 
-def postfix_reference(directory: Path, lmtp_address: str) -> tuple[list[str], Path]:
-    """A host Postfix of our own: config and queue under `directory`, LMTP to Dovecot."""
+def postfix_reference(directory: Path, lmtp_address: str = "", *, port: int = POSTFIX,
+                      routing: str | None = None) -> tuple[list[str], Path]:
+    """A host Postfix of our own: config and queue under `directory`, LMTP to Dovecot
+    (or whatever `routing` main.cf lines say), listening on 127.0.0.1:`port`."""
     config = directory / "etc"
     queue = directory / "queue"
     data = directory / "data"
     for path in (config, queue, data):
         path.mkdir(parents=True)
     shutil.chown(data, "postfix")
+    routing_lines = routing if routing is not None else (
+        f"relay_domains = {DOMAIN}\nrelay_transport = lmtp:inet:{lmtp_address}:{PORTS['lmtp']}")
     (config / "main.cf").write_text(f"""
 compatibility_level = 3.6
 queue_directory = {queue}
@@ -102,8 +106,7 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 myhostname = reference.bench
 mydestination =
-relay_domains = {DOMAIN}
-relay_transport = lmtp:inet:{lmtp_address}:{PORTS["lmtp"]}
+{routing_lines}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 mynetworks = 127.0.0.0/8
 maillog_file = {directory}/maillog
@@ -114,7 +117,7 @@ lmtp_destination_concurrency_limit = 8
     shutil.copy("/etc/postfix/master.cf", config / "master.cf")
     master = (config / "master.cf").read_text().replace(
         "smtp      inet  n       -       y       -       -       smtpd",
-        f"127.0.0.1:{POSTFIX} inet  n       -       n       -       -       smtpd")
+        f"127.0.0.1:{port} inet  n       -       n       -       -       smtpd")
     # No chroot: the queue is not under the default chroot.
     master = "\n".join(line.replace("  y  ", "  n  ") if not line.startswith("#") else line
                        for line in master.splitlines())

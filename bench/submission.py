@@ -1,0 +1,162 @@
+"""Benchmark: authenticated submission, end to end, against a plain host Postfix.
+
+    python -m bench.submission [--seconds 20] [--clients 10]
+
+1. mailfc (`mailfc up`, supervised processes): --clients clients submit over
+   STARTTLS + AUTH through the SMTP Router, the sender's own domain Postfix
+   (milter recording every stage), Filter-Out and SMTP-Out, to a remote MX
+   (an aiosmtpd sink of this benchmark);
+2. reference: a plain host Postfix (own config and queue) taking the same
+   messages over STARTTLS and relaying them straight to the same sink;
+
+as messages/s that arrived at the sink, and the ratio mailfc / reference,
+same run, same load.  The clients run in a process of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiosmtplib
+from aiosmtpd.controller import Controller
+
+from bench.noisy_neighbor import (
+    MX_PORT,
+    PASSWORD,
+    Sink,
+    config,
+    message,
+    start_platform,
+    submit_via_router,
+    unverified,
+)
+from bench.smtp_in import postfix_reference
+from mailfc.db import accounts, connect, domains
+from mailfc.db.pool import embedded_cluster
+from mailfc.passwords import hash_password
+from mailfc.tls import certificate_paths
+
+REFERENCE_PORT = 23025
+USERS = 5
+
+
+async def submit_plain(marker: str) -> bool:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=REFERENCE_PORT, start_tls=True,
+                             tls_context=unverified(), timeout=60)
+    try:
+        await client.connect()
+        await client.sendmail("u0@s.example", ["x@remote.example"],
+                              message("u0@s.example", marker))
+        return True
+    except aiosmtplib.SMTPException:
+        return False
+    finally:
+        client.close()
+
+
+def load_process(target: str, seconds: float, clients: int, prefix: str,
+                 results: multiprocessing.Queue[int]) -> None:
+    async def client(index: int, deadline: float) -> int:
+        sent = 0
+        while time.monotonic() < deadline:
+            marker = f"{prefix}-{uuid.uuid4().hex}"
+            if target == "mailfc":
+                ok = await submit_via_router(f"u{index % USERS}@s.example", marker)
+            else:
+                ok = await submit_plain(marker)
+            sent += ok
+        return sent
+
+    async def main() -> int:
+        deadline = time.monotonic() + seconds
+        return sum(await asyncio.gather(*(client(i, deadline) for i in range(clients))))
+
+    results.put(asyncio.run(main()))
+
+
+async def measure(target: str, seconds: float, clients: int, sink: Sink) -> tuple[float, int]:
+    prefix = f"{target}-{uuid.uuid4().hex[:6]}"
+    results: multiprocessing.Queue[int] = multiprocessing.Queue()
+    process = multiprocessing.get_context("fork").Process(
+        target=load_process, args=(target, seconds, clients, prefix, results))
+    started = time.monotonic()
+    process.start()
+    accepted = await asyncio.to_thread(results.get, True, seconds + 120)
+    await asyncio.to_thread(process.join, 30)
+
+    def arrived() -> list[float]:
+        return [t for marker, t in sink.arrived.items() if marker.startswith(prefix)]
+
+    await sink.wait_until(lambda: len(arrived()) >= accepted, within=60)
+    times = arrived()
+    elapsed = (max(times) if times else time.monotonic()) - started
+    return len(times) / elapsed, accepted
+
+
+async def run(args: argparse.Namespace, state_dir: Path) -> None:
+    sink = Sink()
+    sink.loop = asyncio.get_running_loop()
+    mx = Controller(sink, hostname="127.0.0.1", port=MX_PORT)
+    mx.start()
+    settings = config(state_dir)
+    process = await start_platform(settings, state_dir)
+    reference: list[str] | None = None
+    try:
+        pool = await connect(settings)
+        async with pool.acquire() as db:
+            await domains.add(db, "s.example")
+            hashed = hash_password(PASSWORD)
+            for index in range(USERS):
+                await accounts.add(db, f"u{index}@s.example", hashed)
+        await pool.close()
+        cert, key = certificate_paths(settings)
+        reference, _ = postfix_reference(
+            state_dir / "reference", port=REFERENCE_PORT,
+            routing=f"relayhost = [127.0.0.1]:{MX_PORT}\nsmtpd_tls_security_level = may\n"
+                    f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}")
+        await measure("mailfc", 3, 2, sink)          # warm: containers, caches
+        await measure("reference", 3, 2, sink)
+        ours, ours_accepted = await measure("mailfc", args.seconds, args.clients, sink)
+        theirs, theirs_accepted = await measure("reference", args.seconds, args.clients, sink)
+        print(f"authenticated submission, {args.clients} clients, {args.seconds:g} s each,"
+              " messages/s arrived at the remote MX")
+        print(f"  mailfc (STARTTLS, AUTH, router, domain Postfix + milter, Filter-Out,"
+              f" SMTP-Out): {ours:6.1f}/s ({ours_accepted} accepted)")
+        print(f"  host Postfix relaying straight to the MX (STARTTLS):            "
+              f"{theirs:6.1f}/s ({theirs_accepted} accepted)")
+        print(f"  ratio {ours / theirs:.2f}")
+    finally:
+        if reference is not None:
+            await asyncio.to_thread(subprocess.run, [*reference, "stop"],
+                                    capture_output=True, check=False)
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+        mx.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=10)
+    args = parser.parse_args()
+    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
+    state_dir.chmod(0o711)
+    try:
+        asyncio.run(run(args, state_dir))
+    finally:
+        embedded_cluster(config(state_dir)).stop()
+        subprocess.run(["ip", "link", "del", "mfcn0"], capture_output=True, check=False)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
