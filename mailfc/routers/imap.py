@@ -46,11 +46,11 @@ import time
 from dataclasses import dataclass
 
 from mailfc import netio
-from mailfc.config import Config, split_hostport
+from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import imap, proxy
-from mailfc.routers.throttle import FailureThrottle
+from mailfc.routers.listeners import LoginRouter
 
 log = logging.getLogger("mailfc.routers.imap")
 
@@ -75,59 +75,20 @@ class Backend:
     opened_s: float
 
 
-class ImapRouter:
+class ImapRouter(LoginRouter):
     name = "imap-router"
+    protocol = "imap"
 
     def __init__(self, config: Config, directory: Directory,
                  tls_context: ssl.SSLContext) -> None:
-        self.config = config
-        self.directory = directory
-        self.tls_context = tls_context
         settings = config.imap_router
-        window = float(settings.failure_window_s)
-        self.ip_throttle = FailureThrottle(settings.max_failures_per_ip, window)
-        self.account_throttle = FailureThrottle(settings.max_failures_per_account, window)
-        self._servers: list[asyncio.Server] = []
-        self._sessions: set[asyncio.Task[None]] = set()
-        self._records: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        host, port = split_hostport(self.config.listen.imap_router)
-        tls_host, tls_port = split_hostport(self.config.listen.imap_router_tls)
-        self._servers.append(await asyncio.start_server(
-            self._handler(False), host, port, reuse_address=True, reuse_port=True))
-        self._servers.append(await asyncio.start_server(
-            self._handler(True), tls_host, tls_port, ssl=self.tls_context,
-            reuse_address=True, reuse_port=True, ssl_handshake_timeout=30))
-
-    async def stop(self, drain_timeout: float) -> None:
-        for server in self._servers:
-            server.close()
-        if self._sessions:
-            await asyncio.wait(set(self._sessions), timeout=drain_timeout)
-        for task in set(self._sessions):
-            task.cancel()
-        await asyncio.gather(*self._sessions, *self._records, return_exceptions=True)
-        self._servers.clear()
-
-    def _handler(self, implicit_tls: bool):  # type: ignore[no-untyped-def]
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await netio.run_session(self._sessions, writer,
-                                    ImapSession(self, reader, writer, implicit_tls).run(),
-                                    "IMAP session", log)
-        return handle
-
-    def record(self, username: str, domain: str | None, client_ip: str | None,
-               success: bool, reason: str) -> None:
-        async def write() -> None:
-            try:
-                await self.directory.record_auth("imap", username, domain, client_ip,
-                                                 success, reason)
-            except Exception as error:
-                log.warning("could not record login attempt of %r: %s", username, error)
-        task = asyncio.create_task(write())
-        self._records.add(task)
-        task.add_done_callback(self._records.discard)
+        super().__init__(
+            config, directory, tls_context, plain=config.listen.imap_router,
+            implicit_tls=config.listen.imap_router_tls,
+            max_failures_per_ip=settings.max_failures_per_ip,
+            max_failures_per_account=settings.max_failures_per_account,
+            failure_window_s=float(settings.failure_window_s), session_factory=ImapSession,
+            log=log)
 
 
 class ImapSession:

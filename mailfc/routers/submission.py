@@ -46,12 +46,12 @@ from dataclasses import dataclass
 
 from mailfc import netio
 from mailfc.addresses import normalize_address
-from mailfc.config import Config, split_hostport
+from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply
-from mailfc.routers.throttle import FailureThrottle
+from mailfc.routers.listeners import LoginRouter
 
 log = logging.getLogger("mailfc.routers.submission")
 
@@ -91,61 +91,20 @@ def xtext(value: str) -> str:
                    "".join(f"+{b:02X}" for b in c.encode()) for c in value)
 
 
-class SubmissionRouter:
+class SubmissionRouter(LoginRouter):
     name = "submission-router"
+    protocol = "submission"
 
     def __init__(self, config: Config, directory: Directory,
                  tls_context: ssl.SSLContext) -> None:
-        self.config = config
-        self.directory = directory
-        self.tls_context = tls_context
         settings = config.submission
-        window = float(settings.failure_window_s)
-        self.ip_throttle = FailureThrottle(settings.max_failures_per_ip, window)
-        self.account_throttle = FailureThrottle(settings.max_failures_per_account, window)
-        self._servers: list[asyncio.Server] = []
-        self._sessions: set[asyncio.Task[None]] = set()
-        self._records: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        host, port = split_hostport(self.config.listen.submission)
-        tls_host, tls_port = split_hostport(self.config.listen.submissions)
-        self._servers.append(await asyncio.start_server(
-            self._handler(False), host, port, reuse_address=True, reuse_port=True,
-            limit=netio.CHUNK * 4))
-        self._servers.append(await asyncio.start_server(
-            self._handler(True), tls_host, tls_port, ssl=self.tls_context,
-            reuse_address=True, reuse_port=True, ssl_handshake_timeout=30,
-            limit=netio.CHUNK * 4))
-
-    async def stop(self, drain_timeout: float) -> None:
-        for server in self._servers:
-            server.close()
-        if self._sessions:
-            await asyncio.wait(set(self._sessions), timeout=drain_timeout)
-        for task in set(self._sessions):
-            task.cancel()
-        await asyncio.gather(*self._sessions, *self._records, return_exceptions=True)
-        self._servers.clear()
-
-    def _handler(self, implicit_tls: bool):  # type: ignore[no-untyped-def]
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await netio.run_session(self._sessions, writer,
-                                    SubmissionSession(self, reader, writer, implicit_tls).run(),
-                                    "submission session", log)
-        return handle
-
-    def record(self, username: str, domain: str | None, client_ip: str,
-               success: bool, reason: str) -> None:
-        async def write() -> None:
-            try:
-                await self.directory.record_auth("submission", username, domain, client_ip,
-                                                 success, reason)
-            except Exception as error:
-                log.warning("could not record login attempt of %r: %s", username, error)
-        task = asyncio.create_task(write())
-        self._records.add(task)
-        task.add_done_callback(self._records.discard)
+        super().__init__(
+            config, directory, tls_context, plain=config.listen.submission,
+            implicit_tls=config.listen.submissions,
+            max_failures_per_ip=settings.max_failures_per_ip,
+            max_failures_per_account=settings.max_failures_per_account,
+            failure_window_s=float(settings.failure_window_s), session_factory=SubmissionSession,
+            log=log)
 
 
 class SubmissionSession:
