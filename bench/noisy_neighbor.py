@@ -30,7 +30,6 @@ import shutil
 import signal
 import ssl
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -43,7 +42,8 @@ import asyncpg
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailfc.config import Config, parse_config, render_toml
+from bench.platform import start_up
+from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains, limits
 from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
@@ -318,24 +318,7 @@ async def max_open_sends(pool: asyncpg.Pool, domain: str, since: float) -> int:
 
 
 async def start_platform(settings: Config, state_dir: Path) -> asyncio.subprocess.Process:
-    """The real `mailfc up` (supervised processes), as an admin starts it."""
-    config_file = state_dir / "mailfc.toml"
-    config_file.write_text(render_toml(settings))
-    with (state_dir / "up.log").open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailfc", "--config", str(config_file), "up",
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.returncode is not None:
-            raise RuntimeError("mailfc up exited: " + (state_dir / "up.log").read_text()[-2000:])
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", SUBMISSION)
-            writer.close()
-            return process
-        except OSError:
-            await asyncio.sleep(0.2)
-    raise RuntimeError("mailfc up did not start in time")
+    return await start_up(settings, state_dir, SUBMISSION)
 
 
 async def run(args: argparse.Namespace, state_dir: Path) -> None:

@@ -22,14 +22,15 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench.platform import start_up
 from mailfc.config import Config, parse_config
-from mailfc.controller.platform import Platform
-from mailfc.db import accounts, domains
+from mailfc.db import accounts, connect, domains
 from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
 from mailfc.runtime.images import PORTS
@@ -48,7 +49,11 @@ def config_data(state_dir: Path) -> dict[str, dict[str, object]]:
         "network": {"bridge": "mfcgb0", "subnet": "10.89.1.0/24"},
         "runtime": {"name_prefix": "mfcgb"},
         "listen": {"smtp_in": f"127.0.0.1:{SMTP_IN}", "filter_in": "127.0.0.1:18927",
-                   "lmtp_router": "127.0.0.1:18928"},
+                   "lmtp_router": "127.0.0.1:18928", "imap_router": "127.0.0.1:18932",
+                   "imap_router_tls": "127.0.0.1:18933", "submission": "127.0.0.1:18934",
+                   "submissions": "127.0.0.1:18935", "filter_out": "bridge:18936",
+                   "smtp_out": "127.0.0.1:18937", "milter": "127.0.0.1:18938",
+                   "hook_server": "127.0.0.1:18939"},
         "dispatcher": {"address": "127.0.0.1", "lmtp_port": 18929, "imap_port": 18930,
                        "smtp_port": 18931},
         # The same concurrency towards the domain's Dovecot as the reference Postfix
@@ -139,12 +144,12 @@ async def run(messages: int, sessions: int) -> None:
     state_dir = make_state_dir()
     data = config_data(state_dir)
     config = parse_config(data, "bench")
-    platform = Platform(config, ("dispatcher", "lmtp-router", "filter-in", "smtp-in"))
     postfix: list[str] | None = None
+    # The real `mailfc up`: its services in their supervised processes.
+    process = await start_up(config, state_dir, SMTP_IN)
+    pool = await connect(config)
     try:
-        await platform.start()
-        assert platform.pool is not None
-        async with platform.pool.acquire() as db:
+        async with pool.acquire() as db:
             await db.execute("UPDATE hosts SET state = 'draining' WHERE name <> $1",
                              "bench-gw-host")
             if not await db.fetchval("SELECT 1 FROM domains WHERE name = $1", DOMAIN):
@@ -152,10 +157,11 @@ async def run(messages: int, sessions: int) -> None:
                 await accounts.add(db, USER, hash_password("bench"))
         mail_root = config.mail_root
         await load(SMTP_IN, 20, 2, mail_root)        # warm: the container is running
-        assert platform.runtime is not None
-        instance = (await platform.runtime.instances(DOMAIN))[0]
+        address = await pool.fetchval(
+            "SELECT host(c.address) FROM container_instances c JOIN domains d"
+            " ON d.id = c.domain_id WHERE d.name = $1 AND c.state = 'running'", DOMAIN)
         postfix, _ = await asyncio.to_thread(postfix_reference, state_dir / "postfix",
-                                             str(instance.address))
+                                             str(address))
         await load(POSTFIX, 20, 2, mail_root)        # warm the reference too
         ours = await load(SMTP_IN, messages, sessions, mail_root)
         theirs = await load(POSTFIX, messages, sessions, mail_root)
@@ -169,7 +175,9 @@ async def run(messages: int, sessions: int) -> None:
         if postfix is not None:
             await asyncio.to_thread(subprocess.run, [*postfix, "stop"], capture_output=True,
                                     check=False)
-        await platform.stop()
+        await pool.close()
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
         await asyncio.to_thread(cleanup, config, state_dir)
 
 

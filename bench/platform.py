@@ -1,0 +1,33 @@
+"""Running the real platform for a benchmark: `mailfc up` as an admin starts it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from mailfc.config import Config, render_toml
+
+
+async def start_up(settings: Config, state_dir: Path, ready_port: int
+                   ) -> asyncio.subprocess.Process:
+    """`mailfc up` (supervised processes) on `settings`; returns once `ready_port`
+    accepts connections (the last process to start listens there)."""
+    config_file = state_dir / "mailfc.toml"
+    config_file.write_text(render_toml(settings))
+    with (state_dir / "up.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailfc", "--config", str(config_file), "up",
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise RuntimeError("mailfc up exited: " + (state_dir / "up.log").read_text()[-2000:])
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", ready_port)
+            writer.close()
+            return process
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise RuntimeError("mailfc up did not start in time")
