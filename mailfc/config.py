@@ -195,6 +195,10 @@ class ControllerSection(Section):
     adaptive_interval_s: float = 30.0
     # A stopped domain Postfix with deferred mail is started again this often.
     deferred_retry_s: float = 300.0
+    # `mailfc up` replaces each stateless resident process (routers, submission,
+    # inbound, outbound, milter, hooks) after this long: a new one takes over
+    # the listening sockets before the old one drains.  0: never.
+    resident_lifetime_s: float = 86400.0
 
 
 class RuntimeSection(Section):

@@ -51,7 +51,8 @@ def group(ctx: click.Context, config: Config, verbose: bool, services: str | Non
 
 
 async def _supervise(config: Config, config_path: str | None, verbose: bool) -> None:
-    supervisor = Supervisor(config_path, verbose)
+    supervisor = Supervisor(config_path, verbose,
+                            resident_lifetime_s=config.controller.resident_lifetime_s)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

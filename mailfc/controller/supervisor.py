@@ -20,7 +20,14 @@ host and hooks processes, each with its own share of the CPU.
 They start in this order, each once the previous one reports that it is up
 (the next hop listens before its clients start); they stop in reverse order on
 SIGTERM or Ctrl-C.  A child that dies is started again after RESTART_DELAY_S;
-one that fails while starting stops the whole platform with its error.  The
+one that fails while starting stops the whole platform with its error.
+
+CYCLING.  Every controller.resident_lifetime_s each group but "host" is
+replaced: a new process starts and takes over the listening sockets
+(SO_REUSEPORT, or the unix socket path) before the old one gets SIGTERM and
+drains its sessions, so a leak or an update never needs a restart window and
+no connection is refused.  The host process (dispatcher and controller) owns
+the containers and is not cycled.  The
 children's log lines go to the supervisor's standard error, prefixed with the
 group name.
 """
@@ -63,12 +70,18 @@ class Child:
     last_lines: list[str] = field(default_factory=list)
 
 
+NOT_CYCLED = ("host",)
+
+
 class Supervisor:
-    def __init__(self, config_path: str | None, verbose: bool) -> None:
+    def __init__(self, config_path: str | None, verbose: bool,
+                 resident_lifetime_s: float = 0.0) -> None:
         self.config_path = config_path
         self.verbose = verbose
+        self.resident_lifetime_s = resident_lifetime_s
         self.children = [Child(name, services) for name, services in GROUPS]
         self.stopping = False
+        self.cycles = 0
 
     def _argv(self, child: Child) -> list[str]:
         argv = [sys.executable, "-m", "mailfc"]
@@ -118,11 +131,50 @@ class Supervisor:
                 raise ConfigError(f"the {child.name} process did not start: {error}")
             log.info("%s process up (%s)", child.name, ", ".join(child.services))
 
+    async def cycle(self, child: Child) -> None:
+        """Replace `child`'s process: the new one first, then the old one drains."""
+        old, old_pump = child.process, child.pump
+        await self._spawn(child)
+        assert child.process is not None
+        try:
+            await asyncio.wait_for(child.ready.wait(), START_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the new %s process did not start; keeping the old one", child.name)
+            with contextlib.suppress(ProcessLookupError):
+                child.process.kill()
+            child.process, child.pump = old, old_pump
+            return
+        if old is not None and old.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                old.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(old.wait(), 120)
+        self.cycles += 1
+        log.info("%s process replaced (pid %s -> %s)", child.name,
+                 old.pid if old else "-", child.process.pid)
+
+    async def _cycle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.resident_lifetime_s)
+            for child in self.children:
+                if child.name not in NOT_CYCLED and not self.stopping:
+                    await self.cycle(child)
+
     async def watch(self, stop: asyncio.Event) -> None:
-        """Restart children that die, until `stop` is set."""
+        """Restart children that die, until `stop` is set; cycle them on schedule."""
+        cycler = asyncio.create_task(self._cycle_forever()) \
+            if self.resident_lifetime_s > 0 else None
+        try:
+            await self._watch(stop)
+        finally:
+            if cycler is not None:
+                cycler.cancel()
+                await asyncio.gather(cycler, return_exceptions=True)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            waits = {asyncio.create_task(c.process.wait()): c for c in self.children
-                     if c.process is not None}
+            waits = {asyncio.create_task(c.process.wait()): (c, c.process)
+                     for c in self.children if c.process is not None}
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({*waits, stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (*waits, stopper):
@@ -130,9 +182,11 @@ class Supervisor:
             if stop.is_set():
                 return
             for task in done:
-                child = waits.get(task)
-                if child is None:
+                if task not in waits:
                     continue
+                child, process = waits[task]
+                if child.process is not process:
+                    continue  # replaced by a cycle: its exit is expected
                 log.error("%s process exited (status %s); starting it again", child.name,
                           child.process.returncode if child.process else "?")
                 await asyncio.sleep(RESTART_DELAY_S)

@@ -88,6 +88,7 @@ class HookServer:
             self.socket.unlink()
         self.server = await asyncio.start_unix_server(
             self._serve, path=str(self.socket), limit=protocol.MAX_READ)
+        self._inode = self.socket.stat().st_ino
         if self.socket_gid is None:
             self.socket.chmod(0o666)
         else:
@@ -113,8 +114,11 @@ class HookServer:
         if self.server is not None:
             await self.server.wait_closed()
             self.server = None
+        # A process cycled in to replace this one has bound the path anew: its
+        # socket stays.
         with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+            if self.socket.stat().st_ino == getattr(self, "_inode", None):
+                self.socket.unlink()
 
     def _keep(self, task: asyncio.Task[None]) -> None:
         self._background.add(task)
