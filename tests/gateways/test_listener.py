@@ -36,18 +36,32 @@ async def test_cycle_refuses_no_connection() -> None:
         except OSError as error:
             failures.append(error)
 
+    cycled = asyncio.Event()
+    started = asyncio.Event()
+    attempts = 0
+
     async def load() -> None:
-        for _ in range(40):
+        # Keep connecting before, during and after the cycle, however fast the
+        # machine is, so that both generations are seen.
+        nonlocal attempts
+        rounds_after = 0
+        while rounds_after < 5:
             await asyncio.gather(*(client() for _ in range(10)))
+            attempts += 10
+            if attempts >= 20:
+                started.set()
+            if cycled.is_set():
+                rounds_after += 1
 
     try:
         loader = asyncio.create_task(load())
-        await asyncio.sleep(0.05)
+        await started.wait()
         generation[0] = 2
         listener = await cycle(listener, drain_timeout=1.0)
+        cycled.set()
         await loader
     finally:
         await listener.stop(1.0)
     assert failures == []
-    assert len(seen) == 400
+    assert len(seen) == attempts
     assert b"1\n" in seen and b"2\n" in seen and seen[-1] == b"2\n"
