@@ -34,7 +34,8 @@ from mailfc.errors import DatabaseError, MailfcError
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console()
+# Piped into a file or grep, tables keep whole words rather than 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 error_console = Console(stderr=True)
 
 

@@ -129,6 +129,8 @@ class LmtpRouter:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        # aiosmtpd logs every command at INFO: far too much for a resident router.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
         host, port = split_hostport(self.config.listen.lmtp_router)
         handler = LmtpRouterHandler(self)
         loop = asyncio.get_running_loop()
