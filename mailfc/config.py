@@ -30,6 +30,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def connect_address(value: str) -> tuple[str, int]:
+    """Where to connect to a service listening on `value`: a wildcard listen
+    address ("0.0.0.0:25") is reached on loopback."""
+    host, port = split_hostport(value)
+    return ("127.0.0.1" if host == "0.0.0.0" else host), port
+
+
 def split_hostport(value: str) -> tuple[str, int]:
     """`"127.0.0.1:24"` -> ("127.0.0.1", 24); `"[::1]:24"` -> ("::1", 24)."""
     host, sep, port_text = value.rpartition(":")
@@ -145,9 +152,9 @@ class TlsSection(Section):
     key_file: str = ""
 
 
-class ImapRouterSection(Section):
-    # LOGIN/AUTHENTICATE over a connection without TLS (port 143 before STARTTLS).
-    allow_plaintext_auth: bool = False
+class LoginSection(Section):
+    """What every router that takes logins (IMAP, submission) has."""
+
     # Every failed login is answered only after this delay.
     auth_failure_delay_s: float = 1.0
     # Failed logins allowed per client IP and per account within the window,
@@ -159,14 +166,14 @@ class ImapRouterSection(Section):
     login_timeout_s: float = 60.0
 
 
-class SubmissionSection(Section):
+class ImapRouterSection(LoginSection):
+    # LOGIN/AUTHENTICATE over a connection without TLS (port 143 before STARTTLS).
+    allow_plaintext_auth: bool = False
+
+
+class SubmissionSection(LoginSection):
     """The SMTP Router (submission, 587/465): see mailfc.routers.submission."""
 
-    auth_failure_delay_s: float = 1.0
-    max_failures_per_ip: int = 10
-    max_failures_per_account: int = 5
-    failure_window_s: int = 300
-    login_timeout_s: float = 60.0
     # After AUTH, a client silent for this long is disconnected (RFC 5321: 5 min).
     idle_timeout_s: float = 300.0
 

@@ -104,9 +104,10 @@ class Controller:
         self.rounds += 1
         await self.lifecycle()
         instances = [i for i in await self.runtime.instances() if i.state == "running"]
+        specs = await self._specs(instances)
         for instance in instances:
-            await self.scale_vertically(instance)
-        await self.scale_horizontally(instances)
+            await self.scale_vertically(instance, specs[(instance.domain_id, instance.service)])
+        await self.scale_horizontally(instances, specs)
         await self.watch_hosts()
         if time.monotonic() >= self._next_adaptive:
             self._next_adaptive = time.monotonic() + self.settings.adaptive_interval_s
@@ -157,7 +158,7 @@ class Controller:
 
     # -- scale up / down ----------------------------------------------------------------
 
-    async def scale_vertically(self, instance: Instance) -> None:
+    async def scale_vertically(self, instance: Instance, spec: asyncpg.Record) -> None:
         try:
             stats = self.runtime.stats(instance)
             limits = self.runtime.limits(instance)
@@ -169,7 +170,6 @@ class Controller:
         self._cpu[instance.name] = sample
         if before is None:
             return
-        spec = await self._spec(instance)
         share = decisions.throttled_share(before, sample)
         quota = limits.cpu_quota_us if limits.cpu_quota_us > 0 else spec["cpu_quota_us"]
         now = time.monotonic()
@@ -200,17 +200,27 @@ class Controller:
                                   f" of its limit: {memory_limit} -> {target} bytes", instance,
                                   memory_bytes=target)
 
-    async def _spec(self, instance: Instance) -> asyncpg.Record:
-        row = await self.pool.fetchrow(
-            "SELECT s.* FROM container_specs s WHERE s.service = $2"
-            " AND (s.domain_id = $1 OR s.domain_id IS NULL)"
-            " ORDER BY s.domain_id IS NULL LIMIT 1", instance.domain_id, instance.service)
-        assert row is not None, "migration 0001 inserts default specs"
-        return row
+    async def _specs(self, instances: list[Instance]
+                     ) -> dict[tuple[int, str], asyncpg.Record]:
+        """The effective spec of each (domain, service), in one query per round:
+        the domain's own row, else the default row (domain_id NULL)."""
+        keys = sorted({(i.domain_id, i.service) for i in instances})
+        rows = await self.pool.fetch(
+            """
+            SELECT DISTINCT ON (k.domain_id, k.service) k.domain_id AS key_domain,
+                   k.service AS key_service, s.cpu_quota_us, s.cpu_quota_max_us,
+                   s.memory_bytes, s.memory_max_bytes, s.max_instances
+            FROM unnest($1::bigint[], $2::text[]) AS k(domain_id, service)
+            JOIN container_specs s ON s.service = k.service
+                 AND (s.domain_id = k.domain_id OR s.domain_id IS NULL)
+            ORDER BY k.domain_id, k.service, s.domain_id IS NULL
+            """, [k[0] for k in keys], [k[1] for k in keys])
+        return {(row["key_domain"], row["key_service"]): row for row in rows}
 
     # -- scale out / in -----------------------------------------------------------------
 
-    async def scale_horizontally(self, instances: list[Instance]) -> None:
+    async def scale_horizontally(self, instances: list[Instance],
+                                 specs: dict[tuple[int, str], asyncpg.Record]) -> None:
         groups: dict[tuple[str, str], list[Instance]] = defaultdict(list)
         for instance in instances:
             groups[(instance.domain, instance.service)].append(instance)
@@ -218,7 +228,7 @@ class Controller:
         now = time.monotonic()
         for (domain, service), members in groups.items():
             sessions = [self.dispatcher.open_sessions.get(i.name, 0) for i in members]
-            spec = await self._spec(members[0])
+            spec = specs[(members[0].domain_id, members[0].service)]
             if decisions.wants_scale_out(sessions, threshold, spec["max_instances"]):
                 try:
                     started = await self.runtime.start(domain, service)

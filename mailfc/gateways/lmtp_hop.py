@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 
 from mailfc import netio
-from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
+from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply, xtext
 
 IDLE_KEEP = 16
 
@@ -27,13 +27,6 @@ IDLE_KEEP = 16
 def null_sender(mail_from: str | None) -> str:
     """aiosmtpd keeps the null reverse path (a bounce) as "<>"; hops send it as ""."""
     return "" if mail_from in (None, "<>") else str(mail_from)
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext: `+` and `=`, controls, space and non-ASCII as +HH."""
-    return "".join(
-        f"+{byte:02X}" if byte < 33 or byte > 126 or byte in (43, 61) else chr(byte)
-        for byte in value.encode("utf-8", "replace"))
 
 
 class LmtpHop:

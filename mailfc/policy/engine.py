@@ -62,12 +62,15 @@ import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from mailfc.durations import format_duration
 from mailfc.errors import TemporaryFailure
+
+if TYPE_CHECKING:
+    from mailfc.config import Config
 
 log = logging.getLogger("mailfc.policy.engine")
 
@@ -233,6 +236,11 @@ class LimitEngine:
     held: set[int] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _renew_failing: bool = False
+
+    @classmethod
+    def from_config(cls, pool: asyncpg.Pool, config: Config) -> LimitEngine:
+        return cls(pool, lease_s=config.policy.lease_s,
+                   timeout_s=config.policy.decision_timeout_s)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._renew_loop()),

@@ -44,11 +44,14 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from mailfc.policy.engine import default_holder
+
+if TYPE_CHECKING:
+    from mailfc.config import Config
 
 log = logging.getLogger("mailfc.policy.recorder")
 
@@ -130,6 +133,14 @@ def now() -> datetime.datetime:
 
 
 class Recorder:
+    @classmethod
+    def from_config(cls, pool: asyncpg.Pool, config: Config, component: str,
+                    holder: str | None = None) -> Recorder:
+        settings = config.recorder
+        return cls(pool, component=component, flush_interval_s=settings.flush_interval_s,
+                   batch_size=settings.batch_size, max_pending=settings.max_pending,
+                   flush_timeout_s=settings.flush_timeout_s, holder=holder)
+
     def __init__(self, pool: asyncpg.Pool, *, component: str = "mailfc",
                  flush_interval_s: float = 0.2, batch_size: int = 2000,
                  max_pending: int = 200_000, flush_timeout_s: float = 10.0,

@@ -61,6 +61,14 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
             return Reply(int(line[:3]), " ".join(lines))
 
 
+def xtext(value: str) -> str:
+    """RFC 3461 xtext (XCLIENT and XFORWARD attribute values): `+`, `=`, controls,
+    space and non-ASCII as +HH."""
+    return "".join(
+        f"+{byte:02X}" if byte < 33 or byte > 126 or byte in (43, 61) else chr(byte)
+        for byte in value.encode("utf-8", "replace"))
+
+
 def dot_stuff(message: bytes) -> bytes:
     """The DATA payload: CRLF line ends, leading dots doubled, final `.` line."""
     text = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

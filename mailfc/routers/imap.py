@@ -50,7 +50,7 @@ from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import imap, proxy
-from mailfc.routers.listeners import LoginRouter
+from mailfc.routers.listeners import LoginRouter, peer_and_local
 
 log = logging.getLogger("mailfc.routers.imap")
 
@@ -81,14 +81,10 @@ class ImapRouter(LoginRouter):
 
     def __init__(self, config: Config, directory: Directory,
                  tls_context: ssl.SSLContext) -> None:
-        settings = config.imap_router
         super().__init__(
-            config, directory, tls_context, plain=config.listen.imap_router,
-            implicit_tls=config.listen.imap_router_tls,
-            max_failures_per_ip=settings.max_failures_per_ip,
-            max_failures_per_account=settings.max_failures_per_account,
-            failure_window_s=float(settings.failure_window_s), session_factory=ImapSession,
-            log=log)
+            config, directory, tls_context, settings=config.imap_router,
+            plain=config.listen.imap_router, implicit_tls=config.listen.imap_router_tls,
+            session_factory=ImapSession, log=log)
 
 
 class ImapSession:
@@ -99,12 +95,8 @@ class ImapSession:
         self.reader = reader
         self.writer = writer
         self.tls = implicit_tls
-        peer = writer.get_extra_info("peername") or ("0.0.0.0", 0)
-        local = writer.get_extra_info("sockname") or ("0.0.0.0", 0)
-        self.client_ip: str = peer[0]
-        self.client_port: int = peer[1]
-        self.local_ip: str = local[0]
-        self.local_port: int = local[1]
+        (self.client_ip, self.client_port), (self.local_ip, self.local_port) = \
+            peer_and_local(writer)
         self.failures = 0
 
     # -- wire ------------------------------------------------------------------
@@ -259,44 +251,20 @@ class ImapSession:
         if not checked and not self._may_authenticate():
             await self.refuse_plaintext(tag)
             return True
-        router = self.router
-        account_key = username.strip().lower()
-        if router.ip_throttle.blocked(self.client_ip) or \
-                router.account_throttle.blocked(account_key):
-            return await self.fail(tag, username, None, "throttled")
-        account = await router.directory.account(username)
-        opening: asyncio.Task[Backend] | None = None
-        if account is not None and account.active:
-            opening = asyncio.create_task(self.open_backend(account))
-        ok = account is not None and account.active and \
-            await router.directory.verify(account, password)
-        if not ok or account is None or opening is None:
-            if opening is not None:
-                opening.cancel()
-                with contextlib.suppress(BaseException):
-                    backend = await opening
-                    await netio.close(backend.writer)
-            reason = "unknown user" if account is None else (
-                "suspended" if not account.active else "wrong password")
-            return await self.fail(tag, username, account.domain if account else None, reason)
-        router.account_throttle.succeed(account_key)
-        try:
-            backend = await opening
-        except (BackendUnavailable, MailfcError, OSError, TimeoutError) as error:
-            log.warning("IMAP login of %s: backend unavailable: %s", account.address, error)
-            router.record(account.address, account.domain, self.client_ip, True,
-                          f"backend unavailable: {error}")
-            await self.send(f"{tag} NO [UNAVAILABLE] The mail server for {account.domain} is "
-                            "not available right now; try again later.")
+        login = await self.router.authenticate(
+            username, password, self.client_ip, self.open_backend,
+            (BackendUnavailable, MailfcError, OSError, TimeoutError))
+        if login.failure is not None:
+            return await self.fail(tag)
+        assert login.account is not None
+        if login.backend is None:
+            await self.send(f"{tag} NO [UNAVAILABLE] The mail server for "
+                            f"{login.account.domain} is not available right now; try again "
+                            "later.")
             return True
-        router.record(account.address, account.domain, self.client_ip, True, "ok")
-        return await self.backend_login(tag, account, backend)
+        return await self.backend_login(tag, login.account, login.backend)
 
-    async def fail(self, tag: str, username: str, domain: str | None, reason: str) -> bool:
-        router = self.router
-        router.ip_throttle.fail(self.client_ip)
-        router.account_throttle.fail(username.strip().lower())
-        router.record(username, domain, self.client_ip, False, reason)
+    async def fail(self, tag: str) -> bool:
         self.failures += 1
         await asyncio.sleep(self.config.auth_failure_delay_s)
         await self.send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed.")

@@ -1,27 +1,56 @@
-"""What the login-taking routers (IMAP, submission) share: two listeners and bookkeeping.
+"""What the login-taking routers (IMAP, submission) share: listeners and the login.
 
 A `LoginRouter` listens on a plain port (STARTTLS) and an implicit-TLS port,
 runs one session object per connection (`session_factory(router, reader,
-writer, implicit_tls).run()`), throttles failed logins per client IP and per
-account, and records every login attempt in auth_attempts without making the
-session wait for the database.
+writer, implicit_tls).run()`), and checks logins (`authenticate`): past the
+per-IP or per-account failure throttle a login is refused unchecked; an
+active account's backend session starts opening while its password is
+checked, so a cold start overlaps the check; every attempt is recorded in
+auth_attempts without making the session wait for the database.  The
+protocol's own replies (and the delay before a failure's) stay with the
+session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from mailfc import netio
-from mailfc.config import Config, split_hostport
-from mailfc.db.directory import Directory
+from mailfc.config import Config, LoginSection, split_hostport
+from mailfc.db.directory import Account, Directory
 from mailfc.routers.throttle import FailureThrottle
 
 SessionFactory = Callable[[Any, asyncio.StreamReader, asyncio.StreamWriter, bool],
                           Any]
+B = TypeVar("B", bound="HasWriter")
+
+
+class HasWriter(Protocol):
+    writer: asyncio.StreamWriter
+
+
+@dataclass
+class Login(Generic[B]):
+    """The outcome of `authenticate`: exactly one of the three cases."""
+
+    account: Account | None = None
+    backend: B | None = None
+    # The password was not accepted (or not checked): why, for the record.
+    failure: str | None = None
+    # The password was right but the domain's server could not be reached.
+    unavailable: BaseException | None = None
+
+
+def peer_and_local(writer: asyncio.StreamWriter) -> tuple[tuple[str, int], tuple[str, int]]:
+    peer = writer.get_extra_info("peername") or ("0.0.0.0", 0)
+    local = writer.get_extra_info("sockname") or ("0.0.0.0", 0)
+    return (peer[0], peer[1]), (local[0], local[1])
 
 
 class LoginRouter:
@@ -29,14 +58,15 @@ class LoginRouter:
     protocol = ""  # auth_attempts.protocol
 
     def __init__(self, config: Config, directory: Directory, tls_context: ssl.SSLContext,
-                 *, plain: str, implicit_tls: str, max_failures_per_ip: int,
-                 max_failures_per_account: int, failure_window_s: float,
+                 *, settings: LoginSection, plain: str, implicit_tls: str,
                  session_factory: SessionFactory, log: logging.Logger) -> None:
         self.config = config
+        self.settings = settings
         self.directory = directory
         self.tls_context = tls_context
-        self.ip_throttle = FailureThrottle(max_failures_per_ip, failure_window_s)
-        self.account_throttle = FailureThrottle(max_failures_per_account, failure_window_s)
+        window = float(settings.failure_window_s)
+        self.ip_throttle = FailureThrottle(settings.max_failures_per_ip, window)
+        self.account_throttle = FailureThrottle(settings.max_failures_per_account, window)
         self._listen = ((plain, False), (implicit_tls, True))
         self._session_factory = session_factory
         self._log = log
@@ -69,6 +99,46 @@ class LoginRouter:
             await netio.run_session(self._sessions, writer, session.run(),
                                     f"{self.protocol} session", self._log)
         return handle
+
+    async def authenticate(self, username: str, password: str, client_ip: str,
+                           open_backend: Callable[[Account], Coroutine[Any, Any, B]],
+                           unavailable: tuple[type[BaseException], ...]) -> Login[B]:
+        key = username.strip().lower()
+        if self.ip_throttle.blocked(client_ip) or self.account_throttle.blocked(key):
+            return self._failed(username, None, client_ip, "throttled")
+        account = await self.directory.account(username)
+        opening: asyncio.Task[B] | None = None
+        if account is not None and account.active:
+            opening = asyncio.create_task(open_backend(account))
+        ok = account is not None and account.active and \
+            await self.directory.verify(account, password)
+        if not ok or account is None or opening is None:
+            if opening is not None:
+                opening.cancel()
+                with contextlib.suppress(BaseException):
+                    await netio.close((await opening).writer)
+            reason = "unknown user" if account is None else (
+                "suspended" if not account.active else "wrong password")
+            return self._failed(username, account.domain if account else None, client_ip,
+                                reason)
+        self.account_throttle.succeed(key)
+        try:
+            backend = await opening
+        except unavailable as error:
+            self._log.warning("%s login of %s: backend unavailable: %s", self.protocol,
+                              account.address, error)
+            self.record(account.address, account.domain, client_ip, True,
+                        f"backend unavailable: {error}")
+            return Login(account=account, unavailable=error)
+        self.record(account.address, account.domain, client_ip, True, "ok")
+        return Login(account=account, backend=backend)
+
+    def _failed(self, username: str, domain: str | None, client_ip: str,
+                reason: str) -> Login[Any]:
+        self.ip_throttle.fail(client_ip)
+        self.account_throttle.fail(username.strip().lower())
+        self.record(username, domain, client_ip, False, reason)
+        return Login(failure=reason)
 
     def record(self, username: str, domain: str | None, client_ip: str | None,
                success: bool, reason: str) -> None:

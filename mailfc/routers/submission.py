@@ -50,8 +50,8 @@ from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import proxy
-from mailfc.protocols.lmtp import LmtpError, Reply, read_reply
-from mailfc.routers.listeners import LoginRouter
+from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
+from mailfc.routers.listeners import LoginRouter, peer_and_local
 
 log = logging.getLogger("mailfc.routers.submission")
 
@@ -85,26 +85,16 @@ class Backend:
     writer: asyncio.StreamWriter
 
 
-def xtext(value: str) -> str:
-    """RFC 3461 xtext, as XCLIENT wants its attribute values."""
-    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=" else
-                   "".join(f"+{b:02X}" for b in c.encode()) for c in value)
-
-
 class SubmissionRouter(LoginRouter):
     name = "submission-router"
     protocol = "submission"
 
     def __init__(self, config: Config, directory: Directory,
                  tls_context: ssl.SSLContext) -> None:
-        settings = config.submission
         super().__init__(
-            config, directory, tls_context, plain=config.listen.submission,
-            implicit_tls=config.listen.submissions,
-            max_failures_per_ip=settings.max_failures_per_ip,
-            max_failures_per_account=settings.max_failures_per_account,
-            failure_window_s=float(settings.failure_window_s), session_factory=SubmissionSession,
-            log=log)
+            config, directory, tls_context, settings=config.submission,
+            plain=config.listen.submission, implicit_tls=config.listen.submissions,
+            session_factory=SubmissionSession, log=log)
 
 
 class SubmissionSession:
@@ -116,11 +106,7 @@ class SubmissionSession:
         self.reader = reader
         self.writer = writer
         self.tls = implicit_tls
-        peer = writer.get_extra_info("peername") or ("0.0.0.0", 0)
-        local = writer.get_extra_info("sockname") or ("0.0.0.0", 0)
-        self.client_ip: str = peer[0]
-        self.client_port: int = peer[1]
-        self.local: tuple[str, int] = (local[0], local[1])
+        (self.client_ip, self.client_port), self.local = peer_and_local(writer)
         self.helo: str | None = None
         self.failures = 0
 
@@ -136,6 +122,22 @@ class SubmissionSession:
         if len(line) > MAX_LINE:
             raise InvalidInput("line too long")
         return line
+
+    async def read_command(self, wait_s: float) -> tuple[bytes, str, str] | None:
+        """The next command as (line, VERB, argument); None when the session ends
+        (a timeout or an overlong line, answered here, or the client gone)."""
+        try:
+            raw = await self.read_line(wait_s)
+        except TimeoutError:
+            await self.send(R_TIMEOUT.format(host=self.host))
+            return None
+        except InvalidInput:
+            await self.send(R_LINE_TOO_LONG)
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        verb, _, argument = raw.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
+        return raw, verb.upper(), argument
 
     def capabilities(self) -> list[str]:
         words = [self.host, "PIPELINING", "SIZE 52428800", "8BITMIME", "ENHANCEDSTATUSCODES"]
@@ -160,19 +162,10 @@ class SubmissionSession:
         await self.send(R_GREETING.format(host=self.host))
         deadline = time.monotonic() + self.settings.login_timeout_s
         while True:
-            try:
-                raw = await self.read_line(max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                await self.send(R_TIMEOUT.format(host=self.host))
+            command = await self.read_command(max(0.1, deadline - time.monotonic()))
+            if command is None:
                 return
-            except InvalidInput:
-                await self.send(R_LINE_TOO_LONG)
-                return
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            verb, _, argument = line.partition(" ")
-            verb = verb.upper()
+            _, verb, argument = command
             if verb in ("EHLO", "HELO"):
                 await self.ehlo(argument.strip())
             elif verb == "STARTTLS":
@@ -256,43 +249,20 @@ class SubmissionSession:
         return line.decode("ascii", "replace").strip()
 
     async def login(self, username: str, password: str) -> tuple[Account, Backend] | bool:
-        router = self.router
-        key = username.strip().lower()
-        if router.ip_throttle.blocked(self.client_ip) or router.account_throttle.blocked(key):
-            return await self.fail(username, None, "throttled")
-        account = await router.directory.account(username)
-        opening: asyncio.Task[Backend] | None = None
-        if account is not None and account.active:
-            opening = asyncio.create_task(self.open_backend(account))
-        ok = account is not None and account.active and \
-            await router.directory.verify(account, password)
-        if not ok or account is None or opening is None:
-            if opening is not None:
-                opening.cancel()
-                with contextlib.suppress(BaseException):
-                    await netio.close((await opening).writer)
-            reason = "unknown user" if account is None else (
-                "suspended" if not account.active else "wrong password")
-            return await self.fail(username, account.domain if account else None, reason)
-        router.account_throttle.succeed(key)
-        try:
-            backend = await opening
-        except (BackendUnavailable, MailfcError, OSError, TimeoutError, LmtpError,
-                asyncio.IncompleteReadError) as error:
-            log.warning("submission of %s: backend unavailable: %s", account.address, error)
-            router.record(account.address, account.domain, self.client_ip, True,
-                          f"backend unavailable: {error}")
-            await self.send(R_UNAVAILABLE.format(domain=account.domain))
+        login = await self.router.authenticate(
+            username, password, self.client_ip, self.open_backend,
+            (BackendUnavailable, MailfcError, OSError, TimeoutError, LmtpError,
+             asyncio.IncompleteReadError))
+        if login.failure is not None:
+            return await self.fail()
+        assert login.account is not None
+        if login.backend is None:
+            await self.send(R_UNAVAILABLE.format(domain=login.account.domain))
             return True
-        router.record(account.address, account.domain, self.client_ip, True, "ok")
         await self.send(R_AUTH_OK)
-        return account, backend
+        return login.account, login.backend
 
-    async def fail(self, username: str, domain: str | None, reason: str) -> bool:
-        router = self.router
-        router.ip_throttle.fail(self.client_ip)
-        router.account_throttle.fail(username.strip().lower())
-        router.record(username, domain, self.client_ip, False, reason)
+    async def fail(self) -> bool:
         self.failures += 1
         await asyncio.sleep(self.settings.auth_failure_delay_s)
         await self.send(R_AUTH_FAILED)
@@ -340,19 +310,10 @@ class SubmissionSession:
         senders = await self.router.directory.sender_addresses(account.address)
         try:
             while True:
-                try:
-                    raw = await self.read_line(self.settings.idle_timeout_s)
-                except TimeoutError:
-                    await self.send(R_TIMEOUT.format(host=self.host))
+                command = await self.read_command(self.settings.idle_timeout_s)
+                if command is None:
                     return
-                except InvalidInput:
-                    await self.send(R_LINE_TOO_LONG)
-                    return
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                verb, _, argument = line.partition(" ")
-                verb = verb.upper()
+                raw, verb, argument = command
                 if verb in ("EHLO", "HELO"):
                     await self.ehlo(argument.strip())
                     continue

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import asyncpg
 
-from mailfc.config import Config, FilterSection, split_hostport
+from mailfc.config import Config, FilterSection, connect_address, split_hostport
 from mailfc.gateways.filter.checks import built_in
 from mailfc.gateways.filter.milter_client import MilterClient
 from mailfc.gateways.filter.server import FilterHandler, FilterProtocol
@@ -23,14 +23,9 @@ class FilterService:
         self.name = name
         self.config = config
         self.section = section = section or config.filter_in
-        rec = config.recorder
-        self.recorder = Recorder(pool, component=name, flush_interval_s=rec.flush_interval_s,
-                                 batch_size=rec.batch_size, max_pending=rec.max_pending,
-                                 flush_timeout_s=rec.flush_timeout_s)
-        hop_host, hop_port = split_hostport(section.next_hop or next_hop
+        self.recorder = Recorder.from_config(pool, config, name)
+        hop_host, hop_port = connect_address(section.next_hop or next_hop
                                             or config.listen.lmtp_router)
-        if hop_host == "0.0.0.0":
-            hop_host = "127.0.0.1"
         self.hop = LmtpHop(hop_host, hop_port, helo=config.host_name,
                            timeout=config.lmtp_router.delivery_timeout_s
                            + config.runtime.start_timeout_s)

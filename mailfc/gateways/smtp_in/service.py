@@ -9,7 +9,7 @@ import ssl
 
 import asyncpg
 
-from mailfc.config import Config, split_hostport
+from mailfc.config import Config, connect_address, split_hostport
 from mailfc.db.directory import Directory
 from mailfc.gateways.listener import CyclingListener, cycle
 from mailfc.gateways.lmtp_hop import LmtpHop
@@ -30,16 +30,10 @@ class SmtpInService:
                  tls_context: ssl.SSLContext | None) -> None:
         self.config = config
         self.tls_context = tls_context
-        policy, rec = config.policy, config.recorder
-        self.engine = LimitEngine(pool, lease_s=policy.lease_s,
-                                  timeout_s=policy.decision_timeout_s)
-        self.recorder = Recorder(pool, component=self.name,
-                                 flush_interval_s=rec.flush_interval_s,
-                                 batch_size=rec.batch_size, max_pending=rec.max_pending,
-                                 flush_timeout_s=rec.flush_timeout_s, holder=self.engine.holder)
-        hop_host, hop_port = split_hostport(config.listen.filter_in)
-        if hop_host == "0.0.0.0":
-            hop_host = "127.0.0.1"
+        self.engine = LimitEngine.from_config(pool, config)
+        self.recorder = Recorder.from_config(pool, config, self.name,
+                                             holder=self.engine.holder)
+        hop_host, hop_port = connect_address(config.listen.filter_in)
         self.hop = LmtpHop(hop_host, hop_port, helo=config.host_name,
                            timeout=config.spool.delivery_timeout_s)
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory, "smtp-in"),

@@ -28,7 +28,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailfc.addresses import normalize_address
-from mailfc.config import Config, split_hostport
+from mailfc.config import Config, connect_address, split_hostport
 from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
 from mailfc.gateways.lmtp_hop import LmtpHop
@@ -89,9 +89,7 @@ class SmtpOutService:
         self.remote = RemoteDelivery(
             Router(parse_routes(settings.routes), timeout=settings.dns_timeout_s),
             helo=config.host_name, timeout=settings.timeout_s)
-        router_host, router_port = split_hostport(config.listen.lmtp_router)
-        if router_host == "0.0.0.0":
-            router_host = "127.0.0.1"
+        router_host, router_port = connect_address(config.listen.lmtp_router)
         self.inbound = LmtpHop(router_host, router_port, helo=config.host_name,
                                timeout=config.lmtp_router.delivery_timeout_s
                                + config.runtime.start_timeout_s)

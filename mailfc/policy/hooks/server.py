@@ -65,6 +65,8 @@ class HookServer:
                  host: str, socket: Path, socket_gid: int | None = 5000,
                  policy: HookPolicy | None = None, limits_poll_s: float = 1.0) -> None:
         self.engine = engine
+        # The inode of the socket this server bound (None: not listening).
+        self._inode: int | None = None
         self.recorder = recorder
         self.pool = pool
         self.host = host
@@ -117,7 +119,7 @@ class HookServer:
         # A process cycled in to replace this one has bound the path anew: its
         # socket stays.
         with contextlib.suppress(FileNotFoundError):
-            if self.socket.stat().st_ino == getattr(self, "_inode", None):
+            if self.socket.stat().st_ino == self._inode:
                 self.socket.unlink()
 
     def _keep(self, task: asyncio.Task[None]) -> None:
@@ -222,15 +224,10 @@ class HookService:
 
     def __init__(self, config: Config, pool: asyncpg.Pool, *, socket: Path | None = None
                  ) -> None:
-        policy, recorder, hooks = config.policy, config.recorder, config.hooks
-        self.engine = LimitEngine(pool, lease_s=policy.lease_s,
-                                  timeout_s=policy.decision_timeout_s)
-        self.recorder = Recorder(pool, component="hook-server",
-                                 flush_interval_s=recorder.flush_interval_s,
-                                 batch_size=recorder.batch_size,
-                                 max_pending=recorder.max_pending,
-                                 flush_timeout_s=recorder.flush_timeout_s,
-                                 holder=self.engine.holder)
+        hooks = config.hooks
+        self.engine = LimitEngine.from_config(pool, config)
+        self.recorder = Recorder.from_config(pool, config, "hook-server",
+                                             holder=self.engine.holder)
         self.server = HookServer(
             self.engine, self.recorder, pool, host=config.host_name,
             socket=socket or socket_path(config), socket_gid=hooks.socket_gid,

@@ -7,44 +7,9 @@ Stops on SIGTERM or SIGINT after draining open sessions.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import signal
-from pathlib import Path
-
-from mailfc.config import load_config
-from mailfc.db import connect
+from mailfc.policy import standalone
 from mailfc.policy.milter.server import MilterService
 
-
-async def _run(config_path: str | None, socket: str | None) -> None:
-    config = load_config(config_path)
-    pool = await connect(config)
-    service = MilterService(config, pool, socket=Path(socket) if socket else None)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        await service.start()
-        print("ready", flush=True)     # for whoever started us and waits
-        await stopping.wait()
-    finally:
-        await service.stop(config.runtime.stop_timeout_s)
-        await pool.close()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m mailfc.policy.milter")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--socket", default=None, help="unix socket (default: milter.socket)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_run(args.config, args.socket))
-
-
 if __name__ == "__main__":
-    main()
+    standalone.main(lambda config, pool, socket: MilterService(config, pool, socket=socket),
+                    "python -m mailfc.policy.milter", "milter.socket")

@@ -169,15 +169,9 @@ class MilterService:
 
     def __init__(self, config: Config, pool: asyncpg.Pool, *, socket: Path | None = None
                  ) -> None:
-        policy, recorder = config.policy, config.recorder
-        self.engine = LimitEngine(pool, lease_s=policy.lease_s,
-                                  timeout_s=policy.decision_timeout_s)
-        self.recorder = Recorder(pool, component="milter",
-                                 flush_interval_s=recorder.flush_interval_s,
-                                 batch_size=recorder.batch_size,
-                                 max_pending=recorder.max_pending,
-                                 flush_timeout_s=recorder.flush_timeout_s,
-                                 holder=self.engine.holder)
+        policy = config.policy
+        self.engine = LimitEngine.from_config(pool, config)
+        self.recorder = Recorder.from_config(pool, config, "milter", holder=self.engine.holder)
         self.server = MilterServer(
             self.engine, self.recorder, host=config.host_name,
             socket=socket or socket_path(config),
