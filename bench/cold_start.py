@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import asyncpg
 
+from bench.platform import scratch_state
 from mailfc.config import Config, parse_config
 from mailfc.db import connect
 from mailfc.runtime import Instance, Runtime, RuntimeSettings, cgroups
@@ -201,14 +200,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root (runc, namespaces, cgroups)")
-    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-cold-", dir="/tmp"))
-    state_dir.chmod(0o711)
-    try:
+    with scratch_state(bench_config) as state_dir:
         asyncio.run(run(args, state_dir))
-    finally:
-        from mailfc.db.pool import embedded_cluster
-        embedded_cluster(bench_config(state_dir)).stop()
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
+from bench.platform import scratch_state
 from mailfc.config import Config, parse_config
 from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains, limits
@@ -168,15 +166,8 @@ def main() -> None:
     parser.add_argument("--all-commands", action="store_true",
                         help="also limit imap_commands: every command is counted")
     args = parser.parse_args()
-    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
-    state_dir.chmod(0o711)
-    try:
+    with scratch_state(bench_config, bridge=BRIDGE) as state_dir:
         asyncio.run(run(args, state_dir))
-    finally:
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
-        from mailfc.db.pool import embedded_cluster
-        embedded_cluster(bench_config(state_dir)).stop()
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

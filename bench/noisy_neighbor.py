@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import shutil
 import signal
 import ssl
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -42,10 +40,9 @@ import asyncpg
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.platform import start_up
+from bench.platform import scratch_state, start_up
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains, limits
-from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
 from mailfc.protocols.lmtp import read_reply
 from mailfc.runtime.lifecycle import Runtime
@@ -436,15 +433,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--senders", type=int, default=50)
     args = parser.parse_args()
-    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
-    state_dir.chmod(0o711)
-    try:
+    with scratch_state(config, bridge="mfcn0") as state_dir:
         asyncio.run(run(args, state_dir))
-    finally:
-        embedded_cluster(config(state_dir)).stop()
-        import subprocess
-        subprocess.run(["ip", "link", "del", "mfcn0"], capture_output=True, check=False)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

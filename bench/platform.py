@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mailfc.config import Config, render_toml
+from mailfc.db.pool import embedded_cluster
 
 
 async def start_up(settings: Config, state_dir: Path, ready_port: int
@@ -31,3 +37,20 @@ async def start_up(settings: Config, state_dir: Path, ready_port: int
         except OSError:
             await asyncio.sleep(0.2)
     raise RuntimeError("mailfc up did not start in time")
+
+
+@contextlib.contextmanager
+def scratch_state(config_of: Callable[[Path], Config], bridge: str | None = None
+                  ) -> Iterator[Path]:
+    """A state directory under /tmp for one run, searchable by the `postgres` user
+    (the embedded cluster runs as it); afterwards its cluster is stopped, the
+    bridge (if named) deleted and the directory removed."""
+    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
+    state_dir.chmod(0o711)
+    try:
+        yield state_dir
+    finally:
+        embedded_cluster(config_of(state_dir)).stop()
+        if bridge:
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+        shutil.rmtree(state_dir, ignore_errors=True)

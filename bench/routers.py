@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bench.platform import scratch_state
 from mailfc.config import Config, parse_config
 from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains
@@ -219,15 +217,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
-    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
-    state_dir.chmod(0o711)
-    try:
+    with scratch_state(bench_config) as state_dir:
         asyncio.run(run(args, state_dir))
-    finally:
-        from mailfc.db.pool import embedded_cluster
-        embedded_cluster(bench_config(state_dir)).stop()
-        shutil.rmtree(state_dir, ignore_errors=True)
-        os.sync()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,9 +37,9 @@ from bench.noisy_neighbor import (
     submit_via_router,
     unverified,
 )
+from bench.platform import scratch_state
 from bench.smtp_in import postfix_reference
 from mailfc.db import accounts, connect, domains
-from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
 from mailfc.tls import certificate_paths
 
@@ -148,14 +146,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=10)
     args = parser.parse_args()
-    state_dir = Path(tempfile.mkdtemp(prefix="mailfc-bench-", dir="/tmp"))
-    state_dir.chmod(0o711)
-    try:
+    with scratch_state(config, bridge="mfcn0") as state_dir:
         asyncio.run(run(args, state_dir))
-    finally:
-        embedded_cluster(config(state_dir)).stop()
-        subprocess.run(["ip", "link", "del", "mfcn0"], capture_output=True, check=False)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
