@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -185,10 +186,8 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         await runtime.recover()
         await runtime.close()
         await pool.close()
-        from pyroute2 import AsyncIPRoute
-        async with AsyncIPRoute() as ipr:
-            for index in await ipr.link_lookup(ifname=settings.bridge):
-                await ipr.link("del", index=index)
+        await asyncio.to_thread(subprocess.run, ["ip", "link", "del", settings.bridge],
+                                capture_output=True, check=False)
         cgroups.remove_if_empty(settings.cgroup_parent)
 
 

@@ -5,7 +5,8 @@
 Runs a host (embedded PostgreSQL, runtime, dispatcher, hook server) in a temporary state
 directory, with a bridge, subnet, name prefix and ports of its own, and loads one
 domain's Dovecot directly (no router: the figure is the plugin's cost alone) with
-`clients` sessions doing SELECT once, then NOOP, STATUS, FETCH and UID SEARCH in turn.
+`clients` sessions doing SELECT once, then NOOP, STATUS, FETCH and UID SEARCH in turn,
+from a process of its own (a load sharing the hook server's event loop would slow it).
 
 The same run alternates the domain's container with the plugin (dovecot.conf loads
 mailfc_hooks: every command recorded, limits from the shared engine) and without it
@@ -29,7 +30,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.platform import scratch_state
+from bench.platform import in_own_process, scratch_state
+from mailfc import eventloop
 from mailfc.config import Config, parse_config
 from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains, limits
@@ -108,8 +110,8 @@ async def measure(config: Config, plugin: bool, args: argparse.Namespace) -> flo
         instance = await platform.runtime.ensure(DOMAIN, "imap")
         address = str(instance.address)
         await seed(address)
-        await imap_load(address, args.clients, 1.0)          # warm caches
-        rate = await imap_load(address, args.clients, args.seconds)
+        await in_own_process(imap_load, address, args.clients, 1.0)      # warm caches
+        rate = await in_own_process(imap_load, address, args.clients, args.seconds)
         if plugin:
             written = await platform.pool.fetchval(
                 "SELECT count(*) FROM imap_commands WHERE account = $1", USER)
@@ -167,7 +169,7 @@ def main() -> None:
                         help="also limit imap_commands: every command is counted")
     args = parser.parse_args()
     with scratch_state(bench_config, bridge=BRIDGE) as state_dir:
-        asyncio.run(run(args, state_dir))
+        eventloop.run(run(args, state_dir))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench.platform import scratch_state
+from bench.platform import in_own_process, scratch_state
+from mailfc import eventloop
 from mailfc.config import Config, parse_config
 from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains
@@ -126,27 +126,6 @@ async def lmtp_load(host: str, port: int, clients: int, seconds: float,
     return sum(counts) / (time.monotonic() - started)
 
 
-def _load_child(kind: str, host: str, port: int, clients: int, seconds: float,
-                results: multiprocessing.Queue[float]) -> None:
-    if kind == "imap":
-        results.put(asyncio.run(imap_load(host, port, clients, seconds)))
-    else:
-        results.put(asyncio.run(lmtp_load(host, port, clients, seconds, b"")))
-
-
-async def load_elsewhere(kind: str, host: str, port: int, clients: int,
-                         seconds: float) -> float:
-    """The load from a process of its own: a client sharing the router's event loop
-    would slow the router it measures."""
-    results: multiprocessing.Queue[float] = multiprocessing.Queue()
-    process = multiprocessing.get_context("fork").Process(
-        target=_load_child, args=(kind, host, port, clients, seconds, results))
-    process.start()
-    rate: float = await asyncio.to_thread(results.get, True, seconds + 120)
-    await asyncio.to_thread(process.join, 30)
-    return rate
-
-
 async def timed(action: Callable[[], Awaitable[object]]) -> float:
     started = time.perf_counter()
     await action()
@@ -192,18 +171,18 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         address = str(instance.address)
         for n in range(5):
             await lmtp_load(address, PORTS["lmtp"], 1, 0.0001, b"X-Seed: %d\r\n" % n)
-        direct_imap = await load_elsewhere("imap", address, PORTS["imap"], args.clients,
+        direct_imap = await in_own_process(imap_load, address, PORTS["imap"], args.clients,
                                            args.seconds)
-        routed_imap = await load_elsewhere("imap", "127.0.0.1", ROUTER_IMAP, args.clients,
+        routed_imap = await in_own_process(imap_load, "127.0.0.1", ROUTER_IMAP, args.clients,
                                            args.seconds)
         print(f"IMAP commands/s, {args.clients} sessions, {args.seconds:g} s each")
         print(f"  direct to Dovecot {direct_imap:8.0f}/s   through router+dispatcher "
               f"{routed_imap:8.0f}/s   ratio {routed_imap / direct_imap:.2f} (target >= 0.9)")
 
-        direct_lmtp = await load_elsewhere("lmtp", address, PORTS["lmtp"], args.clients,
-                                           args.seconds)
-        routed_lmtp = await load_elsewhere("lmtp", "127.0.0.1", ROUTER_LMTP, args.clients,
-                                           args.seconds)
+        direct_lmtp = await in_own_process(lmtp_load, address, PORTS["lmtp"], args.clients,
+                                           args.seconds, b"")
+        routed_lmtp = await in_own_process(lmtp_load, "127.0.0.1", ROUTER_LMTP, args.clients,
+                                           args.seconds, b"")
         print(f"LMTP messages/s, {args.clients} sessions, one message per session")
         print(f"  direct to Dovecot {direct_lmtp:8.1f}/s   through LMTP router      "
               f"{routed_lmtp:8.1f}/s   ratio {routed_lmtp / direct_lmtp:.2f} (target >= 0.9)")
@@ -218,7 +197,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
     with scratch_state(bench_config) as state_dir:
-        asyncio.run(run(args, state_dir))
+        eventloop.run(run(args, state_dir))
 
 
 if __name__ == "__main__":

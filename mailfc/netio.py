@@ -37,7 +37,7 @@ class _Relay(asyncio.Protocol):
     reading on this side, so a fast sender never fills memory.
     """
 
-    def __init__(self, peer: asyncio.BaseTransport, count: list[int], done: asyncio.Future[str],
+    def __init__(self, peer: asyncio.Transport, count: list[int], done: asyncio.Future[str],
                  name: str, tail: bytearray | None = None) -> None:
         self.peer = peer
         self.count = count
@@ -49,7 +49,8 @@ class _Relay(asyncio.Protocol):
         self.feeder: asyncio.ReadTransport | None = None
 
     def data_received(self, data: bytes) -> None:
-        assert isinstance(self.peer, asyncio.WriteTransport)
+        if self.peer.is_closing():
+            return          # the other side is gone; the session is ending
         self.peer.write(data)
         self.count[0] += len(data)
         if self.tail is not None:

@@ -8,14 +8,17 @@ through `require()`: a skipped integration suite would hide every defect.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+import uvloop
 
 from mailfc.config import Config, parse_config
 from mailfc.db import connect
@@ -28,6 +31,11 @@ def require(condition: bool, what: str) -> None:
     """Fail (never skip) when the machine lacks what an integration test needs."""
     if not condition:
         pytest.fail(f"this test needs {what}; run the README's set-up (./setup.sh) as root")
+
+
+def delete_link(name: str) -> None:
+    """Delete a network link (our test bridges) if it exists."""
+    subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
 
 
 def require_root() -> None:
@@ -89,3 +97,14 @@ async def clean_cmdb(cmdb: asyncpg.Pool) -> asyncpg.Pool:
     await cmdb.execute("DELETE FROM blocks")
     await cmdb.execute("DELETE FROM hosts WHERE name <> $1", TEST_HOST)
     return cmdb
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """Tests run on the event loop the processes run on (mailfc.eventloop: uvloop).
+
+    A policy and not pytest-asyncio's loop-factory hook: the hook parametrizes async
+    tests only, so a sync test using an async fixture would tear the session's loop
+    (and the cluster fixtures on it) down and build another."""
+    policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+    return policy

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import decimal
 import ipaddress
@@ -27,6 +26,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from mailfc import eventloop
 from mailfc.config import Config, load_config
 from mailfc.db import connect
 from mailfc.errors import DatabaseError, MailfcError
@@ -90,7 +90,7 @@ def run_db(config: Config, action: Callable[[asyncpg.Connection], Awaitable[T]])
             await pool.close()
 
     try:
-        return asyncio.run(main())
+        return eventloop.run(main())
     except (OSError, asyncpg.InterfaceError) as error:
         raise DatabaseError(f"database connection failed: {error}") from None
 

@@ -18,13 +18,13 @@ maxima.  One CMDB pool per invocation; no netns pool and no orphan cleanup
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
 
+from mailfc import eventloop
 from mailfc.cli.common import emit, json_option, pass_config, print_json, say
 from mailfc.config import Config
 from mailfc.db import connect
@@ -57,7 +57,7 @@ def run_runtime(config: Config, action: Callable[[Runtime], Awaitable[T]]) -> T:
             await runtime.close()
             await pool.close()
 
-    return asyncio.run(main())
+    return eventloop.run(main())
 
 
 async def _pick(runtime: Runtime, domain: str, service: str, name: str | None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
 import click
 
+from mailfc import eventloop
 from mailfc.cli.common import emit, json_option, pass_config, print_json, run_db, say
 from mailfc.config import Config
 from mailfc.db import migrate, open_pool
@@ -33,7 +33,7 @@ async def _on_pool(config: Config, action: Any) -> Any:
 @pass_config
 def migrate_cmd(config: Config, as_json: bool) -> None:
     """Apply pending schema migrations (each once, in order)."""
-    applied = asyncio.run(_on_pool(config, migrate.apply))
+    applied = eventloop.run(_on_pool(config, migrate.apply))
     if as_json:
         print_json({"applied": [m.label for m in applied]})
     elif applied:
@@ -47,7 +47,7 @@ def migrate_cmd(config: Config, as_json: bool) -> None:
 @pass_config
 def status(config: Config, as_json: bool) -> None:
     """Show each migration and when it was applied."""
-    rows = asyncio.run(_on_pool(config, migrate.status))
+    rows = eventloop.run(_on_pool(config, migrate.status))
     emit(
         [{"migration": s.migration.label, "applied_at": s.applied_at} for s in rows],
         as_json=as_json,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import asyncpg
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from mailfc import eventloop
 from mailfc.cli.common import emit, json_option, pass_config, print_json, run_db, say
 from mailfc.config import Config
 from mailfc.db import connect, domains, importer
@@ -115,7 +115,7 @@ def import_cmd(config: Config, path: Path, batch_size: int, as_json: bool) -> No
         finally:
             await pool.close()
 
-    report = asyncio.run(main())
+    report = eventloop.run(main())
     result: dict[str, Any] = {
         "rows": len(rows), "domains_added": report.domains_added,
         "accounts_added": report.accounts_added, "failed_batches": report.batches_failed,

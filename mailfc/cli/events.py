@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from mailfc import eventloop
 from mailfc.cli.common import emit, json_option, pass_config, run_db
 from mailfc.config import Config
 from mailfc.controller import events
@@ -40,7 +41,7 @@ def group(config: Config, domain: str | None, kind: str | None, since: str | Non
     for row in rows:
         _print(row, as_json)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_follow(config, rows[-1]["id"] if rows else 0, domain_name, kind, as_json))
+        eventloop.run(_follow(config, rows[-1]["id"] if rows else 0, domain_name, kind, as_json))
 
 
 async def _follow(config: Config, after: int, domain: str | None, kind: str | None,

@@ -14,6 +14,7 @@ import signal
 
 import click
 
+from mailfc import eventloop
 from mailfc.cli.common import pass_config
 from mailfc.config import Config
 from mailfc.controller.platform import SERVICE_NAMES, Platform
@@ -36,7 +37,7 @@ def group(ctx: click.Context, config: Config, verbose: bool, services: str | Non
     )
     if services is None:
         config_path = ctx.find_root().params.get("config_path")
-        asyncio.run(_supervise(config, config_path, verbose))
+        eventloop.run(_supervise(config, config_path, verbose))
         return
     wanted = tuple(name.strip() for name in services.split(",") if name.strip())
     unknown = set(wanted) - set(SERVICE_NAMES)
@@ -47,7 +48,7 @@ def group(ctx: click.Context, config: Config, verbose: bool, services: str | Non
     if "controller" in wanted and "dispatcher" not in wanted:
         raise click.BadParameter("the controller runs with the dispatcher of its host",
                                  param_hint="--services")
-    asyncio.run(_run(config, wanted))
+    eventloop.run(_run(config, wanted))
 
 
 async def _supervise(config: Config, config_path: str | None, verbose: bool) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import asyncpg
 
+from mailfc import eventloop
 from mailfc.config import Config, load_config
 from mailfc.db import connect
 
@@ -57,4 +58,4 @@ def main(factory: Factory, prog: str, socket_default: str) -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_run(factory, args.config, args.socket))
+    eventloop.run(_run(factory, args.config, args.socket))

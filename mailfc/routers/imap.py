@@ -51,6 +51,7 @@ from mailfc.db.directory import Account, Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import imap, proxy
 from mailfc.routers.listeners import LoginRouter, peer_and_local
+from mailfc.routers.throttle import delay_failure
 
 log = logging.getLogger("mailfc.routers.imap")
 
@@ -266,7 +267,7 @@ class ImapSession:
 
     async def fail(self, tag: str) -> bool:
         self.failures += 1
-        await asyncio.sleep(self.config.auth_failure_delay_s)
+        await delay_failure(self.config.auth_failure_delay_s)
         await self.send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed.")
         if self.failures >= MAX_FAILURES_PER_SESSION:
             await self.send("* BYE Too many invalid login attempts.")

@@ -52,6 +52,7 @@ from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
 from mailfc.routers.listeners import LoginRouter, peer_and_local
+from mailfc.routers.throttle import delay_failure
 
 log = logging.getLogger("mailfc.routers.submission")
 
@@ -264,7 +265,7 @@ class SubmissionSession:
 
     async def fail(self) -> bool:
         self.failures += 1
-        await asyncio.sleep(self.settings.auth_failure_delay_s)
+        await delay_failure(self.settings.auth_failure_delay_s)
         await self.send(R_AUTH_FAILED)
         if self.failures >= MAX_FAILURES_PER_SESSION:
             await self.send("421 4.7.0 Too many failed authentications, closing")

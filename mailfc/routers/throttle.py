@@ -7,6 +7,7 @@ Argon2 time).  In-process: each router instance throttles what it sees.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 
@@ -41,3 +42,14 @@ class FailureThrottle:
 
     def succeed(self, key: str) -> None:
         self._failures.pop(key, None)
+
+
+async def delay_failure(seconds: float) -> None:
+    """Sleep at least `seconds` by the monotonic clock before a failure is answered.
+
+    uvloop's timers count from the loop time cached when the loop iteration began
+    (in whole milliseconds), so a plain sleep can end early by as much as that
+    iteration has run; the delay is a promise to the client (no faster guessing),
+    so the lag is added."""
+    lag = max(0.0, time.monotonic() - asyncio.get_running_loop().time())
+    await asyncio.sleep(seconds + lag + 0.001)

@@ -18,8 +18,14 @@ Cost: pyroute2 creates namespaces and netns sockets in forked helper
 processes (~10-25 ms each).  Here a worker thread unshares its own network
 namespace, binds /proc/thread-self/ns/net to /run/netns/<name> with pyroute2's
 netns.attach(), opens a netlink socket there and returns to the host
-namespace; everything else is plain netlink from the event loop: about 8 ms
-for a complete endpoint, 1.5 ms for the address and route at claim time.
+namespace; everything else is plain netlink: about 8 ms for a complete
+endpoint, 1.5 ms for the address and route at claim time.
+
+pyroute2's netlink sockets are datagram endpoints of a family (AF_NETLINK) that
+only the standard selector event loop accepts; the resident processes run on
+uvloop.  So all netlink work of a Network runs on a selector loop of its own in
+one thread (`_NetlinkLoop`), and the methods marked @on_netlink_loop hand their
+coroutine over to it, whatever loop their caller runs on.
 
 The pool keeps `netns_pool_size` endpoints ready (lo up, veth in the bridge,
 eth0 up, no address): they do not depend on any domain.  An endpoint's token
@@ -37,10 +43,13 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from collections import deque
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from pyroute2 import AsyncIPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -113,6 +122,40 @@ def _netlink_socket() -> int:
     return sock.detach()
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _NetlinkLoop:
+    """A standard selector event loop in a thread of its own, for pyroute2."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.SelectorEventLoop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="mailfc-netlink")
+        self._thread.start()
+
+    async def run(self, coroutine: Coroutine[Any, Any, R]) -> R:
+        if asyncio.get_running_loop() is self.loop:
+            return await coroutine
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def on_netlink_loop(method: Callable[Concatenate[Network, P], Coroutine[Any, Any, R]]
+                    ) -> Callable[Concatenate[Network, P], Coroutine[Any, Any, R]]:
+    """Run the method's body on the Network's netlink loop."""
+    async def marshalled(self: Network, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._netlink.run(method(self, *args, **kwargs))
+    marshalled.__name__ = method.__name__
+    marshalled.__doc__ = method.__doc__
+    return marshalled
+
+
 class Network:
     """The bridge, the endpoint pool, and creating/removing endpoints."""
 
@@ -121,6 +164,7 @@ class Network:
         self.net = settings.network
         self.gateway = settings.bridge_address
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mailfc-netns")
+        self._netlink = _NetlinkLoop()
         self._ipr: AsyncIPRoute | None = None
         self._bridge_index = 0
         self._pool: deque[Endpoint] = deque()
@@ -128,6 +172,7 @@ class Network:
 
     # -- host side -------------------------------------------------------------
 
+    @on_netlink_loop
     async def open(self) -> None:
         if os.geteuid() != 0:
             raise RuntimeUnavailable("container networking needs root")
@@ -177,13 +222,19 @@ class Network:
                 await self._refill
         while self._pool:
             await self.release(self._pool.popleft())
+        await self._close_netlink()
+        self._netlink.stop()
+        self._executor.shutdown(wait=True)
+
+    @on_netlink_loop
+    async def _close_netlink(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        self._executor.shutdown(wait=True)
 
     # -- endpoints -------------------------------------------------------------
 
+    @on_netlink_loop
     async def create(self) -> Endpoint:
         """A new endpoint: netns with lo up, veth pair, host side in the bridge."""
         loop = asyncio.get_running_loop()
@@ -244,6 +295,7 @@ class Network:
     def pooled(self) -> list[str]:
         return [endpoint.name for endpoint in self._pool]
 
+    @on_netlink_loop
     async def configure(self, endpoint: Endpoint, address: ipaddress.IPv4Address) -> None:
         """Give the endpoint its address and a default route via the bridge address."""
         # The address may have belonged to a container that just stopped: the host's
@@ -262,6 +314,7 @@ class Network:
             await inner.route("add", dst="0.0.0.0/0", gateway=str(self.gateway))
         endpoint.address = address
 
+    @on_netlink_loop
     async def release(self, endpoint: Endpoint) -> None:
         """Remove the veth pair and the netns; missing parts are no error."""
         if endpoint.netlink_fd >= 0:
@@ -269,6 +322,7 @@ class Network:
             endpoint.netlink_fd = -1
         await self.remove_by_name(endpoint.name, endpoint.veth)
 
+    @on_netlink_loop
     async def remove_by_name(self, name: str, veth: str | None = None) -> None:
         if veth is None:
             veth = names_for(self.settings.name_prefix, name.rpartition("-")[2])[1]
@@ -288,6 +342,7 @@ class Network:
         except FileNotFoundError:
             return []
 
+    @on_netlink_loop
     async def list_veths(self) -> list[str]:
         prefix = "v" + self.settings.name_prefix[:6]
         names = []

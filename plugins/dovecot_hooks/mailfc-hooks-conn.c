@@ -15,9 +15,14 @@ DESCRIPTION
 	  not the awaited reply (WATCH, late replies of timed-out requests) go
 	  to the line callback, as do lines that arrive between requests (an io
 	  on the socket in Dovecot's ioloop);
-	- records (DONE, END) are written without waiting; what the socket does
-	  not take at once waits in a bounded buffer flushed from the ioloop;
-	  beyond OUTPUT_MAX bytes records are dropped and counted;
+	- records (DONE, END) are written without waiting for a reply, and
+	  not one by one: they collect in the output buffer, which leaves when
+	  FLUSH_BYTES have gathered, FLUSH_MSECS after the first one, or with
+	  the next request (records before it keep their order).  A busy imap
+	  process so makes one write per batch instead of one per command, and
+	  the server one read;  what the socket does not take at once waits in
+	  the bounded buffer flushed from the ioloop; beyond OUTPUT_MAX bytes
+	  records are dropped and counted;
 	- the server's HELLO line (first on each connection) carries the
 	  protocol version and the failure settings the server wants: they
 	  replace the plugin settings from then on, so `mailfc` configures them
@@ -48,6 +53,9 @@ DIAGNOSTICS
 #define LOG_PREFIX "mailfc_hooks: "
 /* Unsent records kept while the server is slow to read. */
 #define OUTPUT_MAX (1024 * 1024)
+/* Records wait at most this long, or until this many bytes gathered. */
+#define FLUSH_MSECS 20
+#define FLUSH_BYTES (16 * 1024)
 #define RETRY_SECS 1
 #define TIMEOUT_LOG_SECS 10
 
@@ -55,6 +63,7 @@ static struct {
 	char *path;
 	int fd;
 	struct io *io_in, *io_out;
+	struct timeout *to_flush;
 	buffer_t *input, *output;
 	unsigned int timeout_msecs;
 	bool fail_closed;
@@ -79,6 +88,7 @@ static void conn_close(void)
 {
 	io_remove(&conn.io_in);
 	io_remove(&conn.io_out);
+	timeout_remove(&conn.to_flush);
 	if (conn.fd != -1) {
 		i_close_fd(&conn.fd);
 	}
@@ -128,15 +138,36 @@ static void conn_output(void *context ATTR_UNUSED)
 	} T_END;
 }
 
-static void conn_queue(const char *line, size_t size)
+/* Write the output buffer now; what the socket does not take leaves when it
+   becomes writable. */
+static void conn_send_now(void)
+{
+	timeout_remove(&conn.to_flush);
+	if (conn_flush() > 0 && conn.io_out == NULL)
+		conn.io_out = io_add(conn.fd, IO_WRITE, conn_output, NULL);
+}
+
+static void conn_flush_timeout(void *context ATTR_UNUSED)
+{
+	T_BEGIN {
+		conn_send_now();
+	} T_END;
+}
+
+/* Queue a line: a request (now) leaves at once with the records before it, a
+   record waits for its batch. */
+static void conn_queue(const char *line, size_t size, bool now)
 {
 	if (conn.output->used + size > OUTPUT_MAX) {
 		conn_lost_record();
 		return;
 	}
 	buffer_append(conn.output, line, size);
-	if (conn_flush() > 0 && conn.io_out == NULL)
-		conn.io_out = io_add(conn.fd, IO_WRITE, conn_output, NULL);
+	if (now || conn.output->used >= FLUSH_BYTES)
+		conn_send_now();
+	else if (conn.to_flush == NULL && conn.io_out == NULL)
+		conn.to_flush = timeout_add_short(FLUSH_MSECS, conn_flush_timeout,
+						  NULL);
 }
 
 static void conn_hello(const char *const *fields)
@@ -273,7 +304,7 @@ void hooks_conn_send(const char *line)
 		conn_lost_record();
 		return;
 	}
-	conn_queue(line, strlen(line));
+	conn_queue(line, strlen(line), FALSE);
 }
 
 static bool conn_reply_matches(const char *const *fields, const char *word,
@@ -328,7 +359,7 @@ const char *const *hooks_conn_request(const char *line, const char *word,
 	i_gettimeofday(&deadline);
 	timeval_add_msecs(&deadline, conn.timeout_msecs);
 
-	conn_queue(line, strlen(line));
+	conn_queue(line, strlen(line), TRUE);
 	/* The request must leave before its reply can come. */
 	while (conn.fd != -1 && conn.output->used > 0) {
 		if ((left = conn_msecs_left(&deadline)) <= 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import subprocess
+import sys
 import uuid
 from email.message import EmailMessage
 
@@ -103,7 +104,8 @@ async def test_next_hop_down_then_up_and_queue_cli(gateways: Gateways) -> None:
         assert await asyncio.to_thread(send, message(marker), ["bob@g1.example"]) == {}
         await wait_for(lambda: len(gateways.queued()) >= 1, within=10)
         listing = await asyncio.to_thread(
-            subprocess.run, ["mailfc", "--config", str(gateways.config_file), "queue", "list",
+            subprocess.run, [sys.executable, "-m", "mailfc", "--config", str(gateways.config_file),
+                             "queue", "list",
                              "--json"], capture_output=True, text=True, timeout=30)
         assert listing.returncode == 0, listing.stderr
         assert "g1.example" in listing.stdout and "4.4.1" in listing.stdout

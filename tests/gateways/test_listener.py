@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from mailfc.gateways.listener import CyclingListener, cycle
 
@@ -15,7 +16,8 @@ class Echo(asyncio.Protocol):
         self.generation = generation
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not subclasses of asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         transport.write(f"{self.generation}\n".encode())
         transport.close()
 

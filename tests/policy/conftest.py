@@ -17,7 +17,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from pyroute2 import IPRoute
 
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, domains
@@ -30,7 +29,7 @@ from mailfc.runtime import cgroups
 from mailfc.runtime.instance import Instance
 from mailfc.runtime.lifecycle import Runtime
 from mailfc.runtime.settings import from_config
-from tests.conftest import require_binary
+from tests.conftest import delete_link, require_binary
 
 DOMAINS = ("m1.example", "m2.example", "m3.example", "m4.example")
 LOCALPARTS = ("bob", "carol")
@@ -175,13 +174,10 @@ async def postfix_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Pos
         for instance in await runtime.instances():
             await runtime.stop(instance, drain_timeout=2.0)
         await runtime.close()
-        # pyroute2's IPRoute runs its own event loop: not inside ours.
-        await asyncio.to_thread(remove_host_leftovers, "mfcm0", "mfcm")
+        remove_host_leftovers("mfcm0", "mfcm")
 
 
 def remove_host_leftovers(bridge: str, prefix: str) -> None:
     """What the runtime keeps for its next start: our bridge and the empty cgroup parent."""
     cgroups.remove_if_empty("/" + prefix)
-    with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=bridge):
-            ipr.link("del", index=index)
+    delete_link(bridge)

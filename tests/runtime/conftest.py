@@ -18,11 +18,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from pyroute2 import AsyncIPRoute
 
 from mailfc.config import Config
 from mailfc.runtime import Runtime, RuntimeSettings, cgroups
-from tests.conftest import require, require_binary, require_root
+from tests.conftest import delete_link, require, require_binary, require_root
 
 TEST_BRIDGE = "mfctest0"
 TEST_SUBNET = "10.78.0.0/24"
@@ -76,9 +75,7 @@ async def runtime(settings: RuntimeSettings, cmdb: asyncpg.Pool) -> AsyncIterato
 
 
 async def remove_test_network(settings: RuntimeSettings) -> None:
-    async with AsyncIPRoute() as ipr:
-        for index in await ipr.link_lookup(ifname=settings.bridge):
-            await ipr.link("del", index=index)
+    delete_link(settings.bridge)
     cgroups.remove_if_empty(settings.cgroup_parent)
 
 

@@ -16,7 +16,7 @@ LIMIT CHANGES
     to every subject with an open session and sends WATCH to the sessions whose list of
     commands to ask about changed; the counting itself always reads the current rows.  So
     a limit set, changed or removed with `mailfc limit` applies to running sessions within
-    about a second, without restarting Dovecot.
+    about a second, without restarting Dovecot (and drops what was prepaid: prepaid.py).
 
 SECURITY
     The socket is mode 0660, group hooks.socket_gid (the uid/gid the containers' imap
@@ -45,6 +45,7 @@ import asyncpg
 from mailfc.config import Config
 from mailfc.policy.engine import LimitEngine, PolicyUnavailable, Subject
 from mailfc.policy.hooks import protocol
+from mailfc.policy.hooks.prepaid import Prepaid
 from mailfc.policy.hooks.session import HookConnection, HookPolicy
 from mailfc.policy.recorder import Recorder
 
@@ -78,6 +79,7 @@ class HookServer:
         self.connections: dict[asyncio.Task[None], tuple[HookConnection,
                                                          asyncio.StreamWriter]] = {}
         self.protocol_errors = 0
+        self.prepaid = Prepaid()
         self._background: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._limits_version: tuple[object, ...] | None = None
@@ -132,7 +134,8 @@ class HookServer:
         task = asyncio.current_task()
         assert task is not None
         connection = HookConnection(self.engine, self.recorder, host=self.host,
-                                    policy=self.policy, background=self._keep)
+                                    policy=self.policy, background=self._keep,
+                                    prepaid=self.prepaid)
         self.connections[task] = (connection, writer)
         splitter = protocol.LineSplitter()
         errors = 0
@@ -182,6 +185,7 @@ class HookServer:
     async def _watch_limits(self) -> None:
         while True:
             await asyncio.sleep(self.limits_poll_s)
+            self.prepaid.forget_idle()
             try:
                 await self.refresh_watches()
             except asyncio.CancelledError:
@@ -197,6 +201,8 @@ class HookServer:
                       for s in c.sessions.values())
         if version == self._limits_version and not force and not unknown:
             return 0
+        if version != self._limits_version:
+            self.prepaid.clear()
         subjects: set[Subject] = set()
         for connection, _ in self.connections.values():
             subjects |= connection.subjects()

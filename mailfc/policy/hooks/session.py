@@ -14,7 +14,8 @@ REQUESTS -> RECORDS AND DECISIONS
              the limits that apply (protocol.watch_for): only those commands are asked.
     CMD      imap_commands (every command) and its kind (protocol.COMMAND_KINDS) are
              counted, heavy commands take an imap_heavy_concurrent lease until DONE; the
-             database is asked only when a limit of one of those kinds applies.
+             database is asked only when a limit of one of those kinds applies, and
+             for a busy account not at every command (prepaid.py).
              Refused: `NO [LIMIT] <reason>`.  Shadow limits: the command runs; its row
              says what enforcement would have done.
     DONE     imap_commands row: name, tag, start, duration, result (OK/NO/BAD), the
@@ -48,6 +49,7 @@ from mailfc.policy.engine import (
     Subject,
 )
 from mailfc.policy.hooks import protocol
+from mailfc.policy.hooks.prepaid import Prepaid
 from mailfc.policy.hooks.protocol import Request
 from mailfc.policy.recorder import Recorder, Row, now
 from mailfc.policy.replies import RULE_UNAVAILABLE
@@ -107,9 +109,10 @@ class HookConnection:
     """The sessions of one plugin connection; handle() answers one request."""
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
-                 policy: HookPolicy, background: Callable[[asyncio.Task[None]], None]
-                 ) -> None:
+                 policy: HookPolicy, background: Callable[[asyncio.Task[None]], None],
+                 prepaid: Prepaid | None = None) -> None:
         self.engine = engine
+        self.prepaid = prepaid or Prepaid()
         self.recorder = recorder
         self.host = host
         self.policy = policy
@@ -176,13 +179,27 @@ class HookConnection:
             if session is None:
                 self.orphans += 1
             return protocol.cmd_ok(sid, cid)
-        consume = {protocol.ALL_COMMANDS_KIND: 1}
         kind = protocol.COMMAND_KINDS.get(name)
-        if kind is not None:
-            consume[kind] = 1
         acquire = (protocol.HEAVY_KIND,) if name in protocol.HEAVY_COMMANDS else ()
+        # A lease per command cannot be prepaid; kinds that have no limit here
+        # (session.kinds) are not part of the key, so SEARCH and FETCH under one
+        # imap_commands limit share their prepaid commands.
+        counted = [k for k in (protocol.ALL_COMMANDS_KIND, kind) if k is not None]
+        key = (session.subject, tuple(k for k in counted if session.kinds is None
+                                      or k in session.kinds))
+        if not acquire and self.prepaid.take(key):
+            session.pending[cid] = (None, ())
+            return protocol.cmd_ok(sid, cid)
+        extra = 0 if acquire else self.prepaid.extra(key)
         try:
-            check = await self.engine.check(session.subject, consume=consume, acquire=acquire)
+            check = await self.engine.check(
+                session.subject, consume=dict.fromkeys(counted, 1 + extra), acquire=acquire)
+            if extra and not check.admitted:
+                # The limit came nearer than the last call said (other sessions,
+                # other hosts): ask again for this one command alone.
+                extra = 0
+                check = await self.engine.check(
+                    session.subject, consume=dict.fromkeys(counted, 1), acquire=acquire)
         except PolicyUnavailable as error:
             # mode "accept": decided by the failure policy, lets the command pass.
             decision = Decision(TEMPFAIL, f"the limit database is unavailable: {error}",
@@ -192,6 +209,8 @@ class HookConnection:
             if decision.refuses:
                 return protocol.cmd_no(sid, cid, imap_text(decision))
             return protocol.cmd_ok(sid, cid)
+        if not acquire:
+            self.prepaid.paid(key, extra, check, counted)
         decision = check.decision
         session.pending[cid] = (decision if decision.verdict != ACCEPT else None, check.leases)
         if decision.refuses:
