@@ -67,16 +67,23 @@ async def imap_load(host: str, clients: int, seconds: float) -> float:
 
     async def client(index: int) -> None:
         reader, writer = await asyncio.open_connection(host, PORTS["imap"])
-        await reader.readuntil(b"\n")
+
+        async def read_line() -> bytes:
+            try:
+                return await asyncio.wait_for(reader.readuntil(b"\n"), 30)
+            except TimeoutError:
+                raise RuntimeError(f"session {index}: no answer within 30 s") from None
+
+        await read_line()
         writer.write(f'a LOGIN "{USER}" "x"\r\ns SELECT INBOX\r\n'.encode())
-        while not (line := await reader.readuntil(b"\n")).startswith(b"s "):
+        while not (line := await read_line()).startswith(b"s "):
             if line.startswith(b"a ") and not line.startswith(b"a OK"):
                 raise RuntimeError(f"login failed: {line!r}")
         n = 0
         while time.monotonic() < deadline:
             tag = b"c%d" % n
             writer.write(tag + b" " + COMMANDS[n % len(COMMANDS)] + b"\r\n")
-            while not (line := await reader.readuntil(b"\n")).startswith(tag + b" "):
+            while not (line := await read_line()).startswith(tag + b" "):
                 pass
             if not line.startswith(tag + b" OK"):
                 raise RuntimeError(f"command refused: {line!r}")

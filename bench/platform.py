@@ -27,11 +27,13 @@ def _load_child(load: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ..
 
 async def in_own_process(load: Callable[..., Coroutine[Any, Any, T]], *args: Any,
                          within_s: float = 300.0) -> T:
-    """await load(*args) in a forked process of its own: a client sharing the event
-    loop (or the CPU time slice) of the service it measures would slow that service
-    and skew the figure."""
-    results: multiprocessing.Queue[T] = multiprocessing.Queue()
-    process = multiprocessing.get_context("fork").Process(
+    """await load(*args) in a process of its own: a client sharing the event loop (or
+    the CPU time slice) of the service it measures would slow that service and skew
+    the figure.  Spawned, not forked: a fork of a process running uvloop inherits
+    libuv's state and can hang.  `load` must be a module-level function."""
+    context = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue[T] = context.Queue()
+    process = context.Process(
         target=_load_child, args=(load, args, results))
     process.start()
     try:

@@ -85,6 +85,14 @@ SEE ALSO
 
 #define HOOKS_CONTEXT(obj) MODULE_CONTEXT(obj, mailfc_hooks_imap_module)
 
+/* Commands of one name that may run without asking until until_usecs. */
+#define HOOKS_GRANT_SLOTS 8
+struct hooks_grant {
+	char name[32];
+	unsigned int left;
+	uint64_t until_usecs;
+};
+
 struct hooks_client {
 	union imap_module_context module_ctx;
 	struct client *client;
@@ -95,6 +103,8 @@ struct hooks_client {
 	/* Commands to ask about: NULL unknown (ask about all), "" none,
 	   "*" all, else ",NAME,NAME," for strstr(). */
 	char *watch;
+	/* Commands the server counted already (CMD ... OK grant), per name. */
+	struct hooks_grant grants[HOOKS_GRANT_SLOTS];
 	/* Bytes from and to the client, the highest offsets seen: the input
 	   stream's offset does not survive Dovecot closing it at LOGOUT. */
 	uint64_t bytes_in, bytes_out;
@@ -148,6 +158,8 @@ static void append_field(string_t *line, const char *value, size_t max)
 
 static void hooks_set_watch(struct hooks_client *hc, const char *watch)
 {
+	/* The limits changed: what was granted under the old ones is void. */
+	memset(hc->grants, 0, sizeof(hc->grants));
 	i_free(hc->watch);
 	if (strcmp(watch, MAILFC_HOOKS_WATCH_NONE) == 0)
 		hc->watch = i_strdup("");
@@ -350,6 +362,54 @@ static const char *hooks_command_name(struct client_command_context *cmd)
 		t_strndup(data + start, end - start)));
 }
 
+/* The slot of `name`, or (create) an unused or expired one to take it. */
+static struct hooks_grant *
+hooks_grant_slot(struct hooks_client *hc, const char *name, bool create)
+{
+	struct hooks_grant *free_slot = NULL;
+	uint64_t now = now_usecs();
+	unsigned int i;
+
+	for (i = 0; i < HOOKS_GRANT_SLOTS; i++) {
+		struct hooks_grant *slot = &hc->grants[i];
+		if (strcmp(slot->name, name) == 0)
+			return slot;
+		if (free_slot == NULL && (slot->left == 0 || now >= slot->until_usecs))
+			free_slot = slot;
+	}
+	return create ? free_slot : NULL;
+}
+
+/* A granted command of this name left: use it. */
+static bool hooks_use_grant(struct hooks_client *hc, const char *name)
+{
+	struct hooks_grant *slot = hooks_grant_slot(hc, name, FALSE);
+
+	if (slot == NULL || slot->left == 0 || now_usecs() >= slot->until_usecs)
+		return FALSE;
+	slot->left--;
+	return TRUE;
+}
+
+/* CMD ... OK grant: the next `grant` commands of this name run unasked.  With
+   every slot busy the grant is not kept: those commands are asked about (and
+   were counted once more, which the server's grant sizes bound). */
+static void hooks_take_grant(struct hooks_client *hc, const char *name,
+			     const char *grant)
+{
+	struct hooks_grant *slot;
+	unsigned int count;
+
+	if (grant == NULL || str_to_uint(grant, &count) < 0 || count == 0 ||
+	    strlen(name) >= sizeof(slot->name))
+		return;
+	if ((slot = hooks_grant_slot(hc, name, TRUE)) == NULL)
+		return;
+	i_strocpy(slot->name, name, sizeof(slot->name));
+	slot->left = count;
+	slot->until_usecs = now_usecs() + (uint64_t)MAILFC_HOOKS_GRANT_MSECS * 1000;
+}
+
 /* NULL: the command runs; else the tagged reply that refuses it. */
 static const char *hooks_decide(struct hooks_client *hc,
 				struct hooks_command *hcmd, const char *tag)
@@ -363,6 +423,8 @@ static const char *hooks_decide(struct hooks_client *hc,
 		return hooks_conn_fail_closed() ? UNAVAILABLE_REPLY : NULL;
 	if (!hooks_watches(hc, hcmd->name))
 		return NULL;
+	if (hooks_use_grant(hc, hcmd->name))
+		return NULL;
 
 	line = t_str_new(128);
 	str_printfa(line, MAILFC_HOOKS_CMD "\t%u\t%u", hc->sid, hcmd->cid);
@@ -375,6 +437,7 @@ static const char *hooks_decide(struct hooks_client *hc,
 		return hooks_conn_fail_closed() ? UNAVAILABLE_REPLY : NULL;
 	if (reply[3] != NULL && strcmp(reply[3], MAILFC_HOOKS_NO) == 0)
 		return t_strconcat("NO ", reply[4] == NULL ? "" : reply[4], NULL);
+	hooks_take_grant(hc, hcmd->name, reply[3] == NULL ? NULL : reply[4]);
 	return NULL;
 }
 

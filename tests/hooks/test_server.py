@@ -26,7 +26,7 @@ class RawPlugin:
     async def connect(cls, server: HookServer) -> RawPlugin:
         reader, writer = await asyncio.open_unix_connection(str(server.socket))
         plugin = cls(reader, writer)
-        assert await plugin.line() == [protocol.HELLO, "1", "700", "open"]
+        assert await plugin.line() == [protocol.HELLO, str(protocol.VERSION), "700", "open"]
         return plugin
 
     async def line(self) -> list[str]:
@@ -112,6 +112,35 @@ async def test_search_limit_refuses_and_a_limit_change_is_pushed(
         verdict = await recorded(hooks_db, "SELECT verdict FROM imap_commands"
                                  " WHERE account = $1 AND tag = 's3'", ACCOUNT)
         assert verdict == "tempfail"
+    finally:
+        plugin.close()
+
+
+async def test_a_busy_session_is_granted_commands_counted_ahead(
+        hook_server: HookServer, hooks_db: asyncpg.Pool) -> None:
+    account = ACCOUNT
+    await set_limit(hooks_db, account, "imap_search", 10**6, window_s=60)
+    plugin = await RawPlugin.connect(hook_server)
+    try:
+        reply = await plugin.ask(protocol.SESSION, 7, micros(), account, "", 0)
+        assert reply[:3] == [protocol.SESSION, "7", protocol.OK]
+        asked = 0
+        run = 0
+        grants = []
+        while run < 60:
+            asked += 1
+            answer = await plugin.ask(protocol.CMD, 7, asked, "UID SEARCH", f"s{asked}")
+            assert answer[3] == protocol.OK
+            grant = int(answer[4]) if len(answer) > 4 else 0
+            grants.append(grant)
+            run += 1 + grant       # the plugin runs the granted ones without asking
+        assert grants[:3] == [0, 1, 2] and max(grants) <= 32
+        assert asked < run / 3
+        # Every command run was counted, at most one grant ahead of the commands.
+        used = await hooks_db.fetchval(
+            "SELECT sum(amount) FROM limit_counters WHERE subject = $1"
+            " AND kind = 'imap_search'", f"account:{account}")
+        assert used == run
     finally:
         plugin.close()
 

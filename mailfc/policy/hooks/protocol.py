@@ -18,7 +18,10 @@ PLUGIN -> SERVER (the first word names the message)
             recorded but never refused).  Reply: SESSION sid OK watch | SESSION sid NO text
     CMD     sid cid name tag
             may this command run?  Sent only for commands in the session's watch list.
-            Reply: CMD sid cid OK | CMD sid cid NO text
+            Reply: CMD sid cid OK [grant] | CMD sid cid NO text
+            grant (optional, a number): the server counted that many more commands of
+            this name for the session already; the plugin runs them without asking,
+            for at most GRANT_MS, and forgets the grant at the next WATCH.
     DONE    sid cid start_us duration_us name tag reply args
             a command finished (reply: its tagged reply without the tag, e.g. "OK Fetch
             completed."; args: a summary, at most MAX_ARGS bytes).  No reply.
@@ -45,7 +48,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-VERSION = 1
+VERSION = 2
+GRANT_MS = 1000   # how long a CMD grant lasts in the plugin
 MAX_LINE = 16384
 MAX_ARGS = 1024      # the plugin truncates DONE's args to this many bytes
 MAX_REPLY = 512      # ... and the tagged reply text to this many
@@ -198,7 +202,9 @@ def session_no(sid: int, text: str) -> bytes:
     return encode(SESSION, sid, NO, text)
 
 
-def cmd_ok(sid: int, cid: int) -> bytes:
+def cmd_ok(sid: int, cid: int, grant: int = 0) -> bytes:
+    if grant > 0:
+        return encode(CMD, sid, cid, OK, grant)
     return encode(CMD, sid, cid, OK)
 
 
@@ -251,7 +257,8 @@ class LineSplitter:
 
 def c_header() -> str:
     """The plugin's mailfc-hooks-protocol.h: the same words, for C."""
-    words = [("VERSION", str(VERSION)), ("MAX_ARGS", str(MAX_ARGS)),
+    words = [("VERSION", str(VERSION)), ("GRANT_MSECS", str(GRANT_MS)),
+             ("MAX_ARGS", str(MAX_ARGS)),
              ("MAX_REPLY", str(MAX_REPLY)), ("MAX_LINE", str(MAX_LINE))]
     strings = [("SESSION", SESSION), ("CMD", CMD), ("DONE", DONE), ("END", END),
                ("HELLO", HELLO), ("WATCH", WATCH), ("ERROR", ERROR), ("OK", OK), ("NO", NO),

@@ -16,7 +16,8 @@ LIMIT CHANGES
     to every subject with an open session and sends WATCH to the sessions whose list of
     commands to ask about changed; the counting itself always reads the current rows.  So
     a limit set, changed or removed with `mailfc limit` applies to running sessions within
-    about a second, without restarting Dovecot (and drops what was prepaid: prepaid.py).
+    about a second, without restarting Dovecot, and the grants of commands counted
+    ahead (grants.py) are dropped.
 
 SECURITY
     The socket is mode 0660, group hooks.socket_gid (the uid/gid the containers' imap
@@ -45,7 +46,6 @@ import asyncpg
 from mailfc.config import Config
 from mailfc.policy.engine import LimitEngine, PolicyUnavailable, Subject
 from mailfc.policy.hooks import protocol
-from mailfc.policy.hooks.prepaid import Prepaid
 from mailfc.policy.hooks.session import HookConnection, HookPolicy
 from mailfc.policy.recorder import Recorder
 
@@ -79,7 +79,6 @@ class HookServer:
         self.connections: dict[asyncio.Task[None], tuple[HookConnection,
                                                          asyncio.StreamWriter]] = {}
         self.protocol_errors = 0
-        self.prepaid = Prepaid()
         self._background: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._limits_version: tuple[object, ...] | None = None
@@ -134,8 +133,7 @@ class HookServer:
         task = asyncio.current_task()
         assert task is not None
         connection = HookConnection(self.engine, self.recorder, host=self.host,
-                                    policy=self.policy, background=self._keep,
-                                    prepaid=self.prepaid)
+                                    policy=self.policy, background=self._keep)
         self.connections[task] = (connection, writer)
         splitter = protocol.LineSplitter()
         errors = 0
@@ -185,7 +183,6 @@ class HookServer:
     async def _watch_limits(self) -> None:
         while True:
             await asyncio.sleep(self.limits_poll_s)
-            self.prepaid.forget_idle()
             try:
                 await self.refresh_watches()
             except asyncio.CancelledError:
@@ -202,7 +199,8 @@ class HookServer:
         if version == self._limits_version and not force and not unknown:
             return 0
         if version != self._limits_version:
-            self.prepaid.clear()
+            for connection, _ in self.connections.values():
+                connection.forget_grants()
         subjects: set[Subject] = set()
         for connection, _ in self.connections.values():
             subjects |= connection.subjects()

@@ -14,8 +14,8 @@ REQUESTS -> RECORDS AND DECISIONS
              the limits that apply (protocol.watch_for): only those commands are asked.
     CMD      imap_commands (every command) and its kind (protocol.COMMAND_KINDS) are
              counted, heavy commands take an imap_heavy_concurrent lease until DONE; the
-             database is asked only when a limit of one of those kinds applies, and
-             for a busy account not at every command (prepaid.py).
+             database is asked only when a limit of one of those kinds applies; a
+             busy session is granted commands counted ahead (grants.py).
              Refused: `NO [LIMIT] <reason>`.  Shadow limits: the command runs; its row
              says what enforcement would have done.
     DONE     imap_commands row: name, tag, start, duration, result (OK/NO/BAD), the
@@ -49,7 +49,7 @@ from mailfc.policy.engine import (
     Subject,
 )
 from mailfc.policy.hooks import protocol
-from mailfc.policy.hooks.prepaid import Prepaid
+from mailfc.policy.hooks.grants import Grants
 from mailfc.policy.hooks.protocol import Request
 from mailfc.policy.recorder import Recorder, Row, now
 from mailfc.policy.replies import RULE_UNAVAILABLE
@@ -95,6 +95,7 @@ class ImapSession:
     commands: int = 0
     # cid -> (decision to record, leases to release at DONE)
     pending: dict[int, tuple[Decision | None, tuple[int, ...]]] = field(default_factory=dict)
+    grants: Grants = field(default_factory=Grants)
 
     def applies(self, name: str) -> bool:
         """Whether any limit that applies to this session concerns this command."""
@@ -109,10 +110,9 @@ class HookConnection:
     """The sessions of one plugin connection; handle() answers one request."""
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
-                 policy: HookPolicy, background: Callable[[asyncio.Task[None]], None],
-                 prepaid: Prepaid | None = None) -> None:
+                 policy: HookPolicy, background: Callable[[asyncio.Task[None]], None]
+                 ) -> None:
         self.engine = engine
-        self.prepaid = prepaid or Prepaid()
         self.recorder = recorder
         self.host = host
         self.policy = policy
@@ -180,24 +180,19 @@ class HookConnection:
                 self.orphans += 1
             return protocol.cmd_ok(sid, cid)
         kind = protocol.COMMAND_KINDS.get(name)
-        acquire = (protocol.HEAVY_KIND,) if name in protocol.HEAVY_COMMANDS else ()
-        # A lease per command cannot be prepaid; kinds that have no limit here
-        # (session.kinds) are not part of the key, so SEARCH and FETCH under one
-        # imap_commands limit share their prepaid commands.
+        # A heavy command takes a lease only where a concurrency limit applies.
+        acquire = ((protocol.HEAVY_KIND,) if name in protocol.HEAVY_COMMANDS and (
+            session.kinds is None or protocol.HEAVY_KIND in session.kinds) else ())
         counted = [k for k in (protocol.ALL_COMMANDS_KIND, kind) if k is not None]
-        key = (session.subject, tuple(k for k in counted if session.kinds is None
-                                      or k in session.kinds))
-        if not acquire and self.prepaid.take(key):
-            session.pending[cid] = (None, ())
-            return protocol.cmd_ok(sid, cid)
-        extra = 0 if acquire else self.prepaid.extra(key)
+        # A lease per command cannot be granted ahead.
+        grant = 0 if acquire else session.grants.size(name)
         try:
             check = await self.engine.check(
-                session.subject, consume=dict.fromkeys(counted, 1 + extra), acquire=acquire)
-            if extra and not check.admitted:
+                session.subject, consume=dict.fromkeys(counted, 1 + grant), acquire=acquire)
+            if grant and not check.admitted:
                 # The limit came nearer than the last call said (other sessions,
                 # other hosts): ask again for this one command alone.
-                extra = 0
+                grant = 0
                 check = await self.engine.check(
                     session.subject, consume=dict.fromkeys(counted, 1), acquire=acquire)
         except PolicyUnavailable as error:
@@ -210,12 +205,12 @@ class HookConnection:
                 return protocol.cmd_no(sid, cid, imap_text(decision))
             return protocol.cmd_ok(sid, cid)
         if not acquire:
-            self.prepaid.paid(key, extra, check, counted)
+            grant = session.grants.counted(name, grant, check, counted)
         decision = check.decision
         session.pending[cid] = (decision if decision.verdict != ACCEPT else None, check.leases)
         if decision.refuses:
             return protocol.cmd_no(sid, cid, imap_text(decision))
-        return protocol.cmd_ok(sid, cid)
+        return protocol.cmd_ok(sid, cid, grant)
 
     # -- DONE -----------------------------------------------------------------------
 
@@ -292,6 +287,11 @@ class HookConnection:
 
     def subjects(self) -> set[Subject]:
         return {s.subject for s in self.sessions.values()}
+
+    def forget_grants(self) -> None:
+        """Limits changed: no session gets commands counted ahead under the old ones."""
+        for session in self.sessions.values():
+            session.grants.clear()
 
     def rewatch(self, kinds_by_subject: dict[Subject, frozenset[str]]) -> list[bytes]:
         """New limit kinds per subject -> WATCH lines for sessions whose list changed."""
