@@ -82,6 +82,9 @@ class Supervisor:
         self.children = [Child(name, services) for name, services in GROUPS]
         self.stopping = False
         self.cycles = 0
+        # Processes being replaced by a cycle: stop() ends them too, should it come
+        # while a cycle waits for the new process to be ready.
+        self.retiring: set[asyncio.subprocess.Process] = set()
 
     def _argv(self, child: Child) -> list[str]:
         argv = [sys.executable, "-m", "mailfc"]
@@ -134,21 +137,28 @@ class Supervisor:
     async def cycle(self, child: Child) -> None:
         """Replace `child`'s process: the new one first, then the old one drains."""
         old, old_pump = child.process, child.pump
-        await self._spawn(child)
-        assert child.process is not None
+        if old is not None:
+            self.retiring.add(old)
         try:
-            await asyncio.wait_for(child.ready.wait(), START_TIMEOUT_S)
-        except TimeoutError:
-            log.error("the new %s process did not start; keeping the old one", child.name)
-            with contextlib.suppress(ProcessLookupError):
-                child.process.kill()
-            child.process, child.pump = old, old_pump
-            return
-        if old is not None and old.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                old.send_signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(old.wait(), 120)
+            await self._spawn(child)
+            assert child.process is not None
+            try:
+                await asyncio.wait_for(child.ready.wait(), START_TIMEOUT_S)
+            except TimeoutError:
+                log.error("the new %s process did not start; keeping the old one",
+                          child.name)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+                child.process, child.pump = old, old_pump
+                return
+            if old is not None and old.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    old.send_signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(old.wait(), 120)
+        finally:
+            if old is not None and (old.returncode is not None or child.process is old):
+                self.retiring.discard(old)
         self.cycles += 1
         log.info("%s process replaced (pid %s -> %s)", child.name,
                  old.pid if old else "-", child.process.pid)
@@ -195,18 +205,19 @@ class Supervisor:
     async def stop(self) -> None:
         self.stopping = True
         for child in reversed(self.children):
-            process = child.process
-            if process is None or process.returncode is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 60)
-            except TimeoutError:
-                log.error("%s process did not stop within 60 s; killing it", child.name)
+            for process in (child.process, *self.retiring):
+                if process is None or process.returncode is not None:
+                    continue
                 with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+                    process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), 60)
+                except TimeoutError:
+                    log.error("%s process did not stop within 60 s; killing it",
+                              child.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await process.wait()
             if child.pump is not None:
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await asyncio.wait_for(child.pump, 2.0)
