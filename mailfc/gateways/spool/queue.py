@@ -33,8 +33,10 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from mailfc.config import SpoolSection
 from mailfc.gateways.spool import dsn
@@ -47,6 +49,9 @@ from mailfc.gateways.spool.store import (
     new_queue_id,
 )
 from mailfc.protocols.lmtp import Reply
+
+T = TypeVar("T")
+DISK_THREADS = 32
 
 log = logging.getLogger("mailfc.gateways.spool")
 
@@ -96,12 +101,17 @@ class Spool:
         self._stopping = False
         self._hop_failing = False
         self.delivered = 0
+        # The spool's file work (fsync above all) in threads of its own: commits of
+        # concurrent sessions wait for the disk together, and ext4 commits their
+        # fsyncs in one journal transaction; the loop's default pool (cores + 4
+        # threads) would queue them one batch at a time.
+        self._disk: ThreadPoolExecutor | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.files.prepare)
-        if await asyncio.to_thread(self._try_lock):
+        await self._io(self.files.prepare)
+        if await self._io(self._try_lock):
             await self._take_over()
         self._background = [asyncio.create_task(self._scan_loop())]
 
@@ -125,6 +135,16 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = None
             self.owner = False
+        if self._disk is not None:
+            self._disk.shutdown(wait=True)
+            self._disk = None
+
+    async def _io(self, function: Callable[..., T], *args: object) -> T:
+        """Run a blocking file operation of the spool in its disk threads."""
+        if self._disk is None:
+            self._disk = ThreadPoolExecutor(max_workers=DISK_THREADS,
+                                            thread_name_prefix="mailfc-spool")
+        return await asyncio.get_running_loop().run_in_executor(self._disk, function, *args)
 
     def _try_lock(self) -> bool:
         fd = os.open(self.files.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -138,7 +158,7 @@ class Spool:
 
     async def _take_over(self) -> None:
         self.owner = True
-        removed = await asyncio.to_thread(self.files.clean_tmp)
+        removed = await self._io(self.files.clean_tmp)
         if removed:
             log.info("spool: removed %d uncommitted file(s) of an earlier run", removed)
         loaded = await self._scan()
@@ -170,7 +190,7 @@ class Spool:
                             is_bounce)
         self._committing.add(envelope.queue_id)
         try:
-            await asyncio.to_thread(self.files.commit, envelope, message)
+            await self._io(self.files.commit, envelope, message)
             if self.owner and not self._stopping:
                 self._add(envelope, Progress(), message)
         finally:
@@ -232,7 +252,7 @@ class Spool:
         try:
             message = entry.message
             if message is None:
-                message = await asyncio.to_thread(self.files.read_message, envelope.queue_id)
+                message = await self._io(self.files.read_message, envelope.queue_id)
             replies = await asyncio.wait_for(
                 self.deliver_fn(envelope, recipients, message),
                 self.settings.delivery_timeout_s)
@@ -280,7 +300,12 @@ class Spool:
                             "error": error})
         if entry.deleted:
             return
-        await asyncio.to_thread(self.files.append_log, entry.envelope.queue_id, records)
+        finished = not deferred and set(entry.pending) == {domain}
+        if not (finished and all(code < 300 for code, _ in (*entry.final.values(),
+                                                           *final.values()))):
+            # Needed on disk only while the message stays (see store.py EXACTLY ONCE):
+            # a message delivered to everyone is unlinked right away instead.
+            await self._io(self.files.append_log, entry.envelope.queue_id, records)
         entry.final.update(final)
         self.delivered += sum(1 for code, _ in final.values() if code < 300)
         if deferred:
@@ -315,7 +340,7 @@ class Spool:
             message = entry.message
             try:
                 if message is None:
-                    message = await asyncio.to_thread(self.files.read_message,
+                    message = await self._io(self.files.read_message,
                                                       envelope.queue_id)
                 report = dsn.bounce(self.hostname, envelope, failed, message)
                 await self.put("", [envelope.sender], report, is_bounce=True)
@@ -329,7 +354,7 @@ class Spool:
         elif failed:
             log.warning("spool: %s failed for %s; no bounce (null sender or a bounce itself)",
                         envelope.queue_id, ", ".join(failed))
-        await asyncio.to_thread(self.files.remove, envelope.queue_id)
+        await self._io(self.files.remove, envelope.queue_id)
         self._forget(entry)
 
     def _forget(self, entry: Entry) -> None:
@@ -347,11 +372,11 @@ class Spool:
             await asyncio.sleep(self.settings.scan_interval_s)
             try:
                 if not self.owner:
-                    if await asyncio.to_thread(self._try_lock):
+                    if await self._io(self._try_lock):
                         log.info("spool %s: taking over delivery", self.files.directory)
                         await self._take_over()
                     continue
-                for queue_id, action in await asyncio.to_thread(self.files.take_requests):
+                for queue_id, action in await self._io(self.files.take_requests):
                     await self.apply(queue_id, action)
                 await self._scan()
             except asyncio.CancelledError:
@@ -378,7 +403,7 @@ class Spool:
             return found
 
         loaded = 0
-        for envelope, progress in await asyncio.to_thread(read):
+        for envelope, progress in await self._io(read):
             if envelope.queue_id in self.entries or self._stopping:
                 continue
             self._add(envelope, progress, None)
@@ -395,7 +420,7 @@ class Spool:
                 for domain in entry.pending:
                     self.queues[domain].queued -= 1
                 entry.pending = {}
-                await asyncio.to_thread(self.files.remove, entry.envelope.queue_id)
+                await self._io(self.files.remove, entry.envelope.queue_id)
                 self._forget(entry)
                 log.info("spool: %s deleted by the administrator", entry.envelope.queue_id)
             elif action == "retry":

@@ -17,8 +17,13 @@ COMMIT
 
 EXACTLY ONCE
     A recipient's final reply is appended to the log (fsync'd) as soon as the next hop
-    gives it; after a restart the log says who is done, so nobody gets it twice.  When
-    every recipient is final the message and its log are unlinked (message first).
+    gives it, while the message still has recipients to go (another domain, a deferred
+    one, a failure to bounce); after a restart the log says who is done, so nobody gets
+    it twice.  When every recipient is final the message and its log are unlinked
+    (message first) without a log record first: the unlink follows the last reply as
+    closely as an append would, so a killed process leaves the same state either way.
+    The unlinks are not fsync'd: after a power loss a message may come back and be
+    delivered again (at least once), never lost; Postfix makes the same trade.
 
 DISK FULL
     Any OSError while writing (ENOSPC, EDQUOT, EIO) removes the partial tmp file and
@@ -141,7 +146,6 @@ class SpoolFiles:
             (self.queue / queue_id).unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.queue / f"{queue_id}.log").unlink()
-        _fsync_dir(self.queue)
 
     # -- reading ----------------------------------------------------------------------
 
