@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
-    with scratch_state(bench_config) as state_dir:
+    with scratch_state(bench_config, bridge="mfcb0") as state_dir:
         eventloop.run(run(args, state_dir))
 
 
