@@ -26,6 +26,11 @@ from mailfc.passwords import verify_password
 PLACEMENT_TTL_S = 5.0
 VERIFIED_TTL_S = 300.0
 VERIFIED_MAX = 100_000
+# Recipients found are remembered this long: every message asks at SMTP-In and
+# again at the LMTP Router.  Only found ones: a new mailbox works at once, a
+# removed one still receives for at most this long (as with Postfix's caches).
+RECIPIENT_TTL_S = 5.0
+RECIPIENT_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Directory:
         self.pool = pool
         self._placements: dict[str, tuple[float, Placement]] = {}
         self._verified: dict[bytes, float] = {}
+        self._recipients: dict[str, tuple[float, dict[str, bool]]] = {}
         self._cache_key = secrets.token_bytes(32)
 
     async def account(self, username: str) -> Account | None:
@@ -88,6 +94,10 @@ class Directory:
             localpart, domain = split_address(address)
         except InvalidInput:
             return None
+        now = time.monotonic()
+        cached = self._recipients.get(f"{localpart}@{domain}")
+        if cached is not None and cached[0] > now:
+            return dict(cached[1])
         rows = await self.pool.fetch(
             """
             SELECT a.localpart || '@' || d.name AS target, true AS hosted FROM accounts a
@@ -99,7 +109,13 @@ class Directory:
             FROM aliases l JOIN domains d ON d.id = l.domain_id
             WHERE d.name = $1 AND l.localpart = $2 AND d.state = 'active'
             """, domain, localpart)
-        return {row["target"]: row["hosted"] for row in rows} or None
+        targets = {row["target"]: row["hosted"] for row in rows}
+        if not targets:
+            return None
+        if len(self._recipients) >= RECIPIENT_MAX:
+            self._recipients.clear()
+        self._recipients[f"{localpart}@{domain}"] = (now + RECIPIENT_TTL_S, dict(targets))
+        return targets
 
     async def is_hosted(self, domain: str) -> bool:
         return bool(await self.pool.fetchval("SELECT 1 FROM domains WHERE name = $1",
