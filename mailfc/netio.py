@@ -2,7 +2,8 @@
 
 `splice` copies bytes both ways between two stream pairs until either side
 closes, with back-pressure (a side whose peer cannot take more is not read),
-and returns the byte counts.  `close` closes a writer without raising, because a
+and returns the byte counts.  `server_closed` waits for a closed listening
+server, boundedly.  `close` closes a writer without raising, because a
 peer that vanished is normal at the end of a mail session.
 """
 
@@ -176,3 +177,15 @@ async def open_connection(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK * 4),
                                   connect_timeout)
+
+
+SERVER_CLOSE_WAIT_S = 2.0
+
+
+async def server_closed(server: asyncio.AbstractServer) -> None:
+    """Wait (at most SERVER_CLOSE_WAIT_S) for a closed server to let go.
+
+    uvloop's Server.wait_closed() also waits for every connection the server ever
+    accepted to be closed; one a peer left half-open must not hold up a stop."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), SERVER_CLOSE_WAIT_S)

@@ -164,7 +164,7 @@ class Dispatcher:
         await asyncio.gather(*self._sessions, return_exceptions=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await server.wait_closed()
+                await netio.server_closed(server)
         self._servers.clear()
         if self._flusher:
             self._flusher.cancel()

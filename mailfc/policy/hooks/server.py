@@ -43,6 +43,7 @@ from pathlib import Path
 
 import asyncpg
 
+from mailfc import netio
 from mailfc.config import Config
 from mailfc.policy.engine import LimitEngine, PolicyUnavailable, Subject
 from mailfc.policy.hooks import protocol
@@ -115,7 +116,7 @@ class HookServer:
         if self._background:
             await asyncio.wait(set(self._background), timeout=drain_timeout)
         if self.server is not None:
-            await self.server.wait_closed()
+            await netio.server_closed(self.server)
             self.server = None
         # A process cycled in to replace this one has bound the path anew: its
         # socket stays.

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import asyncpg
 
+from mailfc import netio
 from mailfc.config import Config, split_hostport
 from mailfc.policy.engine import LimitEngine
 from mailfc.policy.milter import codec
@@ -119,7 +120,7 @@ class MilterServer:
             writer.transport.abort()
         await asyncio.gather(*self.connections, return_exceptions=True)
         for server in self.servers:
-            await server.wait_closed()
+            await netio.server_closed(server)
         self.servers = []
         if self.socket is not None:
             with contextlib.suppress(FileNotFoundError):
