@@ -45,25 +45,12 @@ async def open_pool(config: Config, *, start: bool = True) -> asyncpg.Pool:
             max_size=config.database.pool_max_size,
             command_timeout=config.database.command_timeout_s,
             server_settings={"application_name": "mailfc"},
-            reset=_reset,
         )
     except (OSError, asyncpg.PostgresError, socket.gaierror) as error:
         where = "the embedded cluster" if config.uses_embedded_database else "database.dsn"
         raise DatabaseError(f"cannot connect to {where}: {error}") from None
     assert pool is not None
     return pool
-
-
-async def _reset(connection: asyncpg.Connection) -> None:
-    """What a connection needs before it goes back to the pool: no open transaction.
-
-    asyncpg's default runs `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    RESET ALL` at every release, a second round trip for every one-query acquire.
-    mailfc keeps no session state on pooled connections (no SET, LISTEN or cursor;
-    advisory locks are transaction-scoped, the migration lock is released in a
-    finally), so that query would only cost time."""
-    if connection.is_in_transaction():
-        await connection.execute("ROLLBACK")
 
 
 async def connect(config: Config) -> asyncpg.Pool:
