@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -40,6 +39,9 @@ from mailfc.runtime.readiness import read_banner
 HOST = "bench-cold-host"
 SUBNET = "10.84.0.0/22"
 BATCH = 10
+
+
+BRIDGE = "mfccs0"
 
 
 def bench_config(state_dir: Path) -> Config:
@@ -152,7 +154,7 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         "INSERT INTO hosts (name, dispatcher_address, container_subnet, capacity)"
         " VALUES ($1, '127.0.0.1', $2, 5000) RETURNING id", HOST, SUBNET)
     await pool.execute("INSERT INTO domains (name) VALUES ('cold.bench.example')")
-    settings = RuntimeSettings(state_dir=state_dir, bridge="mfccs0", subnet=SUBNET,
+    settings = RuntimeSettings(state_dir=state_dir, bridge=BRIDGE, subnet=SUBNET,
                                host_id=host_id, name_prefix="mfccs", netns_pool_size=2)
     runtime = Runtime(settings, pool)
     await runtime.open()
@@ -186,8 +188,6 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         await runtime.recover()
         await runtime.close()
         await pool.close()
-        await asyncio.to_thread(subprocess.run, ["ip", "link", "del", settings.bridge],
-                                capture_output=True, check=False)
         cgroups.remove_if_empty(settings.cgroup_parent)
 
 
@@ -199,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root (runc, namespaces, cgroups)")
-    with scratch_state(bench_config) as state_dir:
+    with scratch_state(bench_config, bridge=BRIDGE) as state_dir:
         asyncio.run(run(args, state_dir))
 
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
 from pathlib import Path
 
+from bench.imap_load import command_rate
 from bench.platform import in_own_process, scratch_state
 from mailfc import eventloop
 from mailfc.config import Config, parse_config
@@ -60,43 +60,6 @@ def bench_config(state_dir: Path) -> Config:
     }, "bench")
 
 
-async def imap_load(host: str, clients: int, seconds: float) -> float:
-    """Commands/s of `clients` sessions cycling through COMMANDS."""
-    deadline = time.monotonic() + seconds
-    counts = [0] * clients
-
-    async def client(index: int) -> None:
-        reader, writer = await asyncio.open_connection(host, PORTS["imap"])
-
-        async def read_line() -> bytes:
-            try:
-                return await asyncio.wait_for(reader.readuntil(b"\n"), 30)
-            except TimeoutError:
-                raise RuntimeError(f"session {index}: no answer within 30 s") from None
-
-        await read_line()
-        writer.write(f'a LOGIN "{USER}" "x"\r\ns SELECT INBOX\r\n'.encode())
-        while not (line := await read_line()).startswith(b"s "):
-            if line.startswith(b"a ") and not line.startswith(b"a OK"):
-                raise RuntimeError(f"login failed: {line!r}")
-        n = 0
-        while time.monotonic() < deadline:
-            tag = b"c%d" % n
-            writer.write(tag + b" " + COMMANDS[n % len(COMMANDS)] + b"\r\n")
-            while not (line := await read_line()).startswith(tag + b" "):
-                pass
-            if not line.startswith(tag + b" OK"):
-                raise RuntimeError(f"command refused: {line!r}")
-            n += 1
-        counts[index] = n
-        writer.write(b"z LOGOUT\r\n")
-        writer.close()
-
-    started = time.monotonic()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return sum(counts) / (time.monotonic() - started)
-
-
 async def measure(config: Config, plugin: bool, args: argparse.Namespace) -> float:
     services = ("hook-server", "dispatcher") if plugin else ("dispatcher",)
     platform = Platform(config, services,
@@ -117,8 +80,9 @@ async def measure(config: Config, plugin: bool, args: argparse.Namespace) -> flo
         instance = await platform.runtime.ensure(DOMAIN, "imap")
         address = str(instance.address)
         await seed(address)
-        await in_own_process(imap_load, address, args.clients, 1.0)      # warm caches
-        rate = await in_own_process(imap_load, address, args.clients, args.seconds)
+        load = (address, PORTS["imap"], USER, "x", COMMANDS, args.clients)
+        await in_own_process(command_rate, *load, 1.0)      # warm caches
+        rate = await in_own_process(command_rate, *load, args.seconds)
         if plugin:
             written = await platform.pool.fetchval(
                 "SELECT count(*) FROM imap_commands WHERE account = $1", USER)

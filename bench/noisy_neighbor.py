@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
 import signal
 import ssl
@@ -45,7 +44,7 @@ import asyncpg
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.platform import scratch_state, start_up
+from bench.platform import in_own_process, scratch_state, start_up
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains, limits
 from mailfc.passwords import hash_password
@@ -269,10 +268,10 @@ async def flood(seconds: float, senders: int, submit: object, open_imap: object)
     return samples
 
 
-def flood_in_process(seconds: float, senders: int, shared: tuple[str, str] | None,
-                     results: multiprocessing.Queue[tuple[int, int]]) -> None:
-    """A's load from a process of its own, so that driving 50 TLS clients does not
-    slow the event loop that measures B, at a lower CPU priority (module docstring)."""
+async def flood_load(seconds: float, senders: int, shared: tuple[str, str] | None
+                     ) -> tuple[int, int]:
+    """A's load, (sent, refused); run in a process of its own (flood_elsewhere), at a
+    lower CPU priority (module docstring)."""
     os.nice(10)
 
     async def main() -> Samples:
@@ -295,19 +294,16 @@ def flood_in_process(seconds: float, senders: int, shared: tuple[str, str] | Non
 
         return await flood(seconds, senders, s_submit, s_imap)
 
-    outcome = asyncio.run(main())
-    results.put((outcome.sent, outcome.refused))
+    outcome = await main()
+    return outcome.sent, outcome.refused
 
 
 async def flood_elsewhere(seconds: float, senders: int,
                           shared: tuple[str, str] | None) -> tuple[int, int]:
-    results: multiprocessing.Queue[tuple[int, int]] = multiprocessing.Queue()
-    process = multiprocessing.get_context("fork").Process(
-        target=flood_in_process, args=(seconds, senders, shared, results))
-    process.start()
-    outcome = await asyncio.to_thread(results.get, True, seconds + 120)
-    await asyncio.to_thread(process.join, 30)
-    return outcome
+    """A's flood from a process of its own: driving 50 TLS clients must not slow the
+    event loop that measures B."""
+    return await in_own_process(flood_load, seconds, senders, shared,
+                                within_s=seconds + 120)
 
 
 async def max_open_sends(pool: asyncpg.Pool, domain: str, since: float) -> int:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bench.imap_load import command_rate
 from bench.platform import in_own_process, scratch_state
 from mailfc import eventloop
 from mailfc.config import Config, parse_config
@@ -77,31 +78,7 @@ async def imap_login(host: str, port: int, user: str) -> tuple[asyncio.StreamRea
             return reader, writer
 
 
-async def imap_load(host: str, port: int, clients: int, seconds: float) -> float:
-    """Commands/s of `clients` sessions doing NOOP, STATUS and FETCH in turn."""
-    deadline = time.monotonic() + seconds
-    counts = [0] * clients
-
-    async def client(index: int) -> None:
-        reader, writer = await imap_login(host, port, USER)
-        writer.write(b"s SELECT INBOX\r\n")
-        while not (await reader.readuntil(b"\n")).startswith(b"s "):
-            pass
-        commands = [b"NOOP", b"STATUS INBOX (MESSAGES UNSEEN)", b"FETCH 1:5 (FLAGS UID)"]
-        n = 0
-        while time.monotonic() < deadline:
-            tag = b"c%d" % n
-            writer.write(tag + b" " + commands[n % len(commands)] + b"\r\n")
-            while not (await reader.readuntil(b"\n")).startswith(tag + b" "):
-                pass
-            n += 1
-        counts[index] = n
-        writer.write(b"z LOGOUT\r\n")
-        writer.close()
-
-    started = time.monotonic()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return sum(counts) / (time.monotonic() - started)
+IMAP_COMMANDS = (b"NOOP", b"STATUS INBOX (MESSAGES UNSEEN)", b"FETCH 1:5 (FLAGS UID)")
 
 
 async def lmtp_load(host: str, port: int, clients: int, seconds: float,
@@ -171,10 +148,10 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         address = str(instance.address)
         for n in range(5):
             await lmtp_load(address, PORTS["lmtp"], 1, 0.0001, b"X-Seed: %d\r\n" % n)
-        direct_imap = await in_own_process(imap_load, address, PORTS["imap"], args.clients,
-                                           args.seconds)
-        routed_imap = await in_own_process(imap_load, "127.0.0.1", ROUTER_IMAP, args.clients,
-                                           args.seconds)
+        direct_imap = await in_own_process(command_rate, address, PORTS["imap"], USER,
+                                           PASSWORD, IMAP_COMMANDS, args.clients, args.seconds)
+        routed_imap = await in_own_process(command_rate, "127.0.0.1", ROUTER_IMAP, USER,
+                                           PASSWORD, IMAP_COMMANDS, args.clients, args.seconds)
         print(f"IMAP commands/s, {args.clients} sessions, {args.seconds:g} s each")
         print(f"  direct to Dovecot {direct_imap:8.0f}/s   through router+dispatcher "
               f"{routed_imap:8.0f}/s   ratio {routed_imap / direct_imap:.2f} (target >= 0.9)")

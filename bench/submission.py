@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import signal
 import subprocess
 import time
@@ -37,7 +36,7 @@ from bench.noisy_neighbor import (
     submit_via_router,
     unverified,
 )
-from bench.platform import scratch_state
+from bench.platform import in_own_process, scratch_state
 from bench.smtp_in import postfix_reference
 from mailfc.db import accounts, connect, domains
 from mailfc.passwords import hash_password
@@ -61,8 +60,8 @@ async def submit_plain(marker: str) -> bool:
         client.close()
 
 
-def load_process(target: str, seconds: float, clients: int, prefix: str,
-                 results: multiprocessing.Queue[int]) -> None:
+async def submission_load(target: str, seconds: float, clients: int, prefix: str) -> int:
+    """Messages accepted by `clients` submitting to `target` for `seconds`."""
     async def client(index: int, deadline: float) -> int:
         sent = 0
         while time.monotonic() < deadline:
@@ -74,22 +73,15 @@ def load_process(target: str, seconds: float, clients: int, prefix: str,
             sent += ok
         return sent
 
-    async def main() -> int:
-        deadline = time.monotonic() + seconds
-        return sum(await asyncio.gather(*(client(i, deadline) for i in range(clients))))
-
-    results.put(asyncio.run(main()))
+    deadline = time.monotonic() + seconds
+    return sum(await asyncio.gather(*(client(i, deadline) for i in range(clients))))
 
 
 async def measure(target: str, seconds: float, clients: int, sink: Sink) -> tuple[float, int]:
     prefix = f"{target}-{uuid.uuid4().hex[:6]}"
-    results: multiprocessing.Queue[int] = multiprocessing.Queue()
-    process = multiprocessing.get_context("fork").Process(
-        target=load_process, args=(target, seconds, clients, prefix, results))
     started = time.monotonic()
-    process.start()
-    accepted = await asyncio.to_thread(results.get, True, seconds + 120)
-    await asyncio.to_thread(process.join, 30)
+    accepted = await in_own_process(submission_load, target, seconds, clients, prefix,
+                                    within_s=seconds + 120)
 
     def arrived() -> list[float]:
         return [t for marker, t in sink.arrived.items() if marker.startswith(prefix)]

@@ -8,9 +8,7 @@ only a dispatcher or only routers).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import click
 
@@ -54,10 +52,7 @@ def group(ctx: click.Context, config: Config, verbose: bool, services: str | Non
 async def _supervise(config: Config, config_path: str | None, verbose: bool) -> None:
     supervisor = Supervisor(config_path, verbose,
                             resident_lifetime_s=config.controller.resident_lifetime_s)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    stopping = eventloop.stop_requested()
     try:
         await supervisor.start()
         logging.getLogger("mailfc").info(
@@ -71,10 +66,7 @@ async def _supervise(config: Config, config_path: str | None, verbose: bool) -> 
 
 async def _run(config: Config, services: tuple[str, ...]) -> None:
     platform = Platform(config, services)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    stopping = eventloop.stop_requested()
     try:
         await platform.start()
         logging.getLogger("mailfc").info(

@@ -9,9 +9,7 @@ or SIGINT.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -36,10 +34,7 @@ async def _run(factory: Factory, config_path: str | None, socket: str | None) ->
     config = load_config(config_path)
     pool = await connect(config)
     service = factory(config, pool, Path(socket) if socket else None)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    stopping = eventloop.stop_requested()
     try:
         await service.start()
         print("ready", flush=True)
