@@ -131,7 +131,8 @@ class CyclingListener:
             self.server.close()
             self.server = None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), drain_timeout)
+            async with asyncio.timeout(drain_timeout):     # see Recorder._run
+                await self._drained.wait()
         for connection in list(self.connections):
             connection.close_for_shutdown()
         if self.connections:

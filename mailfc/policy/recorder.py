@@ -250,8 +250,13 @@ class Recorder:
     async def _run(self) -> None:
         delay = self.flush_interval_s
         while True:
+            # asyncio.timeout, not wait_for: stop() cancels this task while it waits,
+            # and 3.11's wait_for around Event.wait() can hold on to a cancellation
+            # that meets its own timeout, leaving stop() waiting for ever (seen on
+            # uvloop in CI).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
             if not self._dirty:
                 continue
