@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -177,6 +177,19 @@ async def open_connection(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK * 4),
                                   connect_timeout)
+
+
+async def stop_sessions(servers: Sequence[asyncio.AbstractServer],
+                        sessions: set[asyncio.Task[None]], drain_timeout: float) -> None:
+    """Stop accepting, let the sessions (of run_session) end within drain_timeout,
+    then cancel what is left."""
+    for server in servers:
+        server.close()
+    if sessions:
+        await asyncio.wait(set(sessions), timeout=drain_timeout)
+    for task in set(sessions):
+        task.cancel()
+    await asyncio.gather(*sessions, return_exceptions=True)
 
 
 SERVER_CLOSE_WAIT_S = 2.0

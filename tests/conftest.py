@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -21,10 +22,27 @@ import pytest
 import uvloop
 
 from mailfc.config import Config, parse_config
+from mailfc.controller.platform import Platform
 from mailfc.db import connect
 from mailfc.db.pool import embedded_cluster
 
 TEST_HOST = "test-host"
+
+
+@dataclass
+class PlatformHost:
+    """A platform a test suite runs in this process, with its config and pool at hand."""
+
+    platform: Platform
+
+    @property
+    def config(self) -> Config:
+        return self.platform.config
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self.platform.pool is not None
+        return self.platform.pool
 
 
 def require(condition: bool, what: str) -> None:

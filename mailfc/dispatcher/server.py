@@ -155,13 +155,7 @@ class Dispatcher:
         log.info("dispatcher listening on %s ports %s", address, self.ports())
 
     async def stop(self, drain_timeout: float) -> None:
-        for server in self._servers:
-            server.close()
-        if self._sessions:
-            await asyncio.wait(set(self._sessions), timeout=drain_timeout)
-        for task in set(self._sessions):
-            task.cancel()
-        await asyncio.gather(*self._sessions, return_exceptions=True)
+        await netio.stop_sessions(self._servers, self._sessions, drain_timeout)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await netio.server_closed(server)

@@ -83,13 +83,8 @@ class LoginRouter:
                 ssl_handshake_timeout=30 if implicit_tls else None, limit=netio.CHUNK * 4))
 
     async def stop(self, drain_timeout: float) -> None:
-        for server in self._servers:
-            server.close()
-        if self._sessions:
-            await asyncio.wait(set(self._sessions), timeout=drain_timeout)
-        for task in set(self._sessions):
-            task.cancel()
-        await asyncio.gather(*self._sessions, *self._records, return_exceptions=True)
+        await netio.stop_sessions(self._servers, self._sessions, drain_timeout)
+        await asyncio.gather(*self._records, return_exceptions=True)
         self._servers.clear()
 
     def _handler(self, implicit_tls: bool) -> Callable[

@@ -29,7 +29,7 @@ from mailfc.passwords import hash_password
 from mailfc.policy.hooks.server import HookServer, HookService
 from mailfc.runtime.images import DOVECOT_MODULES
 from mailfc.runtime.lifecycle import Runtime
-from tests.conftest import require, require_binary
+from tests.conftest import PlatformHost, require, require_binary
 
 DOMAINS = ("k1.example", "k2.example")
 LOCALPARTS = ("bob", "carol")
@@ -104,18 +104,8 @@ def hooks_config(state_dir: Path, socket: Path, **sections: dict[str, object]) -
 
 
 @dataclass
-class HooksHost:
-    platform: Platform
+class HooksHost(PlatformHost):
     socket: Path
-
-    @property
-    def config(self) -> Config:
-        return self.platform.config
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        assert self.platform.pool is not None
-        return self.platform.pool
 
     @property
     def runtime(self) -> Runtime:

@@ -12,7 +12,6 @@ import asyncio
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -23,7 +22,7 @@ from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains
 from mailfc.passwords import hash_password
 from mailfc.runtime.lifecycle import Runtime
-from tests.conftest import require_binary
+from tests.conftest import PlatformHost, require_binary
 
 HOST = "router-host"
 PASSWORD = "router-test-password"
@@ -57,19 +56,7 @@ def router_config(state_dir: Path, **sections: dict[str, object]) -> Config:
     return parse_config(data, "router tests")
 
 
-@dataclass
-class RouterHost:
-    platform: Platform
-
-    @property
-    def config(self) -> Config:
-        return self.platform.config
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        assert self.platform.pool is not None
-        return self.platform.pool
-
+class RouterHost(PlatformHost):
     @property
     def runtime(self) -> Runtime:
         assert self.platform.runtime is not None

@@ -24,7 +24,7 @@ from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains
 from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
-from tests.conftest import require_binary
+from tests.conftest import PlatformHost, require_binary
 from tests.dkim import opendkim_signing
 
 PASSWORD = "sending-test-password"
@@ -88,18 +88,8 @@ def remote_mx(state_dir: Path) -> Iterator[RemoteMx]:
 
 
 @dataclass
-class SendingHost:
-    platform: Platform
+class SendingHost(PlatformHost):
     mx: RemoteMx
-
-    @property
-    def config(self) -> Config:
-        return self.platform.config
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        assert self.platform.pool is not None
-        return self.platform.pool
 
     def logs(self, domain: str) -> str:
         """The domain's container logs, to explain a failed assertion."""
