@@ -1,9 +1,11 @@
 """Benchmark: the reactive path through the IMAP and LMTP routers.
 
-    python -m bench.routers [--rounds 15] [--seconds 8] [--clients 4]
+    python -m bench.routers [--rounds 15] [--seconds 8] [--clients 4] [--load-rounds 3]
 
-Runs a whole host (embedded PostgreSQL, runtime, dispatcher, routers) in a
-temporary state directory on loopback ports of its own, then prints:
+Runs a whole host with `mailfc up` (its supervised processes: the routers in
+one, dispatcher and controller in another, the hook server in a third, as in
+production) in a temporary state directory on loopback ports of its own, then
+prints:
 
 1. cold vs warm login: client connect to the tagged OK of LOGIN through the
    IMAP Router, with the domain's container stopped (cold) and running (warm),
@@ -12,6 +14,7 @@ temporary state directory on loopback ports of its own, then prints:
    to the domain's Dovecot, same load, same run (target: at least 0.9);
 3. LMTP messages/s through the LMTP Router divided by direct LMTP to the
    domain's container (target: at least 0.9).
+Each ratio is the median of --load-rounds pairs of runs, direct then routed.
 
 The load is bounded in time and stops by itself; everything is removed after.
 """
@@ -20,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.imap_load import command_rate
-from bench.platform import in_own_process, scratch_state
+from bench.platform import in_own_process, scratch_state, start_up
 from mailfc import eventloop
 from mailfc.config import Config, parse_config
-from mailfc.controller.platform import Platform
-from mailfc.db import accounts, domains
+from mailfc.db import accounts, connect, domains
 from mailfc.passwords import hash_password
 from mailfc.protocols.lmtp import LmtpClient
 from mailfc.runtime.images import PORTS
@@ -40,6 +44,7 @@ DOMAIN = "bench.example"
 USER = f"user@{DOMAIN}"
 ROUTER_IMAP = 13143
 ROUTER_LMTP = 13024
+SMTP_IN = 13025     # the last process `mailfc up` starts listens here
 MESSAGE = (b"From: a@remote.example\r\nTo: user@bench.example\r\nSubject: bench\r\n\r\n"
            + (b"x" * 76 + b"\r\n") * 26)
 
@@ -51,7 +56,11 @@ def bench_config(state_dir: Path) -> Config:
         "network": {"bridge": "mfcb0", "subnet": "10.83.0.0/24"},
         "listen": {"lmtp_router": f"127.0.0.1:{ROUTER_LMTP}",
                    "imap_router": f"127.0.0.1:{ROUTER_IMAP}",
-                   "imap_router_tls": "127.0.0.1:13993"},
+                   "imap_router_tls": "127.0.0.1:13993", "smtp_in": f"127.0.0.1:{SMTP_IN}",
+                   "filter_in": "127.0.0.1:13026", "submission": "127.0.0.1:13587",
+                   "submissions": "127.0.0.1:13465", "filter_out": "bridge:13027",
+                   "smtp_out": "127.0.0.1:13028", "milter": "127.0.0.1:13029",
+                   "hook_server": "127.0.0.1:13030"},
         "dispatcher": {"address": "127.0.0.1", "lmtp_port": 14024, "imap_port": 14143,
                        "smtp_port": 14587},
         # Plain IMAP on both paths, so the ratio measures routing, not TLS.
@@ -103,19 +112,38 @@ async def lmtp_load(host: str, port: int, clients: int, seconds: float,
     return sum(counts) / (time.monotonic() - started)
 
 
+async def compare(direct: Callable[[], Awaitable[float]], routed: Callable[[], Awaitable[float]],
+                  label: str, rounds: int) -> None:
+    """Direct and routed loads alternate, so drift on the machine hits both alike."""
+    pairs = [(await direct(), await routed()) for _ in range(rounds)]
+    ratios = [r / d for d, r in pairs]
+    print(f"  direct to Dovecot {statistics.median(d for d, _ in pairs):8.1f}/s   {label} "
+          f"{statistics.median(r for _, r in pairs):8.1f}/s")
+    print(f"  ratio median {statistics.median(ratios):.2f} (rounds: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}; target >= 0.9)")
+
+
 async def timed(action: Callable[[], Awaitable[object]]) -> float:
     started = time.perf_counter()
     await action()
     return time.perf_counter() - started
 
 
+async def stop_containers(config_file: Path) -> None:
+    """As an admin would, while `mailfc up` runs."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailfc", "--config", str(config_file), "container", "stop",
+        DOMAIN, "imap", "--drain-timeout", "3", stdout=asyncio.subprocess.DEVNULL)
+    if await process.wait() != 0:
+        raise RuntimeError("mailfc container stop failed")
+
+
 async def run(args: argparse.Namespace, state_dir: Path) -> None:
-    platform = Platform(bench_config(state_dir))
-    await platform.start()
-    assert platform.pool is not None and platform.runtime is not None
-    runtime = platform.runtime
+    config = bench_config(state_dir)
+    process = await start_up(config, state_dir, SMTP_IN)
+    pool = await connect(config)
     try:
-        async with platform.pool.acquire() as db:
+        async with pool.acquire() as db:
             await domains.add(db, DOMAIN)
             await accounts.add(db, USER, hash_password(PASSWORD))
 
@@ -131,8 +159,7 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         for _ in range(args.rounds):
             warm.append(await timed(login_via_router))
         for _ in range(args.rounds):
-            for instance in await runtime.instances(DOMAIN):
-                await runtime.stop(instance, drain_timeout=3.0)
+            await stop_containers(state_dir / "mailfc.toml")
             cold.append(await timed(login_via_router))
         ms = 1000.0
         print(f"IMAP login through the router, {args.rounds} rounds each")
@@ -144,27 +171,33 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
               f"{(statistics.median(cold) - statistics.median(warm)) * ms:6.1f} ms "
               "(target <= 100 ms)")
 
-        instance = await runtime.ensure(DOMAIN, "imap")
-        address = str(instance.address)
+        await login_via_router()    # the container runs again
+        address = await pool.fetchval(
+            "SELECT host(c.address) FROM container_instances c JOIN domains d"
+            " ON d.id = c.domain_id WHERE d.name = $1 AND c.state = 'running'", DOMAIN)
         for n in range(5):
             await lmtp_load(address, PORTS["lmtp"], 1, 0.0001, b"X-Seed: %d\r\n" % n)
-        direct_imap = await in_own_process(command_rate, address, PORTS["imap"], USER,
-                                           PASSWORD, IMAP_COMMANDS, args.clients, args.seconds)
-        routed_imap = await in_own_process(command_rate, "127.0.0.1", ROUTER_IMAP, USER,
-                                           PASSWORD, IMAP_COMMANDS, args.clients, args.seconds)
-        print(f"IMAP commands/s, {args.clients} sessions, {args.seconds:g} s each")
-        print(f"  direct to Dovecot {direct_imap:8.0f}/s   through router+dispatcher "
-              f"{routed_imap:8.0f}/s   ratio {routed_imap / direct_imap:.2f} (target >= 0.9)")
+        async def imap_rate(host: str, port: int) -> float:
+            return await in_own_process(command_rate, host, port, USER, PASSWORD,
+                                        IMAP_COMMANDS, args.clients, args.seconds)
 
-        direct_lmtp = await in_own_process(lmtp_load, address, PORTS["lmtp"], args.clients,
-                                           args.seconds, b"")
-        routed_lmtp = await in_own_process(lmtp_load, "127.0.0.1", ROUTER_LMTP, args.clients,
-                                           args.seconds, b"")
-        print(f"LMTP messages/s, {args.clients} sessions, one message per session")
-        print(f"  direct to Dovecot {direct_lmtp:8.1f}/s   through LMTP router      "
-              f"{routed_lmtp:8.1f}/s   ratio {routed_lmtp / direct_lmtp:.2f} (target >= 0.9)")
+        async def lmtp_rate(host: str, port: int) -> float:
+            return await in_own_process(lmtp_load, host, port, args.clients, args.seconds, b"")
+
+        print(f"IMAP commands/s, {args.clients} sessions, {args.seconds:g} s each, "
+              f"{args.load_rounds} rounds")
+        await compare(lambda: imap_rate(address, PORTS["imap"]),
+                      lambda: imap_rate("127.0.0.1", ROUTER_IMAP),
+                      "through router+dispatcher", args.load_rounds)
+        print(f"LMTP messages/s, {args.clients} sessions, one message per session, "
+              f"{args.load_rounds} rounds")
+        await compare(lambda: lmtp_rate(address, PORTS["lmtp"]),
+                      lambda: lmtp_rate("127.0.0.1", ROUTER_LMTP),
+                      "through LMTP router", args.load_rounds)
     finally:
-        await platform.stop()
+        await pool.close()
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
 
 
 def main() -> None:
@@ -172,6 +205,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--load-rounds", type=int, default=3,
+                        help="direct/routed load pairs for each ratio")
     args = parser.parse_args()
     with scratch_state(bench_config, bridge="mfcb0") as state_dir:
         eventloop.run(run(args, state_dir))

@@ -78,7 +78,7 @@ class _Relay(asyncio.Protocol):
             self.done.set_result(self.name)
 
 
-def _take_buffer(reader: asyncio.StreamReader) -> bytes:
+def take_buffer(reader: asyncio.StreamReader) -> bytes:
     # Bytes already read into the stream's buffer before the hand-over.
     buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
     data = bytes(buffer)
@@ -111,8 +111,8 @@ async def splice(
     from_server = _Relay(client_transport, down, downstream_done, "server", tail)
     from_client.feeder = server_transport
     from_server.feeder = client_transport
-    pending_client = _take_buffer(client_reader)
-    pending_server = _take_buffer(server_reader)
+    pending_client = take_buffer(client_reader)
+    pending_server = take_buffer(server_reader)
     client_transport.set_protocol(from_client)
     server_transport.set_protocol(from_server)
     if pending_client:

@@ -15,6 +15,16 @@ PROTOCOL
        and the SMTP Router passes client address and user with XCLIENT,
     3. copies bytes both ways until either side closes.
 
+    IMAP is handed over instead of copied.  The dispatcher greets the router
+    (`* OK ...`) once the container runs, reads the router's `tag LOGIN user
+    -` (the router checked the password), asks the container's userdb for
+    the user and passes the connected socket itself to Dovecot's imap-master
+    socket (mailfc.protocols.dovecot), with the client address and `tag OK
+    [CAPABILITY ...] Logged in` to send.  From then on the router talks to
+    the container's imap process directly: no byte of the session passes
+    through the dispatcher, and a dispatcher restart does not cut it.
+        tag NO [UNAVAILABLE] <reason>     the hand-over failed
+
     When the container cannot be had in time, the router gets the service's
     own "come back later" and the connection closes:
         IMAP         * BYE [UNAVAILABLE] <reason>
@@ -28,11 +38,15 @@ SECURITY
 FOR THE CONTROLLER
     `open_sessions` (per container name), `latencies` (seconds from header to
     backend connected, recent sessions) and last activity, which is written to
-    container_instances.last_activity_at every few seconds.
+    container_instances.last_activity_at every few seconds.  A handed-over
+    IMAP session counts until its socket closes, seen within SWEEP_S
+    (mailfc.dispatcher.handed); sessions handed over by an earlier dispatcher
+    process are not counted.
 
 CONFIGURATION
     dispatcher.address, lmtp_port, imap_port, smtp_port, allowed_clients,
     header_timeout_s (5), connect_timeout_s (5); runtime.start_timeout_s (5).
+    The router's LOGIN may take LOGIN_WAIT_S (its password check).
 """
 
 from __future__ import annotations
@@ -42,20 +56,23 @@ import collections
 import contextlib
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import asyncpg
 
 from mailfc import netio
 from mailfc.addresses import normalize_domain
 from mailfc.config import Config
+from mailfc.dispatcher.handed import HandedSessions
 from mailfc.dispatcher.sasl import LockedSaslServer
 from mailfc.errors import InvalidInput, MailfcError
-from mailfc.protocols import proxy
+from mailfc.protocols import dovecot, imap, proxy
+from mailfc.runtime.images import DOVECOT_IMAP_CAPABILITY, dovecot_socket
 from mailfc.runtime.readiness import process_alive
 
 log = logging.getLogger("mailfc.dispatcher")
@@ -67,11 +84,17 @@ SERVICES = ("lmtp", "imap", "smtp")
 # dispatcher's own address, so the dispatcher must not hide behind a header.
 PROXY_SERVICES = ("lmtp", "imap")
 ACTIVITY_FLUSH_S = 5.0
+# How soon a handed-over IMAP session that ended stops counting.
+SWEEP_S = 1.0
+# The router checks the password (a slow hash, a failure delay) before its LOGIN.
+LOGIN_WAIT_S = 30.0
 LATENCY_SAMPLES = 1000
 # Short enough that a draining instance gets new sessions for at most this long.
 WARM_TTL_S = 2.0
 # A remembered instance answers at once or is gone: it is on this host's bridge.
 WARM_CONNECT_TIMEOUT_S = 0.5
+
+Connection = TypeVar("Connection")
 
 
 class ContainerInstance(Protocol):
@@ -128,6 +151,7 @@ class Dispatcher:
         self.latencies: collections.deque[SessionRecord] = collections.deque(
             maxlen=LATENCY_SAMPLES)
         self._active: set[str] = set()
+        self._handed = HandedSessions()
         # (domain, service) -> (until, instance): the runtime's answer is
         # remembered briefly, sparing two CMDB queries per session.
         self._warm: dict[tuple[str, str], tuple[float, list[ContainerInstance]]] = {}
@@ -197,43 +221,123 @@ class Dispatcher:
             writer.write(unavailable_reply(service, "protocol error: PROXY v2 header with the "
                                                     "domain expected"))
             return
+        if service == "imap":
+            await self._hand_over_imap(domain, header, reader, writer)
+            return
         started = time.monotonic()
         try:
-            instance, backend_reader, backend_writer = await self._backend(domain, service)
+            instance, (backend_reader, backend_writer) = await self._instance(
+                domain, service, self._connect(service))
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            reason = str(error) or type(error).__name__
-            if isinstance(error, MailfcError | OSError | TimeoutError):
-                log.warning("%s for %s: container unavailable: %s", service, domain, reason)
-            else:
-                log.exception("%s for %s: container unavailable", service, domain)
-            writer.write(unavailable_reply(
-                service, f"mail server for {domain} unavailable, try again later"))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
+            await self._unavailable(service, domain, error, writer)
             return
-        dispatch_s = time.monotonic() - started
-        self.latencies.append(SessionRecord(domain, service, instance.name, dispatch_s))
+        self._record(domain, service, instance, started)
         if service in PROXY_SERVICES:
             client = header.source or "127.0.0.1"
             local = header.destination or self.config.dispatcher.address
             backend_writer.write(proxy.encode(
                 client, header.source_port, local if _same_family(client, local) else client,
                 header.destination_port))
-        self.open_sessions[instance.name] += 1
-        self._active.add(instance.name)
+        self._session_opened(instance.name)
         try:
             await netio.splice(reader, writer, backend_reader, backend_writer)
         finally:
-            self.open_sessions[instance.name] -= 1
-            if self.open_sessions[instance.name] <= 0:
-                del self.open_sessions[instance.name]
-            self._active.add(instance.name)
+            self._session_closed(instance.name)
 
-    async def _backend(self, domain: str, service: str) -> tuple[
-            ContainerInstance, asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection to the least busy running instance serving (domain, service)."""
+    async def _hand_over_imap(self, domain: str, header: proxy.ProxyHeader,
+                              reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        started = time.monotonic()
+        try:
+            instance, _ = await self._instance(domain, "imap", _reachable)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            await self._unavailable("imap", domain, error, writer)
+            return
+        self._record(domain, "imap", instance, started)
+        writer.write(f"* OK [mailfc] {domain} ready.\r\n".encode())
+        try:
+            tag, command, arguments = await asyncio.wait_for(
+                imap.read_command(reader, None), LOGIN_WAIT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return      # the password was wrong, or the router gave up
+        except imap.ImapSyntaxError as error:
+            writer.write(f"* BAD {error}\r\n".encode())
+            return
+        if command != b"LOGIN" or len(arguments) != 2:
+            writer.write(tag + b" BAD Only LOGIN user password is expected here.\r\n")
+            return
+        user = arguments[0].decode("utf-8", "replace")
+        cast(asyncio.Transport, writer.transport).pause_reading()
+        pending = netio.take_buffer(reader)
+        fd = writer.get_extra_info("socket").fileno()
+        assert instance.pid is not None  # _reachable saw it
+        reply = tag.decode("ascii") + f" OK [CAPABILITY {DOVECOT_IMAP_CAPABILITY}] Logged in\r\n"
+        try:
+            entry = await dovecot.lookup_user(dovecot_socket(instance.pid, "auth-userdb"), user)
+            if entry is None:
+                raise dovecot.DovecotProtocolError(f"{domain}'s Dovecot does not know {user}")
+            await dovecot.hand_over_imap(
+                dovecot_socket(instance.pid, "imap-master"), fd, entry,
+                client_ip=header.source or self.config.dispatcher.address,
+                local_ip=header.destination or self.config.dispatcher.address,
+                client_input=pending, client_output=reply.encode())
+        except dovecot.DovecotProtocolError as error:
+            log.warning("imap for %s: hand-over of %s failed: %s", domain, user, error)
+            self.forget(domain)
+            writer.write(tag + f" NO [UNAVAILABLE] The mail server for {domain} did not take "
+                               "the session; try again later.\r\n".encode())
+            return
+        # The imap process owns the session: closing our copy (run_session
+        # does, without shutdown) leaves the connection open.
+        self._handed.add(os.fstat(fd).st_ino, instance.name)
+        self.open_sessions[instance.name] += 1
+        self._active.add(instance.name)
+
+    async def _unavailable(self, service: str, domain: str, error: Exception,
+                           writer: asyncio.StreamWriter) -> None:
+        reason = str(error) or type(error).__name__
+        if isinstance(error, MailfcError | OSError | TimeoutError):
+            log.warning("%s for %s: container unavailable: %s", service, domain, reason)
+        else:
+            log.exception("%s for %s: container unavailable", service, domain)
+        writer.write(unavailable_reply(
+            service, f"mail server for {domain} unavailable, try again later"))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    def _record(self, domain: str, service: str, instance: ContainerInstance,
+                started: float) -> None:
+        self.latencies.append(SessionRecord(domain, service, instance.name,
+                                            time.monotonic() - started))
+
+    def _session_opened(self, name: str) -> None:
+        self.open_sessions[name] += 1
+        self._active.add(name)
+
+    def _session_closed(self, name: str) -> None:
+        self.open_sessions[name] -= 1
+        if self.open_sessions[name] <= 0:
+            del self.open_sessions[name]
+        self._active.add(name)
+
+    def _connect(self, service: str) -> Callable[[ContainerInstance, float], Awaitable[
+            tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+        async def connect(instance: ContainerInstance, wait_s: float) -> tuple[
+                asyncio.StreamReader, asyncio.StreamWriter]:
+            return await netio.open_connection(
+                str(instance.address), instance.port(service, proxy=service in PROXY_SERVICES),
+                wait_s)
+        return connect
+
+    async def _instance(self, domain: str, service: str,
+                        connect: Callable[[ContainerInstance, float], Awaitable[Connection]]
+                        ) -> tuple[ContainerInstance, Connection]:
+        """The least busy running instance serving (domain, service), and `connect`'s
+        result for it."""
         key = (domain, service)
         remembered = self._warm.get(key)
         if remembered is not None and remembered[0] > time.monotonic():
@@ -241,11 +345,7 @@ class Dispatcher:
             if alive:
                 instance = min(alive, key=lambda i: self.open_sessions[i.name])
                 try:
-                    reader, writer = await netio.open_connection(
-                        str(instance.address),
-                        instance.port(service, proxy=service in PROXY_SERVICES),
-                        WARM_CONNECT_TIMEOUT_S)
-                    return instance, reader, writer
+                    return instance, await connect(instance, WARM_CONNECT_TIMEOUT_S)
                 except (OSError, TimeoutError):
                     pass  # stopped meanwhile: ask the runtime
         self._warm.pop(key, None)
@@ -255,11 +355,9 @@ class Dispatcher:
             i for i in await self.containers.instances(domain, service)
             if i.state == "running"] or [first]
         instance = min(running, key=lambda i: self.open_sessions[i.name])
-        reader, writer = await netio.open_connection(
-            str(instance.address), instance.port(service, proxy=service in PROXY_SERVICES),
-            self.config.dispatcher.connect_timeout_s)
+        connection = await connect(instance, self.config.dispatcher.connect_timeout_s)
         self._warm[key] = (time.monotonic() + WARM_TTL_S, running)
-        return instance, reader, writer
+        return instance, connection
 
     def forget(self, domain: str) -> None:
         """The domain's instances changed (drained, stopped, scaled out): look again."""
@@ -267,8 +365,14 @@ class Dispatcher:
             del self._warm[key]
 
     async def _flush_activity_forever(self) -> None:
+        next_flush = time.monotonic() + ACTIVITY_FLUSH_S
         while True:
-            await asyncio.sleep(ACTIVITY_FLUSH_S)
+            await asyncio.sleep(SWEEP_S)
+            for name in self._handed.sweep():
+                self._session_closed(name)
+            if time.monotonic() < next_flush:
+                continue
+            next_flush = time.monotonic() + ACTIVITY_FLUSH_S
             try:
                 await self._flush_activity()
             except asyncio.CancelledError:
@@ -285,6 +389,13 @@ class Dispatcher:
         await self.pool.execute(
             "UPDATE container_instances SET last_activity_at = now()"
             " WHERE name = ANY($1::text[]) AND state <> 'stopped'", sorted(names))
+
+
+async def _reachable(instance: ContainerInstance, wait_s: float) -> None:
+    """IMAP is handed to the container's Dovecot through /proc/<pid>/root: the
+    hand-over itself finds out whether it is still there."""
+    if not instance.pid:
+        raise ConnectionRefusedError(f"{instance.name} has no process")
 
 
 def _same_family(a: str, b: str) -> bool:

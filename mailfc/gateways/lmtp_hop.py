@@ -7,7 +7,8 @@ sent is replaced once, so that never turns into a failure.
 
 XFORWARD (Postfix's extension: ADDR, NAME, HELO, PROTO, IDENT, each xtext-encoded) tells
 the filter who the original client was, since the filter's own peer is SMTP-In.  It is
-sent only when the server announced it in its LHLO reply.
+sent only when the server announced it in its LHLO reply, pipelined with the
+transaction when the server has PIPELINING (mailfc.protocols.lmtp).
 
 Failures are LmtpError (connection refused, lost, timed out); the spool turns that into
 a temporary failure of every recipient and retries later.
@@ -62,13 +63,13 @@ class LmtpHop:
                            recipients: list[str], message: bytes,
                            mail_options: list[str] | None,
                            xforward: dict[str, str] | None) -> dict[str, Reply]:
+        preamble = []
+        if xforward and xforward_ok:
+            preamble.append("XFORWARD " + " ".join(f"{k}={xtext(v)}"
+                                                   for k, v in xforward.items()))
         try:
-            if xforward and xforward_ok:
-                line = "XFORWARD " + " ".join(f"{k}={xtext(v)}" for k, v in xforward.items())
-                reply = await client.command(line)
-                if not reply.ok:
-                    raise LmtpError(f"XFORWARD refused: {reply}", message_sent=False)
-            results = await client.deliver(sender, recipients, message, mail_options)
+            results = await client.deliver(sender, recipients, message, mail_options,
+                                           preamble)
         except LmtpError as error:
             if not client.data_sent:
                 error.message_sent = False
@@ -106,7 +107,7 @@ class LmtpHop:
 
     async def _lhlo(self, client: LmtpClient) -> str:
         """LHLO, returning the whole multi-line reply (read_reply joins the lines)."""
-        reply = await client.command(f"LHLO {self.helo}")
+        reply = await client.lhlo(self.helo)
         if not reply.ok:
             raise LmtpError(f"{self.host}:{self.port} refused LHLO: {reply}",
                             message_sent=False)

@@ -249,11 +249,15 @@ class Recorder:
 
     async def _run(self) -> None:
         delay = self.flush_interval_s
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             # asyncio.timeout, not wait_for: stop() cancels this task while it waits,
-            # and 3.11's wait_for around Event.wait() can hold on to a cancellation
-            # that meets its own timeout, leaving stop() waiting for ever (seen on
-            # uvloop in CI).
+            # and 3.11's wait_for can swallow a cancellation that meets the end of
+            # what it waits for, leaving stop() waiting for ever (seen on uvloop in
+            # CI, twice).  A cancellation swallowed anywhere below still ends the loop.
+            if task.cancelling():
+                raise asyncio.CancelledError
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
@@ -275,8 +279,8 @@ class Recorder:
             while self._dirty:
                 batch = [(row, row.version) for row in list(self._dirty)[:self.batch_size]]
                 try:
-                    await asyncio.wait_for(self._write([row for row, _ in batch]),
-                                           self.flush_timeout_s)
+                    async with asyncio.timeout(self.flush_timeout_s):
+                        await self._write([row for row, _ in batch])
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:
@@ -331,7 +335,8 @@ class Recorder:
         while True:
             await asyncio.sleep(10.0)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._write_stats(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await self._write_stats()
 
     async def _write_stats(self) -> None:
         await self.pool.execute(

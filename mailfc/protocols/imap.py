@@ -12,7 +12,9 @@ literal, if any.  The caller reads the literal and the next segment.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 MAX_LINE = 8192
@@ -98,3 +100,38 @@ def quote(value: str) -> bytes:
     if b"\r" in raw or b"\n" in raw or len(raw) > 1000 or any(b > 0x7E for b in raw):
         return b"{%d+}\r\n" % len(raw) + raw
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+
+async def read_line(reader: asyncio.StreamReader) -> bytes:
+    """One line without its CRLF, at most MAX_LINE bytes."""
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise ImapSyntaxError("line too long") from None
+    if len(line) > MAX_LINE:
+        raise ImapSyntaxError("line too long")
+    return line.rstrip(b"\r\n")
+
+
+async def read_command(reader: asyncio.StreamReader,
+                       go_ahead: Callable[[], Awaitable[None]] | None
+                       ) -> tuple[bytes, bytes, list[bytes]]:
+    """(tag, command, arguments) of one command, its literals read.
+
+    A synchronizing literal `{n}` waits for `go_ahead()` (which sends the
+    continuation request); without one only `{n+}` is accepted.
+    """
+    tag, command, rest = split_tag(await read_line(reader))
+    arguments: list[bytes] = []
+    segment = parse_segment(rest)
+    while True:
+        arguments.extend(segment.arguments)
+        if segment.literal is None:
+            return tag, command, arguments
+        if not segment.nonsync:
+            if go_ahead is None:
+                raise ImapSyntaxError("synchronizing literal where only {n+} is accepted")
+            await go_ahead()
+        arguments.append(await reader.readexactly(segment.literal))
+        segment = parse_segment(await read_line(reader))

@@ -18,12 +18,13 @@ LOGIN
        max_failures_per_account within failure_window_s, logins from that IP or
        for that account are refused without checking.  Three failures in one
        session end it.  Every attempt is recorded in auth_attempts.
-    3. Right password: the router logs in at the domain's Dovecot with the
-       client's own tag.  Dovecot accepts password-less logins only from the
-       dispatcher's real address (passdb allow_real_nets), and learns the client
-       address from the dispatcher's PROXY header.  Dovecot's tagged reply,
-       with its post-login CAPABILITY, goes to the client verbatim, and from
-       then on bytes flow both ways untouched.
+    3. Right password: the router sends `tag LOGIN user -` with the client's
+       own tag to the dispatcher, which hands the connection to an imap
+       process of the domain's Dovecot as that user, with the client address
+       from the router's PROXY header (mailfc.dispatcher.server).  The tagged
+       reply, with Dovecot's post-login CAPABILITY, goes to the client
+       verbatim, and from then on bytes flow both ways untouched, between the
+       client and that imap process, through this router only.
     Container not available in time: `NO [UNAVAILABLE]`.  Backend gone in the
     middle of a session: `* BYE [UNAVAILABLE]` and the connection closes.
 
@@ -107,26 +108,10 @@ class ImapSession:
         await self.writer.drain()
 
     async def read_line(self) -> bytes:
-        try:
-            line = await self.reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            raise imap.ImapSyntaxError("line too long") from None
-        if len(line) > imap.MAX_LINE:
-            raise imap.ImapSyntaxError("line too long")
-        return line.rstrip(b"\r\n")
+        return await imap.read_line(self.reader)
 
     async def read_command(self) -> tuple[bytes, bytes, list[bytes]]:
-        tag, command, rest = imap.split_tag(await self.read_line())
-        arguments: list[bytes] = []
-        segment = imap.parse_segment(rest)
-        while True:
-            arguments.extend(segment.arguments)
-            if segment.literal is None:
-                return tag, command, arguments
-            if not segment.nonsync:
-                await self.send("+ OK")
-            arguments.append(await self.reader.readexactly(segment.literal))
-            segment = imap.parse_segment(await self.read_line())
+        return await imap.read_command(self.reader, lambda: self.send("+ OK"))
 
     def capabilities(self) -> str:
         words = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE"]

@@ -58,6 +58,12 @@ class LmtpRouterHandler:
     def __init__(self, router: LmtpRouter) -> None:
         self.router = router
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        # aiosmtpd answers LHLO through this hook; LMTP clients may pipeline.
+        session.host_name = hostname
+        return [*responses[:-1], "250-" + responses[-1][4:], "250 PIPELINING"]
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         targets = await self.router.directory.recipient(address)

@@ -48,6 +48,16 @@ SOCKET_MOUNT = "/run/mailfc"
 POSTFIX_QUEUE = "/var/spool/postfix"
 POSTFIX_DATA = "/var/lib/postfix"
 DOVECOT_STATE = "/var/lib/dovecot"
+DOVECOT_BASE_DIR = "/run/dovecot"
+# What Dovecot 2.3 says after login, set in its config rather than left to
+# its defaults: the dispatcher answers a handed-over LOGIN with it
+# (mailfc.dispatcher), and a client must see the same list both ways.
+DOVECOT_IMAP_CAPABILITY = (
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES "
+    "THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN "
+    "NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES "
+    "WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW "
+    "STATUS=SIZE SAVEDATE LITERAL+ NOTIFY")
 
 SETTLED_MTIME = 946684800  # 2000-01-01: older than any check for fresh config files
 DOVECOT_MODULES = Path("/usr/lib/dovecot/modules")
@@ -89,6 +99,11 @@ DOVECOT = Image(
 )
 IMAGES = {"postfix": POSTFIX, "dovecot": DOVECOT}
 SERVICE_IMAGE = {"smtp": POSTFIX, "lmtp": DOVECOT, "imap": DOVECOT}
+
+
+def dovecot_socket(pid: int, name: str) -> str:
+    """Host path of a socket in the Dovecot (init `pid`) container's base_dir."""
+    return f"/proc/{pid}/root{DOVECOT_BASE_DIR}/{name}"
 
 
 def image_for(service: str) -> Image:
@@ -194,6 +209,8 @@ def template_context(image: Image, domain: str, settings: RuntimeSettings) -> di
         "nameservers": settings.nameservers,
         "nfs_safe": settings.nfs_safe,
         "ports": PORTS,
+        "base_dir": DOVECOT_BASE_DIR,
+        "imap_capability": DOVECOT_IMAP_CAPABILITY,
     }
 
 

@@ -53,3 +53,61 @@ async def test_multiline_reply() -> None:
     reader.feed_data(b"garbage\r\n")
     with pytest.raises(lmtp.LmtpError):
         await lmtp.read_reply(reader)
+
+
+class RefusingHandler:
+    """aiosmtpd hooks: refuses RCPT to anyone called `nobody`, records deliveries."""
+
+    def __init__(self, pipelining: bool) -> None:
+        self.pipelining = pipelining
+        self.delivered: list[tuple[list[str], bytes]] = []
+
+    async def handle_EHLO(self, server: object, session: object, envelope: object,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname  # type: ignore[attr-defined]
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-" + responses[-1][4:], "250 PIPELINING"]
+
+    async def handle_RCPT(self, server: object, session: object, envelope: object,
+                          address: str, options: list[str]) -> str:
+        if address.startswith("nobody@"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        recipients = list(envelope.rcpt_tos)  # type: ignore[attr-defined]
+        self.delivered.append((recipients, envelope.original_content))  # type: ignore[attr-defined]
+        return "\r\n".join("250 2.0.0 delivered" for _ in recipients)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_transactions_with_and_without_pipelining(pipelining: bool) -> None:
+    from aiosmtpd.lmtp import LMTP
+
+    handler = RefusingHandler(pipelining)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: LMTP(handler), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = lmtp.LmtpClient(reader, writer, 10)
+    try:
+        assert (await client.hello("test")).ok
+        assert client.pipelining is pipelining
+        results = await client.deliver("a@x.example", ["b@y.example", "nobody@y.example"],
+                                       b"Subject: one\r\n\r\nbody\r\n")
+        assert results["b@y.example"].code == 250
+        assert results["nobody@y.example"].code == 550
+        # Nobody accepted: DATA is refused, the session stays usable.
+        results = await client.deliver("a@x.example", ["nobody@y.example"], b"x\r\n")
+        assert results["nobody@y.example"].code == 550 and not client.data_sent
+        results = await client.deliver("a@x.example", ["c@y.example"],
+                                       b"Subject: two\r\n\r\n.dot\r\n")
+        assert results["c@y.example"].code == 250
+        assert [r for r, _ in handler.delivered] == [["b@y.example"], ["c@y.example"]]
+        assert handler.delivered[1][1].endswith(b".dot\r\n")
+        await client.quit()
+    finally:
+        writer.close()
+        server.close()

@@ -65,6 +65,42 @@ async def test_login_select_search_fetch_store_two_domains(
         assert "STARTTLS" not in result["capabilities"]  # type: ignore[operator]
 
 
+async def test_session_is_handed_to_dovecot(router_host: RouterHost) -> None:
+    """The dispatcher passes the logged-in session to the domain's imap process:
+    the LOGIN reply's capabilities are the ones Dovecot reports, the session is
+    counted for the controller while open, and no dispatcher task carries it."""
+    dispatcher = next(s for s in router_host.platform.services if s.name == "dispatcher")
+    await sessions_ended(dispatcher)    # those of earlier tests
+    client = await asyncio.to_thread(imap_starttls)
+    typ, data = await asyncio.to_thread(client.login, "bob@a.example", PASSWORD)
+    assert typ == "OK"
+    advertised = data[0].split(b"[CAPABILITY ", 1)[1].split(b"]", 1)[0].split()
+    typ, reported = await asyncio.to_thread(client.capability)
+    assert typ == "OK" and reported[0].split() == advertised
+    instance = next(i for i in await router_host.runtime.instances("a.example")
+                    if i.state == "running")
+    assert dispatcher.open_sessions[instance.name] == 1  # type: ignore[attr-defined]
+    # The session goes on without the dispatcher.
+    for _ in range(40):
+        if not dispatcher._sessions:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.05)
+    assert not dispatcher._sessions  # type: ignore[attr-defined]
+    typ, _ = await asyncio.to_thread(client.select, "INBOX")
+    assert typ == "OK"
+    await asyncio.to_thread(client.logout)
+    await sessions_ended(dispatcher)
+
+
+async def sessions_ended(dispatcher: object) -> None:
+    """Handed-over sessions stop counting within the dispatcher's sweep interval."""
+    for _ in range(100):
+        if not dispatcher.open_sessions:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.05)
+    assert not dispatcher.open_sessions  # type: ignore[attr-defined]
+
+
 async def test_implicit_tls_and_idle(router_host: RouterHost, mail_in_both_domains: str) -> None:
     def session() -> list[bytes]:
         raw = socket.create_connection(("127.0.0.1", IMAPS_PORT), timeout=30)
