@@ -446,6 +446,10 @@ class Config(Section):
     def state_dir(self) -> Path:
         return Path(self.paths.state_dir)
 
+    def dispatcher_socket(self, service: str) -> Path:
+        """The dispatcher's unix socket for routers on its own host (root only)."""
+        return self.state_dir / "dispatcher" / f"{service}.sock"
+
     @property
     def mail_root(self) -> Path:
         return Path(self.paths.mail_root) if self.paths.mail_root else self.state_dir / "mail"

@@ -5,6 +5,10 @@ closes, with back-pressure (a side whose peer cannot take more is not read),
 and returns the byte counts.  `server_closed` waits for a closed listening
 server, boundedly.  `close` closes a writer without raising, because a
 peer that vanished is normal at the end of a mail session.
+
+`send_with_fd` and `receive_with_fds` pass a file descriptor over a unix
+stream (SCM_RIGHTS) beside its asyncio transport, which would drop it: the
+sender's transport must have nothing queued, the receiver's must be paused.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 CHUNK = 65536
 DRAIN_AFTER_CLIENT_EOF = 10.0
@@ -202,3 +208,52 @@ async def server_closed(server: asyncio.AbstractServer) -> None:
     accepted to be closed; one a peer left half-open must not hold up a stop."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(server.wait_closed(), SERVER_CLOSE_WAIT_S)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _duplicate(writer: asyncio.StreamWriter) -> socket.socket:
+    # A socket object of our own on the transport's connection (uvloop's
+    # transports offer no sendmsg/recvmsg); non-blocking like the original.
+    return socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+
+
+def send_with_fd(writer: asyncio.StreamWriter, data: bytes, fd: int) -> None:
+    """Send `data` (small: it goes out in one call) with `fd` attached."""
+    with _duplicate(writer) as conn:
+        sent = socket.send_fds(conn, [data], [fd])
+    if sent != len(data):
+        raise ConnectionError(f"sent {sent} of {len(data)} bytes with a descriptor")
+
+
+async def receive_with_fds(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                           until: asyncio.Future[Any]) -> list[int]:
+    """Feed what arrives to `reader` (whose transport is paused) until `until` is
+    done or the peer closes; returns the descriptors that came with it (the
+    caller owns and closes them)."""
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
+    with _duplicate(writer) as conn:
+        while not until.done():
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(conn.fileno(), _resolve, readable)
+            try:
+                await asyncio.wait({readable, until}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                loop.remove_reader(conn.fileno())
+            if not readable.done():
+                break
+            try:
+                data, received, _, _ = socket.recv_fds(conn, CHUNK, 4)
+            except BlockingIOError:
+                continue
+            fds.extend(received)
+            if not data:
+                reader.feed_eof()
+                break
+            reader.feed_data(data)
+            await asyncio.sleep(0)      # let the parser waiting on `reader` look
+    return fds

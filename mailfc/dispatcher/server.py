@@ -24,16 +24,33 @@ PROTOCOL
     the container's imap process directly: no byte of the session passes
     through the dispatcher, and a dispatcher restart does not cut it.
         tag NO [UNAVAILABLE] <reason>     the hand-over failed
+    A router on this host without TLS state for the client (plain IMAP: a
+    webmail on the LAN, a TLS-terminating balancer in front) sends its LOGIN
+    with the client's own socket attached (SCM_RIGHTS, netio.send_with_fd)
+    and, as the password, a literal with what the client sent after its
+    LOGIN (at most imap.MAX_LITERAL bytes, else it keeps the session):
+        tag LOGIN user {n+}\r\n<n bytes>\r\n
+    That socket is handed over instead, with those bytes as its first input,
+    the dispatcher answers `tag OK Handed over.`, and the session runs between
+    the client and Dovecot with no mailfc process in between.
 
     When the container cannot be had in time, the router gets the service's
     own "come back later" and the connection closes:
         IMAP         * BYE [UNAVAILABLE] <reason>
         LMTP, SMTP   421 4.3.0 <reason>
 
+LOCAL ROUTERS
+    Routers on the dispatcher's own host connect to unix sockets instead
+    (config.dispatcher_socket(service): <state_dir>/dispatcher/imap.sock and
+    lmtp.sock), same protocol.  A unix socket costs the kernel far less than
+    loopback TCP, and for IMAP it is the socket handed to Dovecot, so every
+    command of the session crosses one cheap socket less.
+
 SECURITY
     Only addresses in `dispatcher.allowed_clients` may connect (the routers);
     anyone else is disconnected at once.  The PROXY header is the trust
-    boundary, so it is accepted from those addresses only.
+    boundary, so it is accepted from those addresses only.  The unix sockets
+    are in a directory only root may enter.
 
 FOR THE CONTROLLER
     `open_sessions` (per container name), `latencies` (seconds from header to
@@ -78,6 +95,9 @@ from mailfc.runtime.readiness import process_alive
 log = logging.getLogger("mailfc.dispatcher")
 
 SERVICES = ("lmtp", "imap", "smtp")
+# Services routers on this host reach over a unix socket (submission's XCLIENT
+# needs the dispatcher's address, so it stays on TCP).
+LOCAL_SERVICES = ("lmtp", "imap")
 # Services whose container port takes the client address from a PROXY header.
 # Submission (smtp) does not: the SMTP Router passes the address and the
 # authenticated user with XCLIENT, which Postfix accepts only from the
@@ -175,11 +195,21 @@ class Dispatcher:
                 self._handler(service), address, port, reuse_address=True,
                 limit=netio.CHUNK * 4)
             self._servers.append(server)
+        local = self.config.dispatcher_socket("imap").parent
+        local.mkdir(parents=True, exist_ok=True)
+        local.chmod(0o700)
+        for service in LOCAL_SERVICES:
+            path = self.config.dispatcher_socket(service)
+            path.unlink(missing_ok=True)
+            self._servers.append(await asyncio.start_unix_server(
+                self._handler(service, local=True), str(path), limit=netio.CHUNK * 4))
         self._flusher = asyncio.create_task(self._flush_activity_forever())
         log.info("dispatcher listening on %s ports %s", address, self.ports())
 
     async def stop(self, drain_timeout: float) -> None:
         await netio.stop_sessions(self._servers, self._sessions, drain_timeout)
+        for service in LOCAL_SERVICES:
+            self.config.dispatcher_socket(service).unlink(missing_ok=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await netio.server_closed(server)
@@ -191,11 +221,11 @@ class Dispatcher:
         if self.sasl is not None:
             await self.sasl.stop()
 
-    def _handler(self, service: str) -> Callable[
+    def _handler(self, service: str, local: bool = False) -> Callable[
             [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await netio.run_session(self._sessions, writer,
-                                    self._session(service, reader, writer),
+                                    self._session(service, reader, writer, local),
                                     f"{service} session", log)
         return handle
 
@@ -207,8 +237,8 @@ class Dispatcher:
         return any(address in network for network in self.allowed)
 
     async def _session(self, service: str, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
-        if not self._is_allowed(writer):
+                       writer: asyncio.StreamWriter, local: bool) -> None:
+        if not local and not self._is_allowed(writer):
             log.warning("refused %s connection from %s: not a router",
                         service, writer.get_extra_info("peername"))
             return
@@ -222,7 +252,7 @@ class Dispatcher:
                                                     "domain expected"))
             return
         if service == "imap":
-            await self._hand_over_imap(domain, header, reader, writer)
+            await self._hand_over_imap(domain, header, reader, writer, local)
             return
         started = time.monotonic()
         try:
@@ -236,9 +266,9 @@ class Dispatcher:
         self._record(domain, service, instance, started)
         if service in PROXY_SERVICES:
             client = header.source or "127.0.0.1"
-            local = header.destination or self.config.dispatcher.address
+            server = header.destination or self.config.dispatcher.address
             backend_writer.write(proxy.encode(
-                client, header.source_port, local if _same_family(client, local) else client,
+                client, header.source_port, server if _same_family(client, server) else client,
                 header.destination_port))
         self._session_opened(instance.name)
         try:
@@ -247,8 +277,8 @@ class Dispatcher:
             self._session_closed(instance.name)
 
     async def _hand_over_imap(self, domain: str, header: proxy.ProxyHeader,
-                              reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
+                              reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              local: bool) -> None:
         started = time.monotonic()
         try:
             instance, _ = await self._instance(domain, "imap", _reachable)
@@ -258,22 +288,59 @@ class Dispatcher:
             await self._unavailable("imap", domain, error, writer)
             return
         self._record(domain, "imap", instance, started)
+        transport = cast(asyncio.Transport, writer.transport)
+        if local:
+            transport.pause_reading()   # the LOGIN may come with the client's socket
         writer.write(f"* OK [mailfc] {domain} ready.\r\n".encode())
         try:
-            tag, command, arguments = await asyncio.wait_for(
-                imap.read_command(reader, None), LOGIN_WAIT_S)
+            (tag, command, arguments), fds = await asyncio.wait_for(
+                self._read_login(reader, writer, local), LOGIN_WAIT_S)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return      # the password was wrong, or the router gave up
         except imap.ImapSyntaxError as error:
             writer.write(f"* BAD {error}\r\n".encode())
             return
-        if command != b"LOGIN" or len(arguments) != 2:
+        try:
+            await self._login(domain, instance, header, tag, command, arguments, fds,
+                              reader, writer)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _read_login(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          local: bool) -> tuple[tuple[bytes, bytes, list[bytes]], list[int]]:
+        """The router's LOGIN, and from a router on this host the client's socket
+        that may come with it."""
+        if not local:
+            return await imap.read_command(reader, None), []
+        command = asyncio.ensure_future(imap.read_command(reader, None))
+        try:
+            fds = await netio.receive_with_fds(writer, reader, command)
+        except BaseException:
+            command.cancel()
+            raise
+        try:
+            return await command, fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    async def _login(self, domain: str, instance: ContainerInstance,
+                     header: proxy.ProxyHeader, tag: bytes, command: bytes,
+                     arguments: list[bytes], fds: list[int], reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        if command != b"LOGIN" or len(arguments) != 2 or len(fds) > 1:
             writer.write(tag + b" BAD Only LOGIN user password is expected here.\r\n")
             return
         user = arguments[0].decode("utf-8", "replace")
-        cast(asyncio.Transport, writer.transport).pause_reading()
-        pending = netio.take_buffer(reader)
-        fd = writer.get_extra_info("socket").fileno()
+        if fds:
+            # The client's own socket; in the password's place, what the client
+            # sent after its LOGIN, which the router had read.
+            fd, pending = fds[0], arguments[1]
+        else:
+            cast(asyncio.Transport, writer.transport).pause_reading()
+            fd, pending = writer.get_extra_info("socket").fileno(), netio.take_buffer(reader)
         assert instance.pid is not None  # _reachable saw it
         reply = tag.decode("ascii") + f" OK [CAPABILITY {DOVECOT_IMAP_CAPABILITY}] Logged in\r\n"
         try:
@@ -292,10 +359,13 @@ class Dispatcher:
                                "the session; try again later.\r\n".encode())
             return
         # The imap process owns the session: closing our copy (run_session
-        # does, without shutdown) leaves the connection open.
+        # does, without shutdown; the caller closes a received one) leaves the
+        # connection open.
         self._handed.add(os.fstat(fd).st_ino, instance.name)
         self.open_sessions[instance.name] += 1
         self._active.add(instance.name)
+        if fds:
+            writer.write(tag + b" OK Handed over.\r\n")
 
     async def _unavailable(self, service: str, domain: str, error: Exception,
                            writer: asyncio.StreamWriter) -> None:

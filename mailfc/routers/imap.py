@@ -45,13 +45,14 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from mailfc import netio
 from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import imap, proxy
-from mailfc.routers.listeners import LoginRouter, peer_and_local
+from mailfc.routers.listeners import LoginRouter, connect_dispatcher, peer_and_local
 from mailfc.routers.throttle import delay_failure
 
 log = logging.getLogger("mailfc.routers.imap")
@@ -75,6 +76,9 @@ class Backend:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     opened_s: float
+    # The dispatcher is on this host (a unix socket): it can take the client's
+    # own socket.
+    local: bool = False
 
 
 class ImapRouter(LoginRouter):
@@ -266,9 +270,7 @@ class ImapSession:
         placement = await self.router.directory.place(account.domain)
         timeout = self.router.config.runtime.start_timeout_s + \
             self.router.config.dispatcher.connect_timeout_s
-        reader, writer = await netio.open_connection(
-            placement.dispatcher_address, placement.imap_port,
-            self.router.config.dispatcher.connect_timeout_s)
+        reader, writer, local = await connect_dispatcher(self.router.config, placement, "imap")
         try:
             writer.write(proxy.encode(self.client_ip, self.client_port, self.local_ip,
                                       self.local_port, authority=account.domain))
@@ -282,12 +284,22 @@ class ImapSession:
         if not greeting.startswith(b"* OK"):
             await netio.close(writer)
             raise BackendUnavailable(greeting.decode("ascii", "replace").strip())
-        return Backend(reader, writer, time.monotonic() - started)
+        return Backend(reader, writer, time.monotonic() - started, local)
 
     async def backend_login(self, tag: str, account: Account, backend: Backend) -> Backend | bool:
-        # The password was checked here; Dovecot trusts the dispatcher's address.
-        command = f"{tag} LOGIN ".encode() + imap.quote(account.address) + b' "-"\r\n'
-        backend.writer.write(command)
+        # The password was checked here; the dispatcher hands the session to Dovecot.
+        login = f"{tag} LOGIN ".encode() + imap.quote(account.address)
+        client = cast(asyncio.Transport, self.writer.transport)
+        pending = self._take_for_hand_over(backend, client)
+        if pending is not None:
+            # The client's own socket goes along, and in the password's place what
+            # the client sent after LOGIN: Dovecot answers the LOGIN on that socket
+            # and this router is out of the session.
+            netio.send_with_fd(backend.writer,
+                               login + b" {%d+}\r\n" % len(pending) + pending + b"\r\n",
+                               self.writer.get_extra_info("socket").fileno())
+        else:
+            backend.writer.write(login + b' "-"\r\n')
         prefix = tag.encode() + b" "
         try:
             while True:
@@ -301,12 +313,17 @@ class ImapSession:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
                 TimeoutError, BackendUnavailable) as error:
             log.warning("backend login of %s failed: %s", account.address, error)
+            line = b""
+        ok = line[len(prefix):].startswith(b"OK")
+        if pending is not None:
             await netio.close(backend.writer)
-            await self.send(f"{tag} NO [UNAVAILABLE] The mail server for {account.domain} "
-                            "did not accept the session; try again later.")
-            return True
-        if not line[len(prefix):].startswith(b"OK"):
-            log.warning("backend refused login of %s: %r", account.address, line[:200])
+            if ok:
+                return False    # run_session closes our copy; the connection stays open
+            self.reader.feed_data(pending)  # for the dialogue here, after the NO
+            client.resume_reading()
+        if not ok:
+            if line:
+                log.warning("backend refused login of %s: %r", account.address, line[:200])
             await netio.close(backend.writer)
             await self.send(f"{tag} NO [UNAVAILABLE] The mail server for {account.domain} "
                             "did not accept the session; try again later.")
@@ -314,6 +331,18 @@ class ImapSession:
         self.writer.write(line)
         await self.writer.drain()
         return backend
+
+    def _take_for_hand_over(self, backend: Backend, client: asyncio.Transport) -> bytes | None:
+        """What the client sent after its LOGIN, when its socket can go to the
+        dispatcher (on this host, no TLS state here, the bytes fit the LOGIN's
+        literal); None when it cannot."""
+        if not backend.local or self.tls:
+            return None
+        client.pause_reading()
+        if len(self.reader._buffer) > imap.MAX_LITERAL:  # type: ignore[attr-defined]
+            client.resume_reading()
+            return None
+        return netio.take_buffer(self.reader)
 
     async def proxy(self, backend: Backend) -> None:
         result = await netio.splice(self.reader, self.writer, backend.reader, backend.writer)

@@ -24,7 +24,25 @@ from typing import Any, Generic, Protocol, TypeVar
 from mailfc import netio
 from mailfc.config import Config, LoginSection, split_hostport
 from mailfc.db.directory import Account, Directory
+from mailfc.db.placement import Placement
 from mailfc.routers.throttle import FailureThrottle
+
+
+async def connect_dispatcher(config: Config, placement: Placement, service: str
+                             ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+    """A connection to the dispatcher of the domain's host, and whether it is local:
+    its unix socket when that host is this one (mailfc.dispatcher.server, LOCAL
+    ROUTERS), else TCP."""
+    timeout = config.dispatcher.connect_timeout_s
+    if placement.host == config.host_name:
+        with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(
+                str(config.dispatcher_socket(service)), limit=netio.CHUNK * 4), timeout)
+            return reader, writer, True
+    reader, writer = await netio.open_connection(
+        placement.dispatcher_address, placement.port(service), timeout)
+    return reader, writer, False
+
 
 SessionFactory = Callable[[Any, asyncio.StreamReader, asyncio.StreamWriter, bool],
                           Any]

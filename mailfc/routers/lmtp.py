@@ -35,12 +35,12 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailfc import netio
 from mailfc.config import Config, split_hostport
 from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
+from mailfc.routers.listeners import connect_dispatcher
 
 log = logging.getLogger("mailfc.routers.lmtp")
 
@@ -216,11 +216,11 @@ class LmtpRouter:
         """A ready LMTP session through the domain's host's dispatcher."""
         timeout = self.config.lmtp_router.delivery_timeout_s
         placement = await self.directory.place(domain)
-        reader, writer = await netio.open_connection(
-            placement.dispatcher_address, placement.lmtp_port,
-            self.config.dispatcher.connect_timeout_s)
+        reader, writer, on_this_host = await connect_dispatcher(self.config, placement, "lmtp")
         try:
-            local = writer.get_extra_info("sockname") or ("127.0.0.1", 0)
+            local = writer.get_extra_info("sockname")
+            if on_this_host:    # a unix socket: no address of its own
+                local = (self.config.dispatcher.address, 0)
             client_ip = peer[0] if peer and _is_ip(peer[0]) else local[0]
             writer.write(proxy.encode(client_ip, int(peer[1]) if len(peer) > 1 else 0,
                                       local[0], local[1], authority=domain))

@@ -19,6 +19,7 @@ from tests.hooks.conftest import (
     imap_login,
     set_limit,
 )
+from tests.routers.test_imap_router import sessions_ended
 
 MESSAGE = b"From: a@example.org\r\nSubject: hooks test\r\n\r\nHello.\r\n"
 
@@ -245,3 +246,47 @@ async def test_limit_change_applies_to_a_running_session(
 
 def test_service_type() -> None:
     assert HookService.name == "hook-server"
+
+
+async def test_plain_session_runs_between_client_and_dovecot_alone(
+        hooks_host: HooksHost) -> None:
+    """Plain IMAP through a router on the dispatcher's host: after LOGIN the
+    client's own socket belongs to the domain's imap process; neither the router
+    nor the dispatcher carries the session, and the dispatcher still counts it."""
+    services = {s.name: s for s in hooks_host.platform.services}
+    router, dispatcher = services["imap-router"], services["dispatcher"]
+    await sessions_ended(dispatcher)    # those of earlier tests
+    client = await asyncio.to_thread(imap_login, "bob@k1.example")
+    try:
+        typ, _ = await asyncio.to_thread(client.select, "INBOX")
+        assert typ == "OK"
+        for _ in range(40):
+            if not router._sessions and not dispatcher._sessions:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.05)
+        assert not router._sessions  # type: ignore[attr-defined]
+        assert not dispatcher._sessions  # type: ignore[attr-defined]
+        assert sum(dispatcher.open_sessions.values()) == 1  # type: ignore[attr-defined]
+        typ, _ = await asyncio.to_thread(client.noop)
+        assert typ == "OK"
+    finally:
+        await asyncio.to_thread(imap_close, client)
+    await sessions_ended(dispatcher)
+
+
+async def test_commands_pipelined_after_login_go_along(hooks_host: HooksHost) -> None:
+    """A client that pipelines after LOGIN: the router had read those bytes, and
+    they reach Dovecot with the hand-over, in order."""
+    def session() -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", IMAP_PORT), timeout=30) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(f'a LOGIN "bob@k1.example" "{PASSWORD}"\r\nb SELECT INBOX\r\n'
+                         'c NOOP\r\nd LOGOUT\r\n'.encode())
+            return [line for line in iter(reader.readline, b"")
+                    if line[:2] in (b"a ", b"b ", b"c ", b"d ")]
+
+    tagged = await asyncio.to_thread(session)
+    assert [line.split()[:2] for line in tagged] == [
+        [b"a", b"OK"], [b"b", b"OK"], [b"c", b"OK"], [b"d", b"OK"]]
+    assert b"[CAPABILITY " in tagged[0]
