@@ -13,7 +13,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,16 @@ def require(condition: bool, what: str) -> None:
     """Fail (never skip) when the machine lacks what an integration test needs."""
     if not condition:
         pytest.fail(f"this test needs {what}; run the README's set-up (./setup.sh) as root")
+
+
+async def eventually(condition: Callable[[], object], within_s: float = 5.0) -> None:
+    """Poll until `condition()` holds, then assert it (with its last value)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    assert condition()
 
 
 def delete_link(name: str) -> None:

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from mailfc.policy.hooks.server import HookService
+from tests.conftest import eventually
 from tests.hooks.conftest import (
     IMAP_PORT,
     PASSWORD,
@@ -260,12 +261,8 @@ async def test_plain_session_runs_between_client_and_dovecot_alone(
     try:
         typ, _ = await asyncio.to_thread(client.select, "INBOX")
         assert typ == "OK"
-        for _ in range(40):
-            if not router._sessions and not dispatcher._sessions:  # type: ignore[attr-defined]
-                break
-            await asyncio.sleep(0.05)
-        assert not router._sessions  # type: ignore[attr-defined]
-        assert not dispatcher._sessions  # type: ignore[attr-defined]
+        await eventually(lambda: not router._sessions  # type: ignore[attr-defined]
+                         and not dispatcher._sessions)  # type: ignore[attr-defined]
         assert sum(dispatcher.open_sessions.values()) == 1  # type: ignore[attr-defined]
         typ, _ = await asyncio.to_thread(client.noop)
         assert typ == "OK"

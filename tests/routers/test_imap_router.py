@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import eventually
 from tests.routers.conftest import IMAP_PORT, IMAPS_PORT, PASSWORD, RouterHost, client_tls
 from tests.routers.test_lmtp_router import lmtp_transaction, message
 
@@ -81,11 +82,7 @@ async def test_session_is_handed_to_dovecot(router_host: RouterHost) -> None:
                     if i.state == "running")
     assert dispatcher.open_sessions[instance.name] == 1  # type: ignore[attr-defined]
     # The session goes on without the dispatcher.
-    for _ in range(40):
-        if not dispatcher._sessions:  # type: ignore[attr-defined]
-            break
-        await asyncio.sleep(0.05)
-    assert not dispatcher._sessions  # type: ignore[attr-defined]
+    await eventually(lambda: not dispatcher._sessions)  # type: ignore[attr-defined]
     typ, _ = await asyncio.to_thread(client.select, "INBOX")
     assert typ == "OK"
     await asyncio.to_thread(client.logout)
@@ -94,11 +91,7 @@ async def test_session_is_handed_to_dovecot(router_host: RouterHost) -> None:
 
 async def sessions_ended(dispatcher: object) -> None:
     """Handed-over sessions stop counting within the dispatcher's sweep interval."""
-    for _ in range(100):
-        if not dispatcher.open_sessions:  # type: ignore[attr-defined]
-            break
-        await asyncio.sleep(0.05)
-    assert not dispatcher.open_sessions  # type: ignore[attr-defined]
+    await eventually(lambda: not dispatcher.open_sessions)  # type: ignore[attr-defined]
 
 
 async def test_implicit_tls_and_idle(router_host: RouterHost, mail_in_both_domains: str) -> None:
@@ -236,12 +229,8 @@ async def test_literal_login_and_client_vanishing(router_host: RouterHost) -> No
     # Every session above has ended: no task or backend connection is left.
     router = next(s for s in router_host.platform.services if s.name == "imap-router")
     dispatcher = next(s for s in router_host.platform.services if s.name == "dispatcher")
-    for _ in range(100):
-        if not router._sessions and not dispatcher.open_sessions:  # type: ignore[attr-defined]
-            break
-        await asyncio.sleep(0.05)
-    assert not router._sessions  # type: ignore[attr-defined]
-    assert not dispatcher.open_sessions  # type: ignore[attr-defined]
+    await eventually(lambda: not router._sessions)  # type: ignore[attr-defined]
+    await sessions_ended(dispatcher)
 
 
 async def test_backend_dying_mid_session_says_bye(router_host: RouterHost) -> None:
