@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.imap_load import command_rate
-from bench.platform import in_own_process, scratch_state, start_up
+from bench.platform import in_own_process, scratch_state, start_up, whole_machine_cpu
 from mailfc import eventloop
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains
@@ -146,13 +146,7 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         async with pool.acquire() as db:
             await domains.add(db, DOMAIN)
             await accounts.add(db, USER, hash_password(PASSWORD))
-            # The whole machine's CPU for the domain's Dovecot from the start: with the
-            # default quota the controller would scale it up in the middle of a round,
-            # and the ratio would measure that rather than the routing.
-            await db.execute(
-                "INSERT INTO container_specs (domain_id, service, cpu_quota_us,"
-                " cpu_quota_max_us) SELECT id, 'imap', 200000, 200000 FROM domains"
-                " WHERE name = $1", DOMAIN)
+            await whole_machine_cpu(db, DOMAIN)
 
         async def login_via_router() -> None:
             _, writer = await imap_login("127.0.0.1", ROUTER_IMAP, USER)

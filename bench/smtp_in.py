@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.platform import start_up
+from bench.platform import start_up, whole_machine_cpu
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains
 from mailfc.db.pool import embedded_cluster
@@ -155,6 +155,7 @@ async def run(messages: int, sessions: int) -> None:
             if not await db.fetchval("SELECT 1 FROM domains WHERE name = $1", DOMAIN):
                 await domains.add(db, DOMAIN)
                 await accounts.add(db, USER, hash_password("bench"))
+                await whole_machine_cpu(db, DOMAIN)
         mail_root = config.mail_root
         await load(SMTP_IN, 20, 2, mail_root)        # warm: the container is running
         address = await pool.fetchval(

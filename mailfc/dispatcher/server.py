@@ -34,6 +34,12 @@ PROTOCOL
     the dispatcher answers `tag OK Handed over.`, and the session runs between
     the client and Dovecot with no mailfc process in between.
 
+    LMTP from a router on this host: after the PROXY header the dispatcher
+    connects to the container as above and passes that connection itself
+    back, as `+<n>\r\n` followed by the n bytes the container already sent,
+    with the socket attached; the router talks LMTP to Dovecot directly.
+    Such connections count as open sessions until the router closes them.
+
     When the container cannot be had in time, the router gets the service's
     own "come back later" and the connection closes:
         IMAP         * BYE [UNAVAILABLE] <reason>
@@ -270,11 +276,34 @@ class Dispatcher:
             backend_writer.write(proxy.encode(
                 client, header.source_port, server if _same_family(client, server) else client,
                 header.destination_port))
+        if local and service == "lmtp":
+            await self._give_connection(instance.name, writer, backend_reader, backend_writer)
+            return
         self._session_opened(instance.name)
         try:
             await netio.splice(reader, writer, backend_reader, backend_writer)
         finally:
             self._session_closed(instance.name)
+
+    async def _give_connection(self, name: str, writer: asyncio.StreamWriter,
+                               backend_reader: asyncio.StreamReader,
+                               backend_writer: asyncio.StreamWriter) -> None:
+        """A router on this host gets the connection to the container itself, with
+        what the container already said on it."""
+        await backend_writer.drain()    # the PROXY header is out
+        cast(asyncio.Transport, backend_writer.transport).pause_reading()
+        said = netio.take_buffer(backend_reader)
+        fd = backend_writer.get_extra_info("socket").fileno()
+        try:
+            netio.send_with_fd(writer, b"+%d\r\n" % len(said) + said, fd)
+        except OSError as error:
+            log.warning("could not pass an LMTP connection to the router: %s", error)
+            backend_writer.transport.abort()
+            return
+        self._handed.add(os.fstat(fd).st_ino, name)
+        self._session_opened(name)
+        # Our copy closes (no shutdown): the router's keeps the connection open.
+        backend_writer.transport.close()
 
     async def _hand_over_imap(self, domain: str, header: proxy.ProxyHeader,
                               reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

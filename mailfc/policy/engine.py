@@ -217,7 +217,7 @@ def _decision(over: Mapping[str, Any]) -> Decision:
     return Decision(TEMPFAIL, reason, rule, over["mode"], retry_s)
 
 
-def _block_decision(block: Mapping[str, Any]) -> Decision:
+def block_decision(block: Mapping[str, Any]) -> Decision:
     why = f": {block['reason']}" if block.get("reason") else ""
     return Decision(REJECT, f"blocked by the administrator ({block['kind']} {block['value']})"
                     f"{why}", f"block:{block['kind']}", ENFORCE)
@@ -281,7 +281,7 @@ class LimitEngine:
         leases = tuple(int(x) for x in result["leases"])
         self.held.update(leases)
         if "block" in result:
-            return Check(False, (_block_decision(result["block"]),))
+            return Check(False, (block_decision(result["block"]),))
         decisions = sorted((_decision(over) for over in result["over"]),
                            key=lambda d: not d.refuses)
         usage = tuple(Usage(u["scope"], u["subject"], u["kind"], int(u["value"]),

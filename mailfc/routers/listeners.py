@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -42,6 +44,42 @@ async def connect_dispatcher(config: Config, placement: Placement, service: str
     reader, writer = await netio.open_connection(
         placement.dispatcher_address, placement.port(service), timeout)
     return reader, writer, False
+
+
+async def take_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The connection to the container that a dispatcher on this host passes back
+    (`+<n>` and what the container said, with the socket: LMTP, see
+    mailfc.dispatcher.server); the channel to the dispatcher is closed after.
+    The channel's transport must have been paused before the PROXY header went
+    out.  ConnectionRefusedError with the dispatcher's words when it has none."""
+    async def preamble() -> bytes:
+        line = await reader.readuntil(b"\n")
+        if not line.startswith(b"+") or not line[1:].strip().isdigit():
+            raise ConnectionRefusedError(line.decode("utf-8", "replace").strip())
+        return await reader.readexactly(int(line[1:].strip()))
+
+    said = asyncio.ensure_future(preamble())
+    try:
+        fds = await netio.receive_with_fds(writer, reader, said)
+    except BaseException:
+        said.cancel()
+        raise
+    try:
+        already = await said
+        if len(fds) != 1:
+            raise ConnectionRefusedError("the dispatcher passed no connection")
+        conn = socket.socket(fileno=fds.pop())
+    finally:
+        for fd in fds:
+            os.close(fd)
+        writer.close()
+    loop = asyncio.get_running_loop()
+    container_reader = asyncio.StreamReader(limit=netio.CHUNK * 4)
+    container_reader.feed_data(already)     # before anything the socket brings
+    protocol = asyncio.StreamReaderProtocol(container_reader)
+    transport, _ = await loop.create_connection(lambda: protocol, sock=conn)
+    return container_reader, asyncio.StreamWriter(transport, protocol, container_reader, loop)
 
 
 SessionFactory = Callable[[Any, asyncio.StreamReader, asyncio.StreamWriter, bool],

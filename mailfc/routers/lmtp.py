@@ -10,9 +10,10 @@ TRANSACTION
     At DATA the recipients are grouped by domain; each domain's group goes, in
     parallel with the others, over LMTP to the dispatcher of the domain's host
     (PROXY v2 header naming the domain), which hands it to the domain's
-    Dovecot.  The reply is one line per RCPT, as LMTP requires: a recipient
-    whose domain's container cannot start gets `451 4.3.0`, the others are
-    unaffected.
+    Dovecot; a dispatcher on this host passes the connection to Dovecot back
+    instead, and the router talks to Dovecot directly.  The reply is one line
+    per RCPT, as LMTP requires: a recipient whose domain's container cannot
+    start gets `451 4.3.0`, the others are unaffected.
 
 FAIRNESS
     At most lmtp_router.per_domain_concurrency deliveries are in flight towards
@@ -30,7 +31,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -40,7 +41,8 @@ from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
-from mailfc.routers.listeners import connect_dispatcher
+from mailfc.protocols.smtp import ehlo_reply
+from mailfc.routers.listeners import connect_dispatcher, take_connection
 
 log = logging.getLogger("mailfc.routers.lmtp")
 
@@ -62,7 +64,7 @@ class LmtpRouterHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         # aiosmtpd answers LHLO through this hook; LMTP clients may pipeline.
         session.host_name = hostname
-        return [*responses[:-1], "250-" + responses[-1][4:], "250 PIPELINING"]
+        return ehlo_reply(responses, ["PIPELINING"])
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -219,11 +221,22 @@ class LmtpRouter:
         reader, writer, on_this_host = await connect_dispatcher(self.config, placement, "lmtp")
         try:
             local = writer.get_extra_info("sockname")
-            if on_this_host:    # a unix socket: no address of its own
+            if on_this_host:
+                # A unix socket, without an address of its own; the dispatcher
+                # answers with the connection to the container itself.
                 local = (self.config.dispatcher.address, 0)
+                cast(asyncio.Transport, writer.transport).pause_reading()
             client_ip = peer[0] if peer and _is_ip(peer[0]) else local[0]
             writer.write(proxy.encode(client_ip, int(peer[1]) if len(peer) > 1 else 0,
                                       local[0], local[1], authority=domain))
+            if on_this_host:
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        take_connection(reader, writer),
+                        self.config.runtime.start_timeout_s + timeout)
+                except (ConnectionRefusedError, asyncio.IncompleteReadError) as error:
+                    raise LmtpError(f"{domain}'s dispatcher: {error}", message_sent=False) \
+                        from None
             # The greeting waits for a cold start: allow for it on top.
             client = LmtpClient(reader, writer, self.config.runtime.start_timeout_s + timeout)
             reply = await client.hello(self.config.host_name)

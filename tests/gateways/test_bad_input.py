@@ -14,6 +14,7 @@ import pytest
 
 from mailfc.config import parse_config
 from mailfc.gateways.smtp_in import SmtpInService
+from mailfc.policy.blocks import BLOCKS_REFRESH_S
 from mailfc.tls import server_context
 from tests.gateways.conftest import SMTP_PORT, Gateways, gateway_data
 
@@ -147,20 +148,40 @@ async def test_disconnect_mid_data_and_tls_garbage_queue_nothing(gateways: Gatew
 
 async def test_admin_blocks_refuse_with_550_5_7_1(gateways: Gateways, cmdb: asyncpg.Pool
                                                    ) -> None:
-    await cmdb.execute("INSERT INTO blocks (kind, value, reason) VALUES"
-                       " ('sender_domain', 'spammer.example', 'test block')")
+    """SMTP-In applies the blocks it reads every BLOCKS_REFRESH_S, by the same rule
+    as the limit engine's SQL: sender domain, exact sender, client CIDR; an expired
+    block no longer applies."""
+    await cmdb.execute(
+        "INSERT INTO blocks (kind, value, reason, expires_at) VALUES"
+        " ('sender_domain', 'spammer.example', 'test block', NULL),"
+        " ('sender', 'bad@remote.example', 'one sender', NULL),"
+        " ('sender', 'old@remote.example', 'expired', now() - interval '1 minute')")
     try:
-        def steps(c: Client) -> tuple[str, str]:
-            c.command("EHLO client.example")
-            blocked = c.command("MAIL FROM:<x@spammer.example>")
-            fine = c.command("MAIL FROM:<ann@remote.example>")
-            return blocked, fine
+        await asyncio.sleep(BLOCKS_REFRESH_S + 0.2)
 
-        blocked, fine = await run(steps)  # type: ignore[misc]
-        assert blocked.startswith("550 5.7.1") and "test block" in blocked
-        assert fine.startswith("250")
+        def steps(c: Client) -> list[str]:
+            c.command("EHLO client.example")
+            replies = []
+            for sender in ("x@SPAMMER.example", "bad@remote.example", "old@remote.example",
+                           "ann@remote.example"):
+                replies.append(c.command(f"MAIL FROM:<{sender}>"))
+                c.command("RSET")
+            return replies
+
+        domain, sender, expired, fine = await run(steps)  # type: ignore[misc]
+        assert domain.startswith("550 5.7.1") and "test block" in domain
+        assert sender.startswith("550 5.7.1") and "one sender" in sender
+        assert expired.startswith("250") and fine.startswith("250")
+        await cmdb.execute("INSERT INTO blocks (kind, value, reason) VALUES"
+                           " ('ip', '127.0.0.0/8', 'loopback test')")
+        await asyncio.sleep(BLOCKS_REFRESH_S + 0.2)
+        by_ip = await run(lambda c: (c.command("EHLO client.example"),
+                                     c.command("MAIL FROM:<ann@remote.example>"))[1])
+        assert by_ip.startswith("550 5.7.1") and "loopback test" in by_ip  # type: ignore[union-attr]
     finally:
-        await cmdb.execute("DELETE FROM blocks WHERE value = 'spammer.example'")
+        await cmdb.execute("DELETE FROM blocks WHERE reason IN ('test block', 'one sender',"
+                           " 'expired', 'loopback test')")
+        await asyncio.sleep(BLOCKS_REFRESH_S + 0.2)
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from mailfc.gateways.lmtp_hop import LmtpHop, null_sender
 from mailfc.policy.engine import ENFORCE
 from mailfc.policy.recorder import Recorder, now
 from mailfc.protocols.lmtp import LmtpError, Reply
+from mailfc.protocols.smtp import ehlo_reply
 
 log = logging.getLogger("mailfc.gateways.filter")
 
@@ -115,13 +116,9 @@ class FilterHandler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        keep = [r for r in responses[1:]
-                if r[4:].split(" ", 1)[0] in ("SIZE", "8BITMIME", "SMTPUTF8")]
-        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES",
-                 "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
-        lines = [responses[0], *keep, *extra]
-        last = lines.pop()
-        return [*lines, "250 " + last[4:]]
+        return ehlo_reply(responses, ["PIPELINING", "ENHANCEDSTATUSCODES",
+                                      "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)],
+                          keep=("SIZE", "8BITMIME", "SMTPUTF8"))
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:

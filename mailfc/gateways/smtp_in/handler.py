@@ -4,9 +4,9 @@ STAGES
     connect   smtp_sessions row (component "smtp-in", client address, host)
     EHLO      announces SIZE, PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES and,
               before TLS, STARTTLS (no AUTH: this is an MX); records the HELO name
-    MAIL      one decision of the limit engine with blocks (client IP/CIDR, sender,
-              sender domain: 550 5.7.1); room in the spool for SIZE= (452 4.3.1);
-              smtp_messages row
+    MAIL      admin blocks (client IP/CIDR, sender, sender domain: 550 5.7.1), from a
+              list read every few seconds (mailfc.policy.blocks); room in the spool for
+              SIZE= (452 4.3.1); smtp_messages row
     RCPT      syntax (501 5.1.3), hosted domain (554 5.7.1 relaying denied), mailbox or
               alias (550 5.1.1), too many (452 4.5.3), the domain's spool queue over
               smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), and the
@@ -24,11 +24,9 @@ follows policy.on_db_error_inbound ("accept" by default: recorded as accepted un
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -42,6 +40,7 @@ from mailfc.gateways import replies
 from mailfc.gateways.lmtp_hop import null_sender
 from mailfc.gateways.spool import Spool, SpoolFull
 from mailfc.gateways.spool.store import new_queue_id
+from mailfc.policy.blocks import BlockList
 from mailfc.policy.engine import (
     ACCEPT,
     REJECT,
@@ -50,9 +49,12 @@ from mailfc.policy.engine import (
     LimitEngine,
     PolicyUnavailable,
     Subject,
+    block_decision,
 )
 from mailfc.policy.recorder import Recorder, Row, now
 from mailfc.policy.replies import RULE_UNAVAILABLE, smtp_reply
+from mailfc.policy.snapshot import Snapshot
+from mailfc.protocols.smtp import ehlo_reply
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
@@ -77,47 +79,36 @@ class SessionState:
     tls: bool = False
 
 
-class LimitedDomains:
+class LimitedDomains(Snapshot[frozenset[str]]):
     """Which domains have a received_messages limit: the engine is asked only for those.
 
-    Refreshed every LIMITED_REFRESH_S, so a limit set with `mailfc limit set` applies
+    Read every LIMITED_REFRESH_S, so a limit set with `mailfc limit set` applies
     within seconds and unlimited domains cost no database call per recipient.
     """
 
+    what = "received_messages limits"
+
     def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self.domains: frozenset[str] = frozenset()
-        self._fresh_until = 0.0
-        self._refreshing: asyncio.Task[None] | None = None
+        super().__init__(pool, frozenset(), LIMITED_REFRESH_S)
 
-    async def get(self) -> frozenset[str]:
-        if time.monotonic() >= self._fresh_until:
-            if self._refreshing is None or self._refreshing.done():
-                self._refreshing = asyncio.create_task(self._refresh())
-            await asyncio.shield(self._refreshing)
-        return self.domains
-
-    async def _refresh(self) -> None:
-        try:
-            rows = await self.pool.fetch(
-                "SELECT DISTINCT d.name FROM limits l JOIN domains d ON d.id = l.domain_id"
-                " WHERE l.kind = 'received_messages' AND l.scope = 'domain'")
-            self.domains = frozenset(row["name"] for row in rows)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            log.warning("cannot read received_messages limits (keeping the last known): %s",
-                        error)
-        self._fresh_until = time.monotonic() + LIMITED_REFRESH_S
+    async def read(self) -> frozenset[str]:
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT d.name FROM limits l JOIN domains d ON d.id = l.domain_id"
+            " WHERE l.kind = 'received_messages' AND l.scope = 'domain'")
+        return frozenset(row["name"] for row in rows)
 
 
 class SmtpInHandler:
     def __init__(self, config: Config, spool: Spool, directory: Directory,
-                 engine: LimitEngine, recorder: Recorder, limited: LimitedDomains) -> None:
+                 engine: LimitEngine, recorder: Recorder, limited: LimitedDomains,
+                 blocks: BlockList) -> None:
         self.config = config
         self.spool = spool
         self.directory = directory
         self.engine = engine
         self.recorder = recorder
         self.limited = limited
+        self.blocks = blocks
         self.hostname = config.host_name
         self.on_db_error = config.policy.on_db_error_inbound
 
@@ -150,11 +141,8 @@ class SmtpInHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         self.recorder.update(_state(session).row, helo=hostname[:255])
-        keep = [r for r in responses[1:]
-                if r[4:].split(" ", 1)[0] in ("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS")]
-        lines = [responses[0], *keep, "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
-        last = lines.pop()
-        return [*lines, "250 " + last[4:]]
+        return ehlo_reply(responses, ["PIPELINING", "ENHANCEDSTATUSCODES"],
+                          keep=("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS"))
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str) -> str:
@@ -178,13 +166,8 @@ class SmtpInHandler:
         sender = "" if address == "<>" else address
         size = next((int(o[5:]) for o in mail_options
                      if o.startswith("SIZE=") and o[5:].isdigit()), 0)
-        decisions: list[Decision]
-        try:
-            check = await self.engine.check(Subject.of(None, None, state.client_ip),
-                                            blocks=True, sender=sender)
-            decisions = list(check.decisions)
-        except PolicyUnavailable as error:
-            decisions = [self._unavailable(error)]
+        block = (await self.blocks.get()).match(state.client_ip, sender, now())
+        decisions = [block_decision(block.as_row())] if block is not None else []
         row = self.recorder.new("smtp_messages", session_id=state.row, started_at=now(),
                                 client_ip=state.client_ip, sender=sender, size=size or None)
         state.txn = Transaction(row)

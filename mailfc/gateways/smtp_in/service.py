@@ -16,6 +16,7 @@ from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.gateways.smtp_in.handler import LimitedDomains, SmtpInHandler
 from mailfc.gateways.smtp_in.protocol import SmtpInProtocol
 from mailfc.gateways.spool import Envelope, Spool, spool_directory
+from mailfc.policy.blocks import BlockList
 from mailfc.policy.engine import LimitEngine
 from mailfc.policy.recorder import Recorder
 from mailfc.protocols.lmtp import Reply
@@ -39,7 +40,7 @@ class SmtpInService:
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory, "smtp-in"),
                            self._deliver, config.spool, hostname=config.host_name)
         self.handler = SmtpInHandler(config, self.spool, Directory(pool), self.engine,
-                                     self.recorder, LimitedDomains(pool))
+                                     self.recorder, LimitedDomains(pool), BlockList(pool))
         host, port = split_hostport(config.listen.smtp_in)
         self.listener = CyclingListener(self.name, host, port, self._protocol)
         self._cycler: asyncio.Task[None] | None = None
