@@ -121,3 +121,45 @@ async def test_expired_message_bounces_to_its_sender(tmp_path: Path) -> None:
     report = bounces[0]
     assert b"multipart/report" in report and b"Final-Recipient: rfc822; dave@b.example" in report
     assert b"Status: 5.4.7" in report and b"Subject: spool test" in report
+
+
+async def test_concurrent_commits_share_the_queue_directory_fsync(tmp_path: Path) -> None:
+    """Group commit: every put returns only after a queue/ fsync that began after its
+    rename, and concurrent puts share such fsyncs."""
+    delivered: list[str] = []
+
+    async def hop(envelope: Envelope, rcpts: list[str], message: bytes) -> dict[str, Reply]:
+        delivered.append(envelope.queue_id)
+        return dict.fromkeys(rcpts, OK)
+
+    spool = Spool(tmp_path, hop, settings(), hostname="test")
+    renamed: list[str] = []
+    synced_after: list[set[str]] = []
+    commit, sync_queue = spool.files.commit, spool.files.sync_queue
+
+    def counting_commit(envelope: Envelope, message: bytes) -> None:
+        commit(envelope, message)
+        renamed.append(envelope.queue_id)
+
+    def counting_sync() -> None:
+        covered = set(renamed)      # renames done before the fsync starts
+        sync_queue()
+        synced_after.append(covered)
+
+    spool.files.commit = counting_commit  # type: ignore[method-assign]
+    spool.files.sync_queue = counting_sync  # type: ignore[method-assign]
+    await spool.start()
+    try:
+        async def put() -> tuple[str, int]:
+            queue_id = await spool.put("ann@remote.example", ["x@a.example"], MESSAGE)
+            return queue_id, len(synced_after)
+
+        results = await asyncio.gather(*(put() for _ in range(40)))
+        assert await spool.wait_idle(within=30)
+    finally:
+        await spool.stop(1.0)
+    for queue_id, syncs_seen in results:
+        # When put() returned, an fsync covering its rename had finished.
+        assert any(queue_id in covered for covered in synced_after[:syncs_seen])
+    assert len(synced_after) < 40
+    assert sorted(delivered) == sorted(queue_id for queue_id, _ in results)

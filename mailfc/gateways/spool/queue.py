@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import logging
 import os
@@ -95,6 +96,8 @@ class Spool:
         self._lock_fd: int | None = None
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self._committing: set[str] = set()
+        self._running_sync: asyncio.Future[None] | None = None
+        self._next_sync: asyncio.Future[None] | None = None
         self._cached = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -191,11 +194,32 @@ class Spool:
         self._committing.add(envelope.queue_id)
         try:
             await self._io(self.files.commit, envelope, message)
+            await self._queue_synced()
             if self.owner and not self._stopping:
                 self._add(envelope, Progress(), message)
         finally:
             self._committing.discard(envelope.queue_id)
         return envelope.queue_id
+
+    async def _queue_synced(self) -> None:
+        """Until queue/ is fsync'd after our rename.  A sync already running may have
+        begun before the rename, so it is the next one that counts; every commit
+        renamed meanwhile waits for that same next one."""
+        if self._next_sync is None:
+            self._next_sync = asyncio.ensure_future(self._sync_after(self._running_sync))
+        await asyncio.shield(self._next_sync)
+
+    async def _sync_after(self, previous: asyncio.Future[None] | None) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        # Renames from now on need the sync after this one.
+        self._running_sync, self._next_sync = self._next_sync, None
+        try:
+            await self._io(self.files.sync_queue)
+        finally:
+            if self._running_sync is asyncio.current_task():
+                self._running_sync = None
 
     # -- scheduling -------------------------------------------------------------------
 

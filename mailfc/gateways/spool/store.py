@@ -13,7 +13,10 @@ LAYOUT (under spool.directory)
 COMMIT
     write tmp/<id>, fsync it, rename it to queue/<id>, fsync queue/.  Only then is the
     message accepted (SMTP-In answers 250).  A crash before the rename leaves a tmp file
-    that start-up removes: the client got no 250 and sends again.
+    that start-up removes: the client got no 250 and sends again.  One fsync of queue/
+    makes every rename before it durable, so the commits of concurrent sessions share
+    one (queue.py, group commit): a busy MX pays one directory fsync per batch, not
+    one per message.
 
 EXACTLY ONCE
     A recipient's final reply is appended to the log (fsync'd) as soon as the next hop
@@ -113,7 +116,8 @@ class SpoolFiles:
     # -- writing (blocking: callers run these in a thread) ---------------------------
 
     def commit(self, envelope: Envelope, message: bytes) -> None:
-        """Write, fsync and rename the message into the queue; SpoolFull on any failure."""
+        """Write, fsync and rename the message into the queue; SpoolFull on any failure.
+        Durable once sync_queue() has run after it."""
         tmp = self.tmp / envelope.queue_id
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -124,10 +128,16 @@ class SpoolFiles:
             finally:
                 os.close(fd)
             os.rename(tmp, self.queue / envelope.queue_id)
-            _fsync_dir(self.queue)
         except OSError as error:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            raise SpoolFull(f"cannot store message: {error.strerror or error}") from None
+
+    def sync_queue(self) -> None:
+        """fsync queue/: every rename into it before this call is durable after it."""
+        try:
+            _fsync_dir(self.queue)
+        except OSError as error:
             raise SpoolFull(f"cannot store message: {error.strerror or error}") from None
 
     def append_log(self, queue_id: str, records: list[dict[str, Any]]) -> None:
