@@ -41,7 +41,7 @@ from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
-from mailfc.protocols.smtp import ehlo_reply
+from mailfc.protocols.smtp import CoalescedReplies, ehlo_reply
 from mailfc.routers.listeners import connect_dispatcher, take_connection
 
 log = logging.getLogger("mailfc.routers.lmtp")
@@ -52,6 +52,10 @@ SESSION_IDLE_S = 2.0
 R_UNAVAILABLE = "4.3.0 mail server for {domain} unavailable, try again later"
 R_FORWARD_ONLY = ("451 4.3.0 {address}: forwarding outside this platform is not available "
                   "yet, try again later")
+
+
+class RouterLmtp(CoalescedReplies, LMTP):
+    """aiosmtpd's LMTP, replies to pipelined commands in one write."""
 
 
 class LmtpRouterHandler:
@@ -143,7 +147,7 @@ class LmtpRouter:
         handler = LmtpRouterHandler(self)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: LMTP(handler, data_size_limit=self.config.lmtp_router.max_message_size,
+            lambda: RouterLmtp(handler, data_size_limit=self.config.lmtp_router.max_message_size,
                          enable_SMTPUTF8=True, hostname=self.config.host_name,
                          ident="mailfc LMTP router"),
             host, port, reuse_address=True, reuse_port=True)

@@ -146,6 +146,19 @@ async def test_disconnect_mid_data_and_tls_garbage_queue_nothing(gateways: Gatew
     assert (await run(lambda c: c.command("NOOP"))).startswith("250")  # type: ignore[union-attr]
 
 
+async def test_pipelined_commands_get_every_reply_in_order(gateways: Gateways) -> None:
+    """Replies to pipelined commands are written together (CoalescedReplies): none is
+    lost, not the ones before an error, nor the ones before QUIT closes."""
+    def steps(c: Client) -> list[str]:
+        c.command("EHLO client.example")
+        c.send(b"MAIL FROM:<ann@remote.example>\r\nRCPT TO:<bob@g1.example>\r\n"
+               b"RCPT TO:<nobody@g1.example>\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        return [c.reply()[:3] for _ in range(6)] + [c.reply()]
+
+    codes = await run(steps)
+    assert codes == ["250", "250", "550", "250", "250", "221", "(closed)"]
+
+
 async def test_admin_blocks_refuse_with_550_5_7_1(gateways: Gateways, cmdb: asyncpg.Pool
                                                    ) -> None:
     """SMTP-In applies the blocks it reads every BLOCKS_REFRESH_S, by the same rule

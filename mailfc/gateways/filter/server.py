@@ -37,7 +37,7 @@ from mailfc.gateways.lmtp_hop import LmtpHop, null_sender
 from mailfc.policy.engine import ENFORCE
 from mailfc.policy.recorder import Recorder, now
 from mailfc.protocols.lmtp import LmtpError, Reply
-from mailfc.protocols.smtp import ehlo_reply
+from mailfc.protocols.smtp import CoalescedReplies, ehlo_reply
 
 log = logging.getLogger("mailfc.gateways.filter")
 
@@ -62,7 +62,7 @@ def _is_hex(text: str) -> bool:
     return len(text) == 2 and all(c in "0123456789ABCDEFabcdef" for c in text)
 
 
-class FilterProtocol(LMTP, Connection):
+class FilterProtocol(CoalescedReplies, LMTP, Connection):
     """aiosmtpd's LMTP plus XFORWARD (attributes for the next transaction)."""
 
     def __init__(self, listener: CyclingListener, handler: Any, **kwargs: Any) -> None:
@@ -79,6 +79,7 @@ class FilterProtocol(LMTP, Connection):
 
     def close_for_shutdown(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(self.take_held())
             self.transport.close()
 
     async def smtp_XFORWARD(self, arg: str | None) -> None:

@@ -21,11 +21,12 @@ from aiosmtpd.smtp import SMTP
 
 from mailfc.gateways import replies
 from mailfc.gateways.listener import Connection, CyclingListener
+from mailfc.protocols.smtp import CoalescedReplies
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
 
-class SmtpInProtocol(SMTP, Connection):
+class SmtpInProtocol(CoalescedReplies, SMTP, Connection):
     def __init__(self, listener: CyclingListener, handler: Any, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.listener = listener
@@ -50,7 +51,7 @@ class SmtpInProtocol(SMTP, Connection):
 
     def close_for_shutdown(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self._writer.write(replies.SHUTDOWN.encode() + b"\r\n")
+            self._writer.write(self.take_held() + replies.SHUTDOWN.encode() + b"\r\n")
             self.transport.close()
 
     # -- replies ----------------------------------------------------------------------
