@@ -7,9 +7,17 @@ kernel's socket tables (/proc/self/net/tcp{,6} for routers elsewhere,
 /proc/self/net/unix for routers on this host) still list that inode, the
 session is open.  `sweep()` reads the table and returns the containers of the
 sessions that ended since the last sweep.
+
+A dispatcher that starts finds the sessions an earlier one handed over
+(`held_by_imap`): an imap process of the container (a child of its Dovecot
+master) holding a socket of this host's network namespace holds a handed
+session, since the container's own sockets live in the container's namespace.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 # (table, column of the inode)
 SOCKET_TABLES = (("/proc/self/net/tcp", 9), ("/proc/self/net/tcp6", 9),
@@ -33,12 +41,35 @@ def open_socket_inodes() -> set[int]:
     return inodes
 
 
+def held_by_imap(master_pid: int, host_sockets: set[int]) -> list[int]:
+    """Inodes of the sockets in `host_sockets` that the imap processes under the
+    Dovecot master `master_pid` hold."""
+    held: list[int] = []
+    try:
+        children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+    except OSError:
+        return held     # the container stopped meanwhile
+    for child in children:
+        try:
+            if not Path(f"/proc/{child}/comm").read_text().startswith("imap"):
+                continue
+            links = [os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()]
+        except OSError:
+            continue    # ended meanwhile
+        held += [inode for link in links if link.startswith("socket:[")
+                 and (inode := int(link[8:-1])) in host_sockets]
+    return held
+
+
 class HandedSessions:
     def __init__(self) -> None:
         self._containers: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self._containers)
+
+    def __contains__(self, inode: int) -> bool:
+        return inode in self._containers
 
     def add(self, inode: int, container: str) -> None:
         self._containers[inode] = container

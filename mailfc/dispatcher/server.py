@@ -63,8 +63,8 @@ FOR THE CONTROLLER
     backend connected, recent sessions) and last activity, which is written to
     container_instances.last_activity_at every few seconds.  A handed-over
     IMAP session counts until its socket closes, seen within SWEEP_S
-    (mailfc.dispatcher.handed); sessions handed over by an earlier dispatcher
-    process are not counted.
+    (mailfc.dispatcher.handed); at start it counts those an earlier dispatcher
+    process handed over, from the containers' imap processes.
 
 CONFIGURATION
     dispatcher.address, lmtp_port, imap_port, smtp_port, allowed_clients,
@@ -91,7 +91,7 @@ import asyncpg
 from mailfc import netio
 from mailfc.addresses import normalize_domain
 from mailfc.config import Config
-from mailfc.dispatcher.handed import HandedSessions
+from mailfc.dispatcher.handed import HandedSessions, held_by_imap, open_socket_inodes
 from mailfc.dispatcher.sasl import LockedSaslServer
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import dovecot, imap, proxy
@@ -209,6 +209,7 @@ class Dispatcher:
             path.unlink(missing_ok=True)
             self._servers.append(await asyncio.start_unix_server(
                 self._handler(service, local=True), str(path), limit=netio.CHUNK * 4))
+        await self.recover_handed()
         self._flusher = asyncio.create_task(self._flush_activity_forever())
         log.info("dispatcher listening on %s ports %s", address, self.ports())
 
@@ -457,6 +458,28 @@ class Dispatcher:
         connection = await connect(instance, self.config.dispatcher.connect_timeout_s)
         self._warm[key] = (time.monotonic() + WARM_TTL_S, running)
         return instance, connection
+
+    async def recover_handed(self) -> int:
+        """Count the IMAP sessions an earlier dispatcher handed to containers still
+        running (handed.held_by_imap); returns how many."""
+        try:
+            instances = await self.containers.instances(service="imap")
+        except Exception as error:  # the CMDB may be down at start: count from now on
+            log.warning("cannot look for IMAP sessions handed over before: %s", error)
+            return 0
+        host_sockets = await asyncio.to_thread(open_socket_inodes)
+        found = 0
+        for instance in instances:
+            if instance.state == "stopped" or not instance.pid:
+                continue
+            for inode in await asyncio.to_thread(held_by_imap, instance.pid, host_sockets):
+                if inode not in self._handed:
+                    self._handed.add(inode, instance.name)
+                    self._session_opened(instance.name)
+                    found += 1
+        if found:
+            log.info("counting %d IMAP session(s) handed over before this start", found)
+        return found
 
     def forget(self, domain: str) -> None:
         """The domain's instances changed (drained, stopped, scaled out): look again."""

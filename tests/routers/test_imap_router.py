@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from mailfc.dispatcher.handed import HandedSessions
 from tests.conftest import eventually
 from tests.routers.conftest import IMAP_PORT, IMAPS_PORT, PASSWORD, RouterHost, client_tls
 from tests.routers.test_lmtp_router import lmtp_transaction, message
@@ -86,6 +87,29 @@ async def test_session_is_handed_to_dovecot(router_host: RouterHost) -> None:
     typ, _ = await asyncio.to_thread(client.select, "INBOX")
     assert typ == "OK"
     await asyncio.to_thread(client.logout)
+    await sessions_ended(dispatcher)
+
+
+async def test_dispatcher_restart_finds_sessions_handed_before(router_host: RouterHost
+                                                               ) -> None:
+    """A dispatcher that starts counts the sessions an earlier one handed over (from
+    the imap processes of the containers), and they keep working."""
+    dispatcher = next(s for s in router_host.platform.services if s.name == "dispatcher")
+    await sessions_ended(dispatcher)
+    client = await asyncio.to_thread(imap_starttls)
+    await asyncio.to_thread(client.login, "bob@a.example", PASSWORD)
+    try:
+        before = dict(dispatcher.open_sessions)  # type: ignore[attr-defined]
+        assert sum(before.values()) == 1
+        # What a new dispatcher process starts with: nothing counted.
+        dispatcher._handed = HandedSessions()  # type: ignore[attr-defined]
+        dispatcher.open_sessions.clear()  # type: ignore[attr-defined]
+        assert await dispatcher.recover_handed() == 1  # type: ignore[attr-defined]
+        assert dict(dispatcher.open_sessions) == before  # type: ignore[attr-defined]
+        typ, _ = await asyncio.to_thread(client.select, "INBOX")
+        assert typ == "OK"
+    finally:
+        await asyncio.to_thread(client.logout)
     await sessions_ended(dispatcher)
 
 
