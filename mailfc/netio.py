@@ -6,7 +6,7 @@ and returns the byte counts.  `server_closed` waits for a closed listening
 server, boundedly.  `close` closes a writer without raising, because a
 peer that vanished is normal at the end of a mail session.
 
-`send_with_fd` and `receive_with_fds` pass a file descriptor over a unix
+`send_with_fd` and `read_with_fds` pass a file descriptor over a unix
 stream (SCM_RIGHTS) beside its asyncio transport, which would drop it: the
 sender's transport must have nothing queued, the receiver's must be paused.
 """
@@ -20,9 +20,10 @@ import os
 import socket
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 CHUNK = 65536
+T = TypeVar("T")
 DRAIN_AFTER_CLIENT_EOF = 10.0
 
 
@@ -229,31 +230,39 @@ def send_with_fd(writer: asyncio.StreamWriter, data: bytes, fd: int) -> None:
         raise ConnectionError(f"sent {sent} of {len(data)} bytes with a descriptor")
 
 
-async def receive_with_fds(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-                           until: asyncio.Future[Any]) -> list[int]:
-    """Feed what arrives to `reader` (whose transport is paused) until `until` is
-    done or the peer closes; returns the descriptors that came with it (the
-    caller owns and closes them)."""
+async def read_with_fds(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                        parse: Awaitable[T]) -> tuple[T, list[int]]:
+    """What `parse` reads from `reader` (whose transport is paused), fed from the
+    socket here, and the descriptors that came with those bytes: the caller owns
+    and closes them.  On any failure none stays open."""
     loop = asyncio.get_running_loop()
+    parsed = asyncio.ensure_future(parse)
     fds: list[int] = []
-    with _duplicate(writer) as conn:
-        while not until.done():
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(conn.fileno(), _resolve, readable)
-            try:
-                await asyncio.wait({readable, until}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                loop.remove_reader(conn.fileno())
-            if not readable.done():
-                break
-            try:
-                data, received, _, _ = socket.recv_fds(conn, CHUNK, 4)
-            except BlockingIOError:
-                continue
-            fds.extend(received)
-            if not data:
-                reader.feed_eof()
-                break
-            reader.feed_data(data)
-            await asyncio.sleep(0)      # let the parser waiting on `reader` look
-    return fds
+    try:
+        with _duplicate(writer) as conn:
+            while not parsed.done():
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(conn.fileno(), _resolve, readable)
+                try:
+                    waiting: set[asyncio.Future[Any]] = {readable, parsed}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    loop.remove_reader(conn.fileno())
+                if not readable.done():
+                    break
+                try:
+                    data, received, _, _ = socket.recv_fds(conn, CHUNK, 4)
+                except BlockingIOError:
+                    continue
+                fds.extend(received)
+                if not data:
+                    reader.feed_eof()
+                    break
+                reader.feed_data(data)
+                await asyncio.sleep(0)      # let the parser waiting on `reader` look
+        return await parsed, fds
+    except BaseException:
+        parsed.cancel()
+        for fd in fds:
+            os.close(fd)
+        raise

@@ -5,7 +5,7 @@ container; the dispatcher keeps no copy (a copy would keep the connection open
 after Dovecot closed it).  What it keeps is the socket's inode: while the
 kernel's socket tables (/proc/self/net/tcp{,6} for routers elsewhere,
 /proc/self/net/unix for routers on this host) still list that inode, the
-session is open.  `sweep()` reads the table and returns the containers of the
+session is open.  `sweep(open_socket_inodes())` returns the containers of the
 sessions that ended since the last sweep.
 
 A dispatcher that starts finds the sessions an earlier one handed over
@@ -74,13 +74,7 @@ class HandedSessions:
     def add(self, inode: int, container: str) -> None:
         self._containers[inode] = container
 
-    def containers(self) -> set[str]:
-        return set(self._containers.values())
-
-    def sweep(self) -> list[str]:
-        """One container name per session that ended since the last sweep."""
-        if not self._containers:
-            return []
-        alive = open_socket_inodes()
+    def sweep(self, alive: set[int]) -> list[str]:
+        """One container name per session whose socket is no longer among `alive`."""
         ended = [inode for inode in self._containers if inode not in alive]
         return [self._containers.pop(inode) for inode in ended]

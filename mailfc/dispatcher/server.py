@@ -301,8 +301,7 @@ class Dispatcher:
             log.warning("could not pass an LMTP connection to the router: %s", error)
             backend_writer.transport.abort()
             return
-        self._handed.add(os.fstat(fd).st_ino, name)
-        self._session_opened(name)
+        self._count_handed(os.fstat(fd).st_ino, name)
         # Our copy closes (no shutdown): the router's keeps the connection open.
         backend_writer.transport.close()
 
@@ -343,18 +342,7 @@ class Dispatcher:
         that may come with it."""
         if not local:
             return await imap.read_command(reader, None), []
-        command = asyncio.ensure_future(imap.read_command(reader, None))
-        try:
-            fds = await netio.receive_with_fds(writer, reader, command)
-        except BaseException:
-            command.cancel()
-            raise
-        try:
-            return await command, fds
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
+        return await netio.read_with_fds(writer, reader, imap.read_command(reader, None))
 
     async def _login(self, domain: str, instance: ContainerInstance,
                      header: proxy.ProxyHeader, tag: bytes, command: bytes,
@@ -391,9 +379,7 @@ class Dispatcher:
         # The imap process owns the session: closing our copy (run_session
         # does, without shutdown; the caller closes a received one) leaves the
         # connection open.
-        self._handed.add(os.fstat(fd).st_ino, instance.name)
-        self.open_sessions[instance.name] += 1
-        self._active.add(instance.name)
+        self._count_handed(os.fstat(fd).st_ino, instance.name)
         if fds:
             writer.write(tag + b" OK Handed over.\r\n")
 
@@ -417,6 +403,12 @@ class Dispatcher:
     def _session_opened(self, name: str) -> None:
         self.open_sessions[name] += 1
         self._active.add(name)
+
+    def _count_handed(self, inode: int, name: str) -> None:
+        """A session that container `name` now serves without us: counted until the
+        socket with this inode closes."""
+        self._handed.add(inode, name)
+        self._session_opened(name)
 
     def _session_closed(self, name: str) -> None:
         self.open_sessions[name] -= 1
@@ -474,8 +466,7 @@ class Dispatcher:
                 continue
             for inode in await asyncio.to_thread(held_by_imap, instance.pid, host_sockets):
                 if inode not in self._handed:
-                    self._handed.add(inode, instance.name)
-                    self._session_opened(instance.name)
+                    self._count_handed(inode, instance.name)
                     found += 1
         if found:
             log.info("counting %d IMAP session(s) handed over before this start", found)
@@ -490,8 +481,10 @@ class Dispatcher:
         next_flush = time.monotonic() + ACTIVITY_FLUSH_S
         while True:
             await asyncio.sleep(SWEEP_S)
-            for name in self._handed.sweep():
-                self._session_closed(name)
+            if self._handed:
+                alive = await asyncio.to_thread(open_socket_inodes)
+                for name in self._handed.sweep(alive):
+                    self._session_closed(name)
             if time.monotonic() < next_flush:
                 continue
             next_flush = time.monotonic() + ACTIVITY_FLUSH_S

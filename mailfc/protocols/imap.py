@@ -102,7 +102,6 @@ def quote(value: str) -> bytes:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-
 async def read_line(reader: asyncio.StreamReader) -> bytes:
     """One line without its CRLF, at most MAX_LINE bytes."""
     try:

@@ -100,15 +100,23 @@ class LmtpClient:
         self.pipelining = False
 
     async def command(self, line: str) -> Reply:
-        self.writer.write(line.encode("utf-8") + b"\r\n")
+        await self._send(line + "\r\n")
+        return await self._reply(line.split()[0])
+
+    async def _send(self, text: str) -> None:
+        self.writer.write(text.encode("utf-8"))
         try:
             await self.writer.drain()
+        except (ConnectionError, OSError) as error:
+            raise LmtpError(f"connection lost: {error}") from None
+
+    async def _reply(self, after: str) -> Reply:
+        try:
             return await asyncio.wait_for(read_reply(self.reader), self.timeout)
         except (ConnectionError, OSError) as error:
             raise LmtpError(f"connection lost: {error}") from None
         except TimeoutError:
-            raise LmtpError(f"no reply to {line.split()[0]} within {self.timeout:.0f}s") \
-                from None
+            raise LmtpError(f"no reply to {after} within {self.timeout:.0f}s") from None
 
     async def greeting(self) -> Reply:
         try:
@@ -190,11 +198,7 @@ class LmtpClient:
                          message: bytes) -> dict[str, Reply]:
         commands = [*preamble, mail, *(f"RCPT TO:<{recipient}>" for recipient in recipients),
                     "DATA"]
-        self.writer.write("".join(c + "\r\n" for c in commands).encode("utf-8"))
-        try:
-            await self.writer.drain()
-        except (ConnectionError, OSError) as error:
-            raise LmtpError(f"connection lost: {error}") from None
+        await self._send("".join(c + "\r\n" for c in commands))
         for line in preamble:
             _check_preamble(line, await self._reply(line.split()[0]))
         mail_reply = await self._reply("MAIL")
@@ -216,12 +220,6 @@ class LmtpClient:
             await self.command("RSET")
             return results
         return await self._message(message, accepted, results)
-
-    async def _reply(self, after: str) -> Reply:
-        try:
-            return await asyncio.wait_for(read_reply(self.reader), self.timeout)
-        except TimeoutError:
-            raise LmtpError(f"no reply after {after} within {self.timeout:.0f}s") from None
 
     async def quit(self) -> None:
         with contextlib.suppress(LmtpError):

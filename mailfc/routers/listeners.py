@@ -59,21 +59,15 @@ async def take_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             raise ConnectionRefusedError(line.decode("utf-8", "replace").strip())
         return await reader.readexactly(int(line[1:].strip()))
 
-    said = asyncio.ensure_future(preamble())
     try:
-        fds = await netio.receive_with_fds(writer, reader, said)
-    except BaseException:
-        said.cancel()
-        raise
-    try:
-        already = await said
-        if len(fds) != 1:
-            raise ConnectionRefusedError("the dispatcher passed no connection")
-        conn = socket.socket(fileno=fds.pop())
+        already, fds = await netio.read_with_fds(writer, reader, preamble())
     finally:
+        writer.close()
+    if len(fds) != 1:
         for fd in fds:
             os.close(fd)
-        writer.close()
+        raise ConnectionRefusedError("the dispatcher passed no connection")
+    conn = socket.socket(fileno=fds[0])
     loop = asyncio.get_running_loop()
     container_reader = asyncio.StreamReader(limit=netio.CHUNK * 4)
     container_reader.feed_data(already)     # before anything the socket brings

@@ -148,8 +148,8 @@ class LmtpRouter:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: RouterLmtp(handler, data_size_limit=self.config.lmtp_router.max_message_size,
-                         enable_SMTPUTF8=True, hostname=self.config.host_name,
-                         ident="mailfc LMTP router"),
+                               enable_SMTPUTF8=True, hostname=self.config.host_name,
+                               ident="mailfc LMTP router"),
             host, port, reuse_address=True, reuse_port=True)
 
     async def stop(self, drain_timeout: float) -> None:

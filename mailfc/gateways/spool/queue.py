@@ -364,8 +364,7 @@ class Spool:
             message = entry.message
             try:
                 if message is None:
-                    message = await self._io(self.files.read_message,
-                                                      envelope.queue_id)
+                    message = await self._io(self.files.read_message, envelope.queue_id)
                 report = dsn.bounce(self.hostname, envelope, failed, message)
                 await self.put("", [envelope.sender], report, is_bounce=True)
             except (SpoolFull, OSError) as error:
