@@ -16,9 +16,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# libnet-ssleay-perl: swaks's TLS (a Recommends, which --no-install-recommends skips).
 PACKAGES="postgresql postfix postfix-pcre dovecot-imapd dovecot-lmtpd dovecot-dev runc
-  iproute2 swaks miltertest opendkim opendkim-tools python3 python3-venv python3-dev
-  build-essential openssl ca-certificates"
+  iproute2 swaks libnet-ssleay-perl miltertest opendkim opendkim-tools python3 python3-venv
+  python3-dev build-essential openssl ca-certificates"
 
 missing=""
 for package in $PACKAGES; do

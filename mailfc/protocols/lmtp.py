@@ -111,8 +111,11 @@ class LmtpClient:
             raise LmtpError(f"connection lost: {error}") from None
 
     async def _reply(self, after: str) -> Reply:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for runs the read in a task of
+        # its own, and a hop reads four replies per message.
         try:
-            return await asyncio.wait_for(read_reply(self.reader), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await read_reply(self.reader)
         except (ConnectionError, OSError) as error:
             raise LmtpError(f"connection lost: {error}") from None
         except TimeoutError:
@@ -120,7 +123,8 @@ class LmtpClient:
 
     async def greeting(self) -> Reply:
         try:
-            return await asyncio.wait_for(read_reply(self.reader), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await read_reply(self.reader)
         except TimeoutError:
             raise LmtpError("no greeting") from None
 

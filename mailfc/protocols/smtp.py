@@ -1,4 +1,4 @@
-"""What mailfc's aiosmtpd servers (SMTP-In, the filters, the LMTP Router) share.
+"""What SMTP-In (aiosmtpd, the Internet-facing server) adds to aiosmtpd.
 
 `ehlo_reply` builds the EHLO/LHLO answer their handle_EHLO hooks return.
 aiosmtpd writes each element of that list with a write of its own; the

@@ -33,15 +33,12 @@ import ipaddress
 import logging
 from typing import Any, cast
 
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
 from mailfc.config import Config, split_hostport
 from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
-from mailfc.protocols.smtp import CoalescedReplies, ehlo_reply
+from mailfc.protocols.lmtp_server import Envelope, LmtpServer, Session
 from mailfc.routers.listeners import connect_dispatcher, take_connection
 
 log = logging.getLogger("mailfc.routers.lmtp")
@@ -54,41 +51,28 @@ R_FORWARD_ONLY = ("451 4.3.0 {address}: forwarding outside this platform is not 
                   "yet, try again later")
 
 
-class RouterLmtp(CoalescedReplies, LMTP):
-    """aiosmtpd's LMTP, replies to pipelined commands in one write."""
-
-
 class LmtpRouterHandler:
-    """aiosmtpd hooks, named after the LMTP verbs they answer."""
+    """LMTP server hooks (protocols.lmtp_server), named after the verbs they answer."""
 
     def __init__(self, router: LmtpRouter) -> None:
         self.router = router
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        # aiosmtpd answers LHLO through this hook; LMTP clients may pipeline.
-        session.host_name = hostname
-        return ehlo_reply(responses, ["PIPELINING"])
-
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(self, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
         targets = await self.router.directory.recipient(address)
         if targets is None:
             return R_NO_SUCH_USER.format(address=address)
         envelope.rcpt_tos.append(address)
-        expansions: dict[str, dict[str, bool]] = envelope.__dict__.setdefault("expansions", {})
+        expansions: dict[str, dict[str, bool]] = envelope.extra.setdefault("expansions", {})
         expansions[address] = targets
         return R_OK_RCPT
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        expansions: dict[str, dict[str, bool]] = envelope.__dict__.get("expansions", {})
-        message = envelope.original_content or b""
-        # aiosmtpd keeps the null reverse path as "<>": it is the empty sender.
-        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+    async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
+        expansions: dict[str, dict[str, bool]] = envelope.extra.get("expansions", {})
         peer = session.peer if isinstance(session.peer, tuple) else ("127.0.0.1", 0)
-        replies = await self.router.deliver(sender, expansions, envelope.rcpt_tos, message,
-                                            peer)
-        return "\r\n".join(replies[rcpt] for rcpt in envelope.rcpt_tos)
+        replies = await self.router.deliver(envelope.mail_from or "", expansions,
+                                            envelope.rcpt_tos, envelope.content, peer)
+        return [replies[rcpt] for rcpt in envelope.rcpt_tos]
 
 
 class DomainSessions:
@@ -141,15 +125,12 @@ class LmtpRouter:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        # aiosmtpd logs every command at INFO: far too much for a resident router.
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
         host, port = split_hostport(self.config.listen.lmtp_router)
-        handler = LmtpRouterHandler(self)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: RouterLmtp(handler, data_size_limit=self.config.lmtp_router.max_message_size,
-                               enable_SMTPUTF8=True, hostname=self.config.host_name,
-                               ident="mailfc LMTP router"),
+            LmtpServer(LmtpRouterHandler(self), hostname=self.config.host_name,
+                       ident="mailfc LMTP router",
+                       data_size_limit=self.config.lmtp_router.max_message_size),
             host, port, reuse_address=True, reuse_port=True)
 
     async def stop(self, drain_timeout: float) -> None:

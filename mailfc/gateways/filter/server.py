@@ -23,21 +23,16 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
-
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailfc.gateways import replies
 from mailfc.gateways.filter.checks import Check
 from mailfc.gateways.filter.message import ACCEPT, FilterMessage, Verdict
 from mailfc.gateways.filter.milter_client import MilterClient, MilterUnavailable
-from mailfc.gateways.listener import Connection, CyclingListener
 from mailfc.gateways.lmtp_hop import LmtpHop, null_sender
 from mailfc.policy.engine import ENFORCE
 from mailfc.policy.recorder import Recorder, now
 from mailfc.protocols.lmtp import LmtpError, Reply
-from mailfc.protocols.smtp import CoalescedReplies, ehlo_reply
+from mailfc.protocols.lmtp_server import Envelope, Session
 
 log = logging.getLogger("mailfc.gateways.filter")
 
@@ -62,45 +57,13 @@ def _is_hex(text: str) -> bool:
     return len(text) == 2 and all(c in "0123456789ABCDEFabcdef" for c in text)
 
 
-class FilterProtocol(CoalescedReplies, LMTP, Connection):
-    """aiosmtpd's LMTP plus XFORWARD (attributes for the next transaction)."""
-
-    def __init__(self, listener: CyclingListener, handler: Any, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.listener.attach(self)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.listener.detach(self)
-        super().connection_lost(error)
-
-    def close_for_shutdown(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self._writer.write(self.take_held())
-            self.transport.close()
-
-    async def smtp_XFORWARD(self, arg: str | None) -> None:
-        if self.envelope is None or self.envelope.mail_from is not None:
-            await self.push("503 5.5.1 XFORWARD only between transactions")
-            return
-        attributes: dict[str, str] = {}
-        for item in (arg or "").split():
-            name, sep, value = item.partition("=")
-            if not sep or name.upper() not in XFORWARD_ATTRIBUTES:
-                await self.push("501 5.5.4 bad XFORWARD attribute")
-                return
-            decoded = xtext_decode(value)
-            if decoded not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
-                attributes[name.upper()] = decoded
-        forwarded: dict[str, str] = self.envelope.__dict__.setdefault("xforward", {})
-        forwarded.update(attributes)
-        await self.push("250 2.0.0 OK")
-
-
 class FilterHandler:
+    """LMTP server hooks (protocols.lmtp_server), named after the verbs they answer;
+    who is hosted is decided before us (SMTP-In) and after us (the router)."""
+
+    extra_verbs = ("XFORWARD",)
+    lhlo_extensions = ["XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
+
     def __init__(self, component: str, hostname: str, checks: list[tuple[str, Check]],
                  milters: list[MilterClient], milter_default_action: str, hop: LmtpHop,
                  recorder: Recorder, quarantine_dir: Path) -> None:
@@ -114,31 +77,26 @@ class FilterHandler:
         self.quarantine_dir = quarantine_dir
         self.verdicts: dict[str, int] = {}
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        return ehlo_reply(responses, ["PIPELINING", "ENHANCEDSTATUSCODES",
-                                      "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)],
-                          keep=("SIZE", "8BITMIME", "SMTPUTF8"))
+    async def handle_XFORWARD(self, session: Session, envelope: Envelope,
+                              argument: str) -> str:
+        """Attributes of the original client, for the next transaction."""
+        if envelope.mail_from is not None:
+            return "503 5.5.1 XFORWARD only between transactions"
+        attributes: dict[str, str] = {}
+        for item in argument.split():
+            name, sep, value = item.partition("=")
+            if not sep or name.upper() not in XFORWARD_ATTRIBUTES:
+                return "501 5.5.4 bad XFORWARD attribute"
+            decoded = xtext_decode(value)
+            if decoded not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+                attributes[name.upper()] = decoded
+        envelope.extra.setdefault("xforward", {}).update(attributes)
+        return replies.OK
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
-        # The null reverse path (bounces) stays "<>" here: aiosmtpd needs a true value
-        # to take RCPT; null_sender() turns it into the empty sender.
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return replies.OK_SENDER
-
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
-        # Who is hosted is decided before us (SMTP-In) and after us (the router).
-        envelope.rcpt_tos.append(address)
-        return replies.OK_RCPT
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        forwarded: dict[str, str] = envelope.__dict__.get("xforward", {})
-        message = FilterMessage.parse(envelope.original_content or b"",
-                                      null_sender(envelope.mail_from), list(envelope.rcpt_tos))
+    async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
+        forwarded: dict[str, str] = envelope.extra.get("xforward", {})
+        message = FilterMessage.parse(envelope.content, null_sender(envelope.mail_from),
+                                      list(envelope.rcpt_tos))
         message.client_ip = forwarded.get("ADDR")
         message.client_name = forwarded.get("NAME")
         message.helo = forwarded.get("HELO")
@@ -151,7 +109,7 @@ class FilterHandler:
                 results = await self.hop.deliver(
                     message.sender, rcpts, message.as_bytes(),
                     mail_options=[o for o in envelope.mail_options
-                                  if o.startswith(("BODY=", "SMTPUTF8"))])
+                                  if o.upper().startswith(("BODY=", "SMTPUTF8"))])
             except LmtpError as error:
                 log.warning("%s: next hop: %s", self.component, error)
                 results = dict.fromkeys(rcpts, Reply(451, f"4.4.1 next hop unavailable:"
@@ -161,8 +119,8 @@ class FilterHandler:
         self._record(message, verdict, findings)
         self.verdicts[verdict.action] = self.verdicts.get(verdict.action, 0) + 1
         if results is not None:
-            return "\r\n".join(str(results.get(r, Reply(451, "4.3.0 no reply"))) for r in rcpts)
-        return "\r\n".join([_reply(verdict)] * len(rcpts))
+            return [str(results.get(r, Reply(451, "4.3.0 no reply"))) for r in rcpts]
+        return [_reply(verdict)] * len(rcpts)
 
     async def run_chain(self, message: FilterMessage) -> tuple[Verdict, list[Verdict]]:
         """Built-in checks, then each milter, until one gives a final verdict."""

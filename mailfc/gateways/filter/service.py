@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import asyncpg
@@ -10,10 +9,11 @@ import asyncpg
 from mailfc.config import Config, FilterSection, connect_address, split_hostport
 from mailfc.gateways.filter.checks import built_in
 from mailfc.gateways.filter.milter_client import MilterClient
-from mailfc.gateways.filter.server import FilterHandler, FilterProtocol
+from mailfc.gateways.filter.server import FilterHandler
 from mailfc.gateways.listener import CyclingListener
 from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.policy.recorder import Recorder
+from mailfc.protocols.lmtp_server import LmtpConnection, LmtpServer
 
 
 class FilterService:
@@ -38,17 +38,15 @@ class FilterService:
                                      built_in(section.checks, section.dnsbl_zones), milters,
                                      section.milter_default_action, self.hop, self.recorder,
                                      quarantine)
+        self.lmtp = LmtpServer(self.handler, hostname=config.host_name, ident=f"mailfc {name}",
+                               data_size_limit=section.max_message_size)
         host, port = split_hostport(listen or config.listen.filter_in)
         self.listener = CyclingListener(name, host, port, self._protocol)
 
-    def _protocol(self, listener: CyclingListener) -> FilterProtocol:
-        return FilterProtocol(listener, self.handler,
-                              data_size_limit=self.section.max_message_size,
-                              enable_SMTPUTF8=True, hostname=self.config.host_name,
-                              ident=f"mailfc {self.name}")
+    def _protocol(self, listener: CyclingListener) -> LmtpConnection:
+        return self.lmtp.tracked_by(listener)
 
     async def start(self) -> None:
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
         await self.recorder.start()
         await self.listener.start()
 

@@ -24,8 +24,6 @@ import logging
 from email.parser import BytesHeaderParser
 
 import asyncpg
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailfc.addresses import normalize_address
 from mailfc.config import Config, connect_address, split_hostport
@@ -38,6 +36,7 @@ from mailfc.gateways.spool import Envelope as SpoolEnvelope
 from mailfc.gateways.spool import Spool, spool_directory
 from mailfc.gateways.spool.store import SpoolFull, domain_of
 from mailfc.protocols.lmtp import Reply
+from mailfc.protocols.lmtp_server import Envelope, LmtpServer, Session
 
 log = logging.getLogger("mailfc.gateways.smtp_out")
 
@@ -50,32 +49,29 @@ def _message_id(message: bytes) -> str | None:
 
 
 class SmtpOutHandler:
-    """aiosmtpd hooks for the intake, named after the LMTP verbs they answer."""
+    """LMTP server hooks (protocols.lmtp_server) for the intake, named after the verbs."""
 
     def __init__(self, service: SmtpOutService) -> None:
         self.service = service
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(self, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
         try:
             envelope.rcpt_tos.append(normalize_address(address))
         except InvalidInput as error:
             return f"501 5.1.3 {error}"
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        sender = envelope.mail_from or ""
-        if sender == "<>":
-            sender = ""
+    async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
         try:
             queue_id = await self.service.spool.put(
-                sender, list(envelope.rcpt_tos), envelope.original_content or b"",
-                mail_options=tuple(envelope.mail_options or ()))
+                envelope.mail_from or "", list(envelope.rcpt_tos), envelope.content,
+                mail_options=tuple(envelope.mail_options))
         except SpoolFull as error:
             reply = f"452 4.3.1 insufficient system storage: {error}"
         else:
             reply = f"250 2.0.0 queued as {queue_id}"
-        return "\r\n".join(reply for _ in envelope.rcpt_tos)
+        return [reply] * len(envelope.rcpt_tos)
 
 
 class SmtpOutService:
@@ -129,12 +125,11 @@ class SmtpOutService:
     async def start(self) -> None:
         await self.spool.start()
         host, port = split_hostport(self.config.listen.smtp_out)
-        handler = SmtpOutHandler(self)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: LMTP(handler, data_size_limit=self.config.smtp_out.max_message_size,
-                         enable_SMTPUTF8=True, hostname=self.config.host_name,
-                         ident="mailfc SMTP-Out"),
+            LmtpServer(SmtpOutHandler(self), hostname=self.config.host_name,
+                       ident="mailfc SMTP-Out",
+                       data_size_limit=self.config.smtp_out.max_message_size),
             host, port, reuse_address=True, reuse_port=True)
 
     async def stop(self, drain_timeout: float) -> None:

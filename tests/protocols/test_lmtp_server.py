@@ -1,0 +1,226 @@
+"""The lean LMTP server of the internal hops, on a real socket, with smtplib.LMTP and raw bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from mailfc.protocols import lmtp_server
+from mailfc.protocols.lmtp import LmtpClient
+from mailfc.protocols.lmtp_server import Envelope, LmtpServer, Session
+from tests.conftest import eventually
+
+LIMIT = 4096
+
+
+class RecordingHandler:
+    """Refuses RCPT to `nobody@`, fails DATA to `crash@`, records deliveries."""
+
+    extra_verbs = ("XHELLO",)
+    lhlo_extensions = ["XHELLO"]
+
+    def __init__(self) -> None:
+        self.delivered: list[Envelope] = []
+
+    async def handle_RCPT(self, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
+        if address.startswith("nobody@"):
+            return f"550 5.1.1 <{address}>: no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
+        if "crash@example.org" in envelope.rcpt_tos:
+            raise RuntimeError("a bug in a hook")
+        self.delivered.append(envelope)
+        return [f"250 2.0.0 <{rcpt}> delivered" for rcpt in envelope.rcpt_tos]
+
+    async def handle_XHELLO(self, session: Session, envelope: Envelope, argument: str) -> str:
+        return f"250 2.0.0 hello {argument}"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[RecordingHandler, int]]:
+    handler = RecordingHandler()
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(
+        LmtpServer(handler, hostname="lmtp.test", data_size_limit=LIMIT, idle_timeout_s=1.0),
+        "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    yield handler, port
+    listener.close()
+
+
+async def converse(port: int, data: bytes, replies: int) -> list[bytes]:
+    """Send `data` in one write; read `replies` reply lines after the greeting."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await reader.readline()).startswith(b"220 lmtp.test")
+        writer.write(data)
+        lines = []
+        while len(lines) < replies:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            if not line:
+                break
+            if line[3:4] != b"-":
+                lines.append(line.rstrip(b"\r\n"))
+        return lines
+    finally:
+        writer.close()
+
+
+def send_with_smtplib(port: int, recipients: list[str], message: bytes) -> dict[str, object]:
+    with smtplib.LMTP("127.0.0.1", port) as client:
+        return client.sendmail("sender@remote.example", recipients, message)
+
+
+async def test_smtplib_delivers(server: tuple[RecordingHandler, int]) -> None:
+    handler, port = server
+    message = b"Subject: hi\r\n\r\n.leading dot\r\n..two\r\nlast\r\n"
+    # smtplib reads one reply after DATA: one recipient it may keep.
+    refused = await asyncio.to_thread(
+        send_with_smtplib, port, ["bob@example.org", "nobody@example.org"], message)
+    assert list(refused) == ["nobody@example.org"]
+    envelope, = handler.delivered
+    assert envelope.mail_from == "sender@remote.example"
+    assert envelope.rcpt_tos == ["bob@example.org"]
+    assert envelope.content == message
+
+
+async def test_one_reply_per_recipient(server: tuple[RecordingHandler, int]) -> None:
+    handler, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = LmtpClient(reader, writer, 5)
+    await client.hello("client.test")
+    results = await client.deliver("s@remote.example", ["bob@example.org",
+                                   "nobody@example.org", "eve@example.net"], b"x\r\n")
+    writer.close()
+    assert {rcpt: reply.code for rcpt, reply in results.items()} == {
+        "bob@example.org": 250, "nobody@example.org": 550, "eve@example.net": 250}
+    assert results["eve@example.net"].text == "2.0.0 <eve@example.net> delivered"
+    assert handler.delivered[0].rcpt_tos == ["bob@example.org", "eve@example.net"]
+
+
+async def test_pipelined_transactions_on_one_session(server: tuple[RecordingHandler, int]
+                                                     ) -> None:
+    handler, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = LmtpClient(reader, writer, 5)
+    assert (await client.hello("client.test")).ok and client.pipelining
+    for n in range(3):
+        results = await client.deliver("", ["a@example.org", "b@example.org"],
+                                       b"Subject: %d\r\n\r\nbody\r\n" % n)
+        assert all(reply.code == 250 for reply in results.values())
+    await client.quit()
+    writer.close()
+    assert [e.content for e in handler.delivered] == [
+        b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(3)]
+    assert all(e.mail_from == "" for e in handler.delivered)
+
+
+async def test_empty_message_and_lone_dot_lines(server: tuple[RecordingHandler, int]) -> None:
+    handler, port = server
+    lines = await converse(port, b"LHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a@example.org>\r\n"
+                                 b"DATA\r\n.\r\nQUIT\r\n", 6)
+    assert [line[:3] for line in lines] == [b"250", b"250", b"250", b"354", b"250", b"221"]
+    assert handler.delivered[0].content == b""
+
+
+async def test_sequence_and_syntax_errors(server: tuple[RecordingHandler, int]) -> None:
+    _, port = server
+    lines = await converse(
+        port, b"MAIL FROM:<a@b>\r\nHELO x\r\nLHLO c\r\nRCPT TO:<a@example.org>\r\n"
+              b"MAIL FROM:a@b\r\nMAIL FROM:<a@b> FOO=1\r\nMAIL FROM:<a@b> SIZE=99999\r\n"
+              b"MAIL FROM:<a@b>\r\nMAIL FROM:<c@d>\r\nDATA\r\nRCPT TO:<>\r\nWHAT\r\n"
+              b"XHELLO there\r\nRSET\r\nQUIT\r\n", 15)
+    assert [line[:9] for line in lines] == [
+        b"503 5.5.1", b"500 5.5.1", b"250 XHELL", b"503 5.5.1", b"501 5.5.4", b"555 5.5.4",
+        b"552 5.3.4", b"250 2.1.0", b"503 5.5.1", b"503 5.5.1", b"501 5.1.3", b"500 5.5.1",
+        b"250 2.0.0", b"250 2.0.0", b"221 2.0.0"]
+    assert lines[12] == b"250 2.0.0 hello there"
+
+
+async def test_message_over_the_limit_is_refused_for_each_recipient(
+        server: tuple[RecordingHandler, int]) -> None:
+    handler, port = server
+    body = (b"y" * 70 + b"\r\n") * (LIMIT // 50)
+    lines = await converse(port, b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@example.org>\r\n"
+                                 b"RCPT TO:<b@example.org>\r\nDATA\r\n" + body
+                                 + b".\r\nNOOP\r\n", 8)
+    assert [line[:9] for line in lines[5:]] == [b"552 5.3.4", b"552 5.3.4", b"250 2.0.0"]
+    assert handler.delivered == []
+
+
+async def test_overlong_command_line(server: tuple[RecordingHandler, int]) -> None:
+    _, port = server
+    long_line = b"NOOP " + b"x" * (lmtp_server.MAX_COMMAND_LINE * 3)
+    lines = await converse(port, long_line + b"\r\nNOOP\r\n", 2)
+    assert [line[:9] for line in lines] == [b"500 5.5.2", b"250 2.0.0"]
+
+
+async def test_failing_hook_is_a_temporary_failure(server: tuple[RecordingHandler, int]
+                                                   ) -> None:
+    handler, port = server
+    lines = await converse(port, b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<crash@example.org>\r\n"
+                                 b"DATA\r\nx\r\n.\r\nNOOP\r\n", 6)
+    assert [line[:9] for line in lines] == [b"250 XHELL", b"250 2.1.0", b"250 2.1.5",
+                                            b"354 End d", b"451 4.3.0", b"250 2.0.0"]
+    assert handler.delivered == []
+
+
+async def test_client_gone_mid_data_delivers_nothing(server: tuple[RecordingHandler, int]
+                                                     ) -> None:
+    handler, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@example.org>\r\nDATA\r\nhalf a mess")
+    await writer.drain()
+    while not (await reader.readline()).startswith(b"354"):
+        pass
+    writer.close()
+    await asyncio.sleep(0.2)
+    assert handler.delivered == []
+
+
+async def test_too_many_errors_and_idle_sessions_are_closed(
+        server: tuple[RecordingHandler, int]) -> None:
+    _, port = server
+    lines = await converse(port, b"BAD\r\n" * (lmtp_server.MAX_ERRORS + 5),
+                           lmtp_server.MAX_ERRORS + 1)
+    assert lines[-1].startswith(b"421 4.7.0") and len(lines) == lmtp_server.MAX_ERRORS + 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    # idle_timeout_s is 1 s in this fixture.
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"421 4.4.2")
+    assert await reader.read() == b""
+    writer.close()
+
+
+async def test_tracker_sees_every_session(server: tuple[RecordingHandler, int]) -> None:
+    class Tracker:
+        def __init__(self) -> None:
+            self.open: set[object] = set()
+
+        def attach(self, connection: object) -> None:
+            self.open.add(connection)
+
+        def detach(self, connection: object) -> bool:
+            self.open.discard(connection)
+            return True
+
+    tracker = Tracker()
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(
+        LmtpServer(RecordingHandler(), hostname="lmtp.test", tracker=tracker), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", listener.sockets[0].getsockname()[1])
+    await reader.readline()
+    assert len(tracker.open) == 1
+    connection, = tracker.open
+    connection.close_for_shutdown()   # type: ignore[attr-defined]
+    assert (await reader.readline()).startswith(b"421 4.3.2")
+    await eventually(lambda: not tracker.open)
+    writer.close()
+    listener.close()
