@@ -276,10 +276,9 @@ class LmtpConnection(asyncio.Protocol):
                     return raw.replace(b"\r\n.", b"\r\n")[2:]
                 searched = max(0, len(self._buffer) - len(DATA_END) + 1)
                 if searched > limit + 2:
-                    # Keep only what a terminator split across reads needs.
+                    # Keep only the tail a terminator split across reads needs.
                     too_big = True
-                    del self._buffer[:searched - 2]
-                    self._buffer[:2] = b"\r\n"
+                    del self._buffer[:searched]
                     searched = 0
                 if not await self._more():
                     return None

@@ -31,7 +31,7 @@ class CoalescedReplies:
     replies in one segment, as from Postfix.  Greetings and TLS (220), goodbye
     (221) and every error are written at once, with what was held before them, so
     nothing held back can be lost to a connection aiosmtpd closes after a reply.
-    Mixed in before aiosmtpd's SMTP or LMTP class.
+    Mixed in before aiosmtpd's SMTP class.
     """
 
     _held = b""

@@ -154,6 +154,52 @@ async def test_message_over_the_limit_is_refused_for_each_recipient(
     assert handler.delivered == []
 
 
+class FakeTransport:
+    """Stands in for the socket, so input arrives exactly in the pieces a test gives."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 1)
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+async def test_oversized_message_read_in_pieces_ends_at_its_true_end() -> None:
+    handler = RecordingHandler()
+    connection = LmtpServer(handler, hostname="lmtp.test", data_size_limit=LIMIT)()
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received(b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@example.org>\r\n"
+                             b"DATA\r\n")
+    await eventually(lambda: b"354" in transport.written)
+    # Every piece ends with ".\r\nb": were a line end invented where the buffer is
+    # cut (past the limit), "\r\n" + ".\r\nb" would look like the end of the message.
+    for _ in range(2 * LIMIT // 5):
+        connection.data_received(b"a.\r\nb")
+        await asyncio.sleep(0)
+    connection.data_received(b"\r\n.\r\nNOOP\r\n")
+    await eventually(lambda: transport.written.endswith(b"250 2.0.0 OK\r\n"))
+    after_354 = transport.written.split(b"354", 1)[1].split(b"\r\n", 1)[1]
+    assert after_354 == b"552 5.3.4 message size exceeds the limit of 4096 bytes\r\n" \
+                        b"250 2.0.0 OK\r\n"
+    assert handler.delivered == []
+    connection.connection_lost(None)
+
+
 async def test_overlong_command_line(server: tuple[RecordingHandler, int]) -> None:
     _, port = server
     long_line = b"NOOP " + b"x" * (lmtp_server.MAX_COMMAND_LINE * 3)
