@@ -26,7 +26,8 @@ IDLE_KEEP = 16
 
 
 def null_sender(mail_from: str | None) -> str:
-    """aiosmtpd keeps the null reverse path (a bounce) as "<>"; hops send it as ""."""
+    """aiosmtpd (SMTP-In) keeps the null reverse path (a bounce) as "<>"; hops send it
+    as ""."""
     return "" if mail_from in (None, "<>") else str(mail_from)
 
 

@@ -20,7 +20,6 @@ PIPELINING
 
 HANDLER (hooks named after the verbs; all but DATA optional)
     lhlo_extensions: list[str]           extra LHLO keywords
-    handle_MAIL(session, envelope, address, options) -> str
     handle_RCPT(session, envelope, address, options) -> str   (append to rcpt_tos)
     handle_DATA(session, envelope) -> list[str]               one reply per recipient
     handle_<VERB>(session, envelope, argument) -> str         for VERB in extra_verbs
@@ -82,25 +81,28 @@ class MessageTooBig(Exception):
 class Envelope:
     """One transaction.  mail_from is None before MAIL, "" for the null sender."""
 
-    __slots__ = ("content", "extra", "mail_from", "mail_options", "rcpt_options", "rcpt_tos")
+    __slots__ = ("content", "extra", "mail_from", "mail_options", "rcpt_tos")
 
     def __init__(self) -> None:
         self.mail_from: str | None = None
         self.mail_options: list[str] = []
         self.rcpt_tos: list[str] = []
-        self.rcpt_options: list[list[str]] = []
         self.content = b""
         # What hooks keep for the transaction (alias expansions, XFORWARD attributes).
         self.extra: dict[str, Any] = {}
 
+    @property
+    def sender(self) -> str:
+        """The reverse path once MAIL was taken: "" for the null sender (bounces)."""
+        return self.mail_from or ""
+
 
 class Session:
-    __slots__ = ("extra", "host_name", "peer")
+    __slots__ = ("host_name", "peer")
 
     def __init__(self, peer: Any) -> None:
         self.peer = peer
         self.host_name: str | None = None
-        self.extra: dict[str, Any] = {}
 
 
 class Tracker(Protocol):
@@ -118,13 +120,9 @@ class LmtpServer:
     """The protocol factory: one per listener, holding what every connection shares."""
 
     def __init__(self, handler: Any, *, hostname: str, ident: str = "mailfc LMTP",
-                 data_size_limit: int = 50 * 1024 * 1024, idle_timeout_s: float = 300.0,
-                 tracker: Tracker | None = None) -> None:
-        self.handler = handler
-        self.hostname = hostname
+                 data_size_limit: int = 50 * 1024 * 1024, idle_timeout_s: float = 300.0) -> None:
         self.data_size_limit = data_size_limit
         self.idle_timeout_s = idle_timeout_s
-        self.tracker = tracker
         self.greeting = f"220 {hostname} {ident} ready\r\n".encode()
         keywords = [hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8",
                     f"SIZE {data_size_limit}", *getattr(handler, "lhlo_extensions", [])]
@@ -133,12 +131,11 @@ class LmtpServer:
         self.verbs: dict[str, Hook] = {
             verb: getattr(handler, f"handle_{verb}")
             for verb in getattr(handler, "extra_verbs", ())}
-        self.mail_hook: Hook | None = getattr(handler, "handle_MAIL", None)
         self.rcpt_hook: Hook | None = getattr(handler, "handle_RCPT", None)
         self.data_hook: Hook = handler.handle_DATA
 
     def __call__(self) -> LmtpConnection:
-        return LmtpConnection(self, self.tracker)
+        return LmtpConnection(self)
 
     def tracked_by(self, tracker: Tracker) -> LmtpConnection:
         """A connection drained by `tracker` (a cycled listener passes itself)."""
@@ -159,8 +156,10 @@ class LmtpConnection(asyncio.Protocol):
         self._data_wanted: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._data_mode = False
         self._out: list[bytes] = []
         self._errors = 0
+        # The loop keeps only a weak reference to a task.
         self._task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -210,8 +209,6 @@ class LmtpConnection(asyncio.Protocol):
             self.transport.close()
 
     # -- input ---------------------------------------------------------------------------
-
-    _data_mode = False
 
     def _wake(self) -> None:
         if self._data_wanted is not None and not self._data_wanted.done():
@@ -330,7 +327,7 @@ class LmtpConnection(asyncio.Protocol):
         verb = verb.upper()
         argument = argument.strip()
         if verb == "MAIL":
-            await self._mail(argument)
+            self._mail(argument)
         elif verb == "RCPT":
             await self._rcpt(argument)
         elif verb == "DATA":
@@ -375,7 +372,7 @@ class LmtpConnection(asyncio.Protocol):
             log.exception("LMTP hook %s failed", getattr(hook, "__name__", hook))
             return None
 
-    async def _mail(self, argument: str) -> None:
+    def _mail(self, argument: str) -> None:
         if self.session.host_name is None:
             return self._error(R_NEED_LHLO)
         if self.envelope.mail_from is not None:
@@ -394,17 +391,9 @@ class LmtpConnection(asyncio.Protocol):
                     return self._error(R_SYNTAX.format(usage="SIZE=<number>"))
                 if int(size) > self.server.data_size_limit:
                     return self._error(R_TOO_BIG.format(limit=self.server.data_size_limit))
-        if self.server.mail_hook is None:
-            self.envelope.mail_from = address
-            self.envelope.mail_options = options
-            return self._reply(R_OK_SENDER)
-        reply = await self._hook(self.server.mail_hook, self.envelope, address, options)
-        if reply is None:
-            return self._reply(R_INTERNAL)
-        if reply.startswith("2"):
-            self.envelope.mail_from = address
-            self.envelope.mail_options = options
-        self._reply(reply)
+        self.envelope.mail_from = address
+        self.envelope.mail_options = options
+        self._reply(R_OK_SENDER)
 
     async def _rcpt(self, argument: str) -> None:
         if self.envelope.mail_from is None:
@@ -420,14 +409,9 @@ class LmtpConnection(asyncio.Protocol):
             return self._error(problem)
         if self.server.rcpt_hook is None:
             self.envelope.rcpt_tos.append(address)
-            self.envelope.rcpt_options.append(options)
             return self._reply(R_OK_RCPT)
         reply = await self._hook(self.server.rcpt_hook, self.envelope, address, options)
-        if reply is None:
-            return self._reply(R_INTERNAL)
-        if reply.startswith("2"):
-            self.envelope.rcpt_options.append(options)
-        self._reply(reply)
+        self._reply(reply or R_INTERNAL)
 
     async def _data(self, argument: str) -> bool:
         if argument:

@@ -1,6 +1,6 @@
 """What SMTP-In (aiosmtpd, the Internet-facing server) adds to aiosmtpd.
 
-`ehlo_reply` builds the EHLO/LHLO answer their handle_EHLO hooks return.
+`ehlo_reply` builds the EHLO answer SMTP-In's handle_EHLO hook returns.
 aiosmtpd writes each element of that list with a write of its own; the
 whole multi-line reply in one element goes out in one write, which for a
 short session (a message per connection) is a third of its writes.

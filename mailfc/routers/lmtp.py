@@ -38,13 +38,12 @@ from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
-from mailfc.protocols.lmtp_server import Envelope, LmtpServer, Session
+from mailfc.protocols.lmtp_server import R_OK_RCPT, Envelope, LmtpServer, Session
 from mailfc.routers.listeners import connect_dispatcher, take_connection
 
 log = logging.getLogger("mailfc.routers.lmtp")
 
 R_NO_SUCH_USER = "550 5.1.1 {address}: no such mailbox here"
-R_OK_RCPT = "250 2.1.5 OK"
 SESSION_IDLE_S = 2.0
 R_UNAVAILABLE = "4.3.0 mail server for {domain} unavailable, try again later"
 R_FORWARD_ONLY = ("451 4.3.0 {address}: forwarding outside this platform is not available "
@@ -70,7 +69,7 @@ class LmtpRouterHandler:
     async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
         expansions: dict[str, dict[str, bool]] = envelope.extra.get("expansions", {})
         peer = session.peer if isinstance(session.peer, tuple) else ("127.0.0.1", 0)
-        replies = await self.router.deliver(envelope.mail_from or "", expansions,
+        replies = await self.router.deliver(envelope.sender, expansions,
                                             envelope.rcpt_tos, envelope.content, peer)
         return [replies[rcpt] for rcpt in envelope.rcpt_tos]
 

@@ -258,8 +258,8 @@ async def test_tracker_sees_every_session(server: tuple[RecordingHandler, int]) 
 
     tracker = Tracker()
     loop = asyncio.get_running_loop()
-    listener = await loop.create_server(
-        LmtpServer(RecordingHandler(), hostname="lmtp.test", tracker=tracker), "127.0.0.1", 0)
+    server = LmtpServer(RecordingHandler(), hostname="lmtp.test")
+    listener = await loop.create_server(lambda: server.tracked_by(tracker), "127.0.0.1", 0)
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", listener.sockets[0].getsockname()[1])
     await reader.readline()

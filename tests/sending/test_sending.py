@@ -95,17 +95,19 @@ async def test_remote_4xx_is_retried_until_delivered(sending_host: SendingHost) 
     await asyncio.to_thread(submit, "sue@s.example", ["temp-once@remote.example"], subject)
     await wait_for(lambda: [m for _, m in sending_host.mx.messages()
                             if subject.encode() in m])
-    verdicts: list[str] = []
-    # SMTP-Out records the delivery once the MX's 250 is back: just after the MX has it.
-    for _ in range(100):
+
+    async def verdicts() -> list[str]:
         rows = await sending_host.pool.fetch(
             "SELECT verdict FROM smtp_events WHERE rule = 'smtp-out'"
             " AND detail->>'recipient' = 'temp-once@remote.example' ORDER BY at")
-        verdicts = [r["verdict"] for r in rows]
-        if "delivered" in verdicts:
-            break
-        await asyncio.sleep(0.05)
-    assert verdicts[:2] == ["deferred", "delivered"]
+        return [r["verdict"] for r in rows]
+
+    async def delivered_recorded() -> bool:
+        return "delivered" in await verdicts()
+
+    # SMTP-Out records the delivery once the MX's 250 is back: just after the MX has it.
+    await wait_for(delivered_recorded)
+    assert (await verdicts())[:2] == ["deferred", "delivered"]
 
 
 async def test_remote_5xx_bounces_into_the_senders_mailbox(sending_host: SendingHost) -> None:

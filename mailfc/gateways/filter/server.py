@@ -28,7 +28,7 @@ from mailfc.gateways import replies
 from mailfc.gateways.filter.checks import Check
 from mailfc.gateways.filter.message import ACCEPT, FilterMessage, Verdict
 from mailfc.gateways.filter.milter_client import MilterClient, MilterUnavailable
-from mailfc.gateways.lmtp_hop import LmtpHop, null_sender
+from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.policy.engine import ENFORCE
 from mailfc.policy.recorder import Recorder, now
 from mailfc.protocols.lmtp import LmtpError, Reply
@@ -95,7 +95,7 @@ class FilterHandler:
 
     async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
         forwarded: dict[str, str] = envelope.extra.get("xforward", {})
-        message = FilterMessage.parse(envelope.content, null_sender(envelope.mail_from),
+        message = FilterMessage.parse(envelope.content, envelope.sender,
                                       list(envelope.rcpt_tos))
         message.client_ip = forwarded.get("ADDR")
         message.client_name = forwarded.get("NAME")

@@ -65,7 +65,7 @@ class SmtpOutHandler:
     async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
         try:
             queue_id = await self.service.spool.put(
-                envelope.mail_from or "", list(envelope.rcpt_tos), envelope.content,
+                envelope.sender, list(envelope.rcpt_tos), envelope.content,
                 mail_options=tuple(envelope.mail_options))
         except SpoolFull as error:
             reply = f"452 4.3.1 insufficient system storage: {error}"
