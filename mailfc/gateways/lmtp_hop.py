@@ -25,12 +25,6 @@ from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply, xtext
 IDLE_KEEP = 16
 
 
-def null_sender(mail_from: str | None) -> str:
-    """aiosmtpd (SMTP-In) keeps the null reverse path (a bounce) as "<>"; hops send it
-    as ""."""
-    return "" if mail_from in (None, "<>") else str(mail_from)
-
-
 class LmtpHop:
     def __init__(self, host: str, port: int, *, helo: str, timeout: float,
                  connect_timeout: float = 5.0) -> None:

@@ -38,7 +38,7 @@ from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
-from mailfc.protocols.lmtp_server import R_OK_RCPT, Envelope, LmtpServer, Session
+from mailfc.protocols.smtp_server import R_OK_RCPT, Envelope, LmtpServer, Session
 from mailfc.routers.listeners import connect_dispatcher, take_connection
 
 log = logging.getLogger("mailfc.routers.lmtp")
@@ -51,7 +51,7 @@ R_FORWARD_ONLY = ("451 4.3.0 {address}: forwarding outside this platform is not 
 
 
 class LmtpRouterHandler:
-    """LMTP server hooks (protocols.lmtp_server), named after the verbs they answer."""
+    """LMTP server hooks (protocols.smtp_server), named after the verbs they answer."""
 
     def __init__(self, router: LmtpRouter) -> None:
         self.router = router

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -144,6 +145,29 @@ async def test_disconnect_mid_data_and_tls_garbage_queue_nothing(gateways: Gatew
     assert set(gateways.queued()) <= before
     # The server is fine after both.
     assert (await run(lambda c: c.command("NOOP"))).startswith("250")  # type: ignore[union-attr]
+
+
+async def test_commands_sent_in_the_clear_after_starttls_are_dropped(
+        gateways: Gateways) -> None:
+    """RFC 3207 section 5: a MAIL an attacker slipped in behind STARTTLS in the clear
+    must not count inside TLS; the TLS session starts again from EHLO."""
+    def steps(c: Client) -> tuple[str, str, str, str]:
+        ehlo = c.command("EHLO client.example")
+        c.send(b"STARTTLS\r\nMAIL FROM:<injected@remote.example>\r\n")
+        started = c.reply()
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        c.sock = context.wrap_socket(c.sock)
+        rcpt = c.command("RCPT TO:<bob@g1.example>")
+        again = c.command("EHLO client.example")
+        return ehlo, started, rcpt, again
+
+    ehlo, started, rcpt, again = await run(steps)  # type: ignore[misc]
+    assert "STARTTLS" in ehlo
+    assert started.startswith("220 2.0.0")
+    assert rcpt.startswith("503 5.5.1")
+    assert again.startswith("250-") and "STARTTLS" not in again
 
 
 async def test_pipelined_commands_get_every_reply_in_order(gateways: Gateways) -> None:

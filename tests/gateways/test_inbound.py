@@ -140,3 +140,31 @@ async def test_kill_9_with_a_full_spool_delivers_everything_exactly_once(
         rcpts = ["bob@g1.example", "dave@g2.example"] if index % 2 else ["carol@g1.example"]
         for address in rcpts:
             assert len(delivered(root, address, marker)) == 1, (address, marker)
+
+
+async def test_starttls_delivers_and_the_session_says_tls(gateways: Gateways,
+                                                          cmdb: asyncpg.Pool) -> None:
+    swaks = require_binary("swaks", "swaks")
+    marker = f"tls-{uuid.uuid4()}"
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [swaks, "--server", f"127.0.0.1:{SMTP_PORT}", "--from", "ann@remote.example",
+         "--to", "bob@g1.example", "--header", f"Subject: {marker}", "--tls",
+         "--ehlo", "tls-client.example"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "220 2.0.0 Ready to start TLS" in result.stdout
+    root = gateways.config.mail_root
+    await wait_for(lambda: len(delivered(root, "bob@g1.example", marker)) == 1)
+    copy = delivered(root, "bob@g1.example", marker)[0]
+    assert b"from tls-client.example" in copy and b"with ESMTPS id" in copy
+
+    async def recorded() -> bool:
+        return bool(await cmdb.fetchval(
+            "SELECT tls FROM smtp_sessions WHERE component = 'smtp-in'"
+            " AND helo = 'tls-client.example' AND ended_at IS NOT NULL"))
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await recorded():
+        assert asyncio.get_running_loop().time() < deadline, "no TLS session recorded"
+        await asyncio.sleep(0.1)

@@ -32,7 +32,7 @@ from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.policy.engine import ENFORCE
 from mailfc.policy.recorder import Recorder, now
 from mailfc.protocols.lmtp import LmtpError, Reply
-from mailfc.protocols.lmtp_server import Envelope, Session
+from mailfc.protocols.smtp_server import Envelope, Session
 
 log = logging.getLogger("mailfc.gateways.filter")
 
@@ -58,11 +58,11 @@ def _is_hex(text: str) -> bool:
 
 
 class FilterHandler:
-    """LMTP server hooks (protocols.lmtp_server), named after the verbs they answer;
+    """LMTP server hooks (protocols.smtp_server), named after the verbs they answer;
     who is hosted is decided before us (SMTP-In) and after us (the router)."""
 
     extra_verbs = ("XFORWARD",)
-    lhlo_extensions = ["XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
+    ehlo_extensions = ["XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)]
 
     def __init__(self, component: str, hostname: str, checks: list[tuple[str, Check]],
                  milters: list[MilterClient], milter_default_action: str, hop: LmtpHop,

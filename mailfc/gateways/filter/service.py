@@ -13,7 +13,7 @@ from mailfc.gateways.filter.server import FilterHandler
 from mailfc.gateways.listener import CyclingListener
 from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.policy.recorder import Recorder
-from mailfc.protocols.lmtp_server import LmtpConnection, LmtpServer
+from mailfc.protocols.smtp_server import LmtpServer, ServerConnection
 
 
 class FilterService:
@@ -43,7 +43,7 @@ class FilterService:
         host, port = split_hostport(listen or config.listen.filter_in)
         self.listener = CyclingListener(name, host, port, self._protocol)
 
-    def _protocol(self, listener: CyclingListener) -> LmtpConnection:
+    def _protocol(self, listener: CyclingListener) -> ServerConnection:
         return self.lmtp.tracked_by(listener)
 
     async def start(self) -> None:

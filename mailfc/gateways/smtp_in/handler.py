@@ -1,9 +1,11 @@
-"""SMTP-In's decisions, one aiosmtpd hook per stage, and what each stage records.
+"""SMTP-In's decisions, one server hook per stage (protocols.smtp_server), and what
+each stage records.
 
 STAGES
     connect   smtp_sessions row (component "smtp-in", client address, host)
-    EHLO      announces SIZE, PIPELINING, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES and,
-              before TLS, STARTTLS (no AUTH: this is an MX); records the HELO name
+    EHLO      (the server announces SIZE, PIPELINING, 8BITMIME, SMTPUTF8,
+              ENHANCEDSTATUSCODES and, before TLS, STARTTLS; no AUTH: this is an MX)
+              records the HELO name
     MAIL      admin blocks (client IP/CIDR, sender, sender domain: 550 5.7.1), from a
               list read every few seconds (mailfc.policy.blocks); room in the spool for
               SIZE= (452 4.3.1); smtp_messages row
@@ -30,14 +32,12 @@ import re
 from dataclasses import dataclass, field
 
 import asyncpg
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailfc.addresses import split_address
 from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
 from mailfc.gateways import replies
-from mailfc.gateways.lmtp_hop import null_sender
 from mailfc.gateways.spool import Spool, SpoolFull
 from mailfc.gateways.spool.store import new_queue_id
 from mailfc.policy.blocks import BlockList
@@ -54,7 +54,7 @@ from mailfc.policy.engine import (
 from mailfc.policy.recorder import Recorder, Row, now
 from mailfc.policy.replies import RULE_UNAVAILABLE, smtp_reply
 from mailfc.policy.snapshot import Snapshot
-from mailfc.protocols.smtp import ehlo_reply
+from mailfc.protocols.smtp_server import Envelope, Session
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
@@ -76,7 +76,6 @@ class SessionState:
     client_ip: str | None
     worst: Decision | None = None
     txn: Transaction | None = None
-    tls: bool = False
 
 
 class LimitedDomains(Snapshot[frozenset[str]]):
@@ -112,58 +111,43 @@ class SmtpInHandler:
         self.hostname = config.host_name
         self.on_db_error = config.policy.on_db_error_inbound
 
-    # -- connection (called by the protocol) -------------------------------------------
+    # -- the connection --------------------------------------------------------------
 
-    def connected(self, server: SMTP, session: Session) -> None:
+    def connected(self, session: Session) -> None:
         peer = session.peer if isinstance(session.peer, tuple) else None
         client_ip = str(peer[0]) if peer else None
         row = self.recorder.new("smtp_sessions", started_at=now(), component=COMPONENT,
                                 host=self.hostname, client_ip=client_ip)
-        session.__dict__["mailfc"] = SessionState(row, client_ip)
+        session.state = SessionState(row, client_ip)
 
-    def disconnected(self, server: SMTP, session: Session) -> None:
+    def disconnected(self, session: Session) -> None:
         state = _state(session)
         if state.txn is not None:
             self._close_txn(state, "aborted", "the client ended the transaction")
         worst = state.worst
-        self.recorder.update(state.row, ended_at=now(), tls=state.tls,
+        self.recorder.update(state.row, ended_at=now(), tls=session.tls,
                              verdict=worst.verdict if worst else ACCEPT,
                              reason=worst.reason if worst else None)
 
     def refused(self, session: Session, rule: str, reason: str) -> None:
-        """A protocol-level refusal (pipelining, bare LF, ...): recorded as an event."""
-        state = _state(session)
-        self._event(state, "data", Decision(REJECT, reason, f"smtp:{rule}"), {})
+        """A refusal by the server itself (improper pipelining, size): an event, and
+        the end of the transaction."""
+        self._refuse_data(_state(session), rule, reason)
 
-    # -- aiosmtpd hooks ----------------------------------------------------------------
+    # -- the server's hooks (protocols.smtp_server) -------------------------------------
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
+    async def handle_HELO(self, session: Session, hostname: str) -> None:
         self.recorder.update(_state(session).row, helo=hostname[:255])
-        return ehlo_reply(responses, ["PIPELINING", "ENHANCEDSTATUSCODES"],
-                          keep=("SIZE", "8BITMIME", "SMTPUTF8", "STARTTLS"))
 
-    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str) -> str:
-        session.host_name = hostname
-        self.recorder.update(_state(session).row, helo=hostname[:255])
-        return f"250 {self.hostname}"
-
-    async def handle_STARTTLS(self, server: SMTP, session: Session,
-                              envelope: Envelope) -> bool:
-        _state(session).tls = True
-        return True
-
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
+    async def handle_MAIL(self, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
         state = _state(session)
-        if address != "<>" and address:
+        if address:
             try:
                 split_address(address)
             except InvalidInput:
                 return replies.BAD_ADDRESS
-        sender = "" if address == "<>" else address
+        sender = address
         size = next((int(o[5:]) for o in mail_options
                      if o.startswith("SIZE=") and o[5:].isdigit()), 0)
         block = (await self.blocks.get()).match(state.client_ip, sender, now())
@@ -180,13 +164,10 @@ class SmtpInHandler:
                                                 "spool:storage"), {"size": size})
             self._close_txn(state, TEMPFAIL, "spool storage low")
             return replies.STORAGE
-        # "<>" stays as aiosmtpd gave it (it needs a true value to take RCPT).
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
         return replies.OK_SENDER
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(self, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
         state = _state(session)
         txn = state.txn
         if txn is None:
@@ -229,17 +210,16 @@ class SmtpInHandler:
             self.recorder.update(txn.row, domain=domain)
         recipient = f"{localpart}@{domain}"
         envelope.rcpt_tos.append(recipient)
-        envelope.rcpt_options.extend(rcpt_options)
         txn.recipients.append(recipient)
         self.recorder.update(txn.row, recipients=list(txn.recipients),
                              recipient_count=len(txn.recipients))
         return replies.OK_RCPT
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, session: Session, envelope: Envelope) -> str:
         state = _state(session)
         txn = state.txn
         assert txn is not None
-        message = envelope.original_content or b""
+        message = envelope.content
         if BARE_LF.search(message):
             self._refuse_data(state, "bare_lf", "bare LF in message data")
             return replies.BARE_LF
@@ -262,7 +242,7 @@ class SmtpInHandler:
         queue_id_hint = _received(self.hostname, session, state, envelope)
         try:
             queue_id = await self.spool.put(
-                null_sender(envelope.mail_from), list(envelope.rcpt_tos),
+                envelope.sender, list(envelope.rcpt_tos),
                 queue_id_hint[1] + message, queue_id=queue_id_hint[0],
                 mail_options=tuple(o for o in envelope.mail_options
                                    if o.startswith(("BODY=", "SMTPUTF8"))),
@@ -279,18 +259,11 @@ class SmtpInHandler:
         self._close_txn(state, ACCEPT, None)
         return replies.QUEUED.format(queue_id=queue_id)
 
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_RSET(self, session: Session, envelope: Envelope) -> None:
+        """The transaction went away without a message (RSET, a new EHLO)."""
         state = _state(session)
         if state.txn is not None:
             self._close_txn(state, "aborted", "RSET")
-        return replies.OK
-
-    async def handle_exception(self, error: Exception) -> str:
-        if type(error).__name__ == "TLSSetupException":
-            log.info("TLS handshake failed: %s", error.__cause__ or error)
-            return replies.TLS_FAILED
-        log.exception("SMTP-In session failed")
-        return replies.UNAVAILABLE
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -334,8 +307,8 @@ class SmtpInHandler:
 
 
 def _state(session: Session) -> SessionState:
-    state = session.__dict__.get("mailfc")
-    assert isinstance(state, SessionState), "session not announced by the protocol"
+    state = session.state
+    assert isinstance(state, SessionState), "session not announced by the server"
     return state
 
 
@@ -349,7 +322,7 @@ def _received(hostname: str, session: Session, state: SessionState,
     """The queue id the message will get and its Received: header (RFC 5321 4.4)."""
     queue_id = new_queue_id()
     helo = _clean(session.host_name or "unknown")
-    protocol = "ESMTPS" if state.tls else ("ESMTP" if session.extended_smtp else "SMTP")
+    protocol = "ESMTPS" if session.tls else ("ESMTP" if session.extended else "SMTP")
     recipient = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
     header = (f"Received: from {helo} ([{state.client_ip or 'unknown'}])\r\n"
               f"\tby {hostname} (mailfc SMTP-In) with {protocol} id {queue_id}"

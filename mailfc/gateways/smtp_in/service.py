@@ -14,12 +14,12 @@ from mailfc.db.directory import Directory
 from mailfc.gateways.listener import CyclingListener, cycle
 from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.gateways.smtp_in.handler import LimitedDomains, SmtpInHandler
-from mailfc.gateways.smtp_in.protocol import SmtpInProtocol
 from mailfc.gateways.spool import Envelope, Spool, spool_directory
 from mailfc.policy.blocks import BlockList
 from mailfc.policy.engine import LimitEngine
 from mailfc.policy.recorder import Recorder
 from mailfc.protocols.lmtp import Reply
+from mailfc.protocols.smtp_server import ServerConnection, SmtpServer
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
@@ -41,16 +41,16 @@ class SmtpInService:
                            self._deliver, config.spool, hostname=config.host_name)
         self.handler = SmtpInHandler(config, self.spool, Directory(pool), self.engine,
                                      self.recorder, LimitedDomains(pool), BlockList(pool))
+        smtp_in = config.smtp_in
+        self.server = SmtpServer(self.handler, hostname=config.host_name,
+                                 data_size_limit=smtp_in.max_message_size,
+                                 idle_timeout_s=smtp_in.timeout_s, tls_context=tls_context)
         host, port = split_hostport(config.listen.smtp_in)
         self.listener = CyclingListener(self.name, host, port, self._protocol)
         self._cycler: asyncio.Task[None] | None = None
 
-    def _protocol(self, listener: CyclingListener) -> SmtpInProtocol:
-        smtp_in = self.config.smtp_in
-        return SmtpInProtocol(listener, self.handler, data_size_limit=smtp_in.max_message_size,
-                              enable_SMTPUTF8=True, hostname=self.config.host_name,
-                              ident="ESMTP mailfc", tls_context=self.tls_context,
-                              timeout=smtp_in.timeout_s)
+    def _protocol(self, listener: CyclingListener) -> ServerConnection:
+        return self.server.tracked_by(listener)
 
     async def _deliver(self, envelope: Envelope, recipients: list[str],
                        message: bytes) -> dict[str, Reply]:
@@ -62,8 +62,6 @@ class SmtpInService:
                                       xforward=xforward)
 
     async def start(self) -> None:
-        # aiosmtpd logs every command at INFO: far too much for an MX.
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
         await self.engine.start()
         await self.recorder.start()
         await self.spool.start()

@@ -36,7 +36,7 @@ from mailfc.gateways.spool import Envelope as SpoolEnvelope
 from mailfc.gateways.spool import Spool, spool_directory
 from mailfc.gateways.spool.store import SpoolFull, domain_of
 from mailfc.protocols.lmtp import Reply
-from mailfc.protocols.lmtp_server import Envelope, LmtpServer, Session
+from mailfc.protocols.smtp_server import Envelope, LmtpServer, Session
 
 log = logging.getLogger("mailfc.gateways.smtp_out")
 
@@ -49,7 +49,7 @@ def _message_id(message: bytes) -> str | None:
 
 
 class SmtpOutHandler:
-    """LMTP server hooks (protocols.lmtp_server) for the intake, named after the verbs."""
+    """LMTP server hooks (protocols.smtp_server) for the intake, named after the verbs."""
 
     def __init__(self, service: SmtpOutService) -> None:
         self.service = service

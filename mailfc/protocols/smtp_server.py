@@ -1,47 +1,69 @@
-"""A lean LMTP server (RFC 2033) for mailfc's internal hops.
+"""A lean SMTP and LMTP server (RFC 5321, RFC 2033) for mailfc's gateways.
 
-Filter-In/Filter-Out, SMTP-Out's intake and the LMTP Router receive every message
-of every domain over LMTP from mailfc's own gateways; Internet-facing SMTP stays with
-aiosmtpd (SMTP-In).  aiosmtpd costs about 0.9 ms of CPU per one-message session
-here (a task, stream objects and a command table built with `inspect` per
-connection, addresses through the email header parser); this server, an
-asyncio.Protocol, about 0.15 ms on the same load, and a gateway hop runs once per
-message on every hop.
+Every message of every domain passes SMTP-In (ESMTP, the MX), then Filter-In,
+Filter-Out, SMTP-Out's intake and the LMTP Router (LMTP, internal hops).  aiosmtpd
+did this at about 0.9 ms of CPU per one-message session here (a task, stream
+objects and a command table built with `inspect` per connection, addresses through
+the email header parser); this server, an asyncio.Protocol, at about 0.15 ms, and
+the hops run once per message each on a CPU-bound host.
+
+DIALECTS
+    LmtpServer: LHLO; one reply per accepted recipient after the message.
+    SmtpServer: HELO/EHLO, STARTTLS (RFC 3207), one reply per message; DATA with
+    input already waiting (the client did not wait for 354) is improper pipelining
+    (RFC 2920): 554 5.5.0 and the connection is closed.
 
 SESSION
-    220 greeting; LHLO; then transactions: MAIL FROM:<addr> [params],
-    RCPT TO:<addr> [params]..., DATA, the message up to <CRLF>.<CRLF>, and one reply
-    per accepted recipient.  RSET, NOOP, VRFY (252), HELP, QUIT.  A handler adds
-    verbs of its own (XFORWARD) with `extra_verbs` and `handle_<VERB>`.
+    220 greeting; hello; then transactions: MAIL FROM:<addr> [params],
+    RCPT TO:<addr> [params]..., DATA, the message up to <CRLF>.<CRLF>.  RSET, NOOP,
+    VRFY (252), HELP, QUIT.  A handler adds verbs of its own (XFORWARD) with
+    `extra_verbs` and `handle_<VERB>`.  Every reply carries an enhanced status code
+    (RFC 2034) but the greeting, the hello lines and 354.
 
 PIPELINING
     Replies to commands the client pipelined are collected and go out in one write
-    once no further complete command is waiting; 354, 221 and 421 go out at once.
+    once no further complete command is waiting; 354, 220 (STARTTLS), 221 and 421 go
+    out at once.
+
+TLS
+    STARTTLS (SmtpServer with a tls_context) answers 220, then hands the connection
+    to loop.start_tls; what the client sent in the clear after STARTTLS is dropped
+    (command injection), and the session starts again (EHLO, no envelope).  A failed
+    handshake closes only that connection.
 
 HANDLER (hooks named after the verbs; all but DATA optional)
-    lhlo_extensions: list[str]           extra LHLO keywords
-    handle_RCPT(session, envelope, address, options) -> str   (append to rcpt_tos)
-    handle_DATA(session, envelope) -> list[str]               one reply per recipient
-    handle_<VERB>(session, envelope, argument) -> str         for VERB in extra_verbs
+    ehlo_extensions: list[str]                               extra EHLO/LHLO keywords
+    connected(session) / disconnected(session)               session begins / ends
+    refused(session, rule, reason)                           a protocol-level refusal
+    handle_HELO(session, hostname) -> None                   HELO, EHLO or LHLO taken
+    handle_MAIL(session, envelope, address, options) -> str  reply; a 2xx takes it
+    handle_RCPT(session, envelope, address, options) -> str  (append to rcpt_tos)
+    handle_DATA(session, envelope) -> str (SMTP) | list[str] (LMTP, per recipient)
+    handle_RSET(session, envelope) -> None                   a transaction dropped
+    handle_<VERB>(session, envelope, argument) -> str        for VERB in extra_verbs
     A hook that raises gets `451 4.3.0` (the sender keeps the message and retries).
 
 LIMITS
-    A command line of more than 4096 octets: `500 5.5.2`; a message over
-    data_size_limit: `552 5.3.4` for each recipient (the rest of it is read and
-    dropped); 20 errors in a session, or no input for idle_timeout_s: 421 and close.
+    A command line over max_command_line (LMTP 4096, SMTP 1000 octets as for text
+    lines): `500 5.5.2`; a message over data_size_limit: `552 5.3.4` (the rest of it
+    is read and dropped); 20 errors in a session, or no input for idle_timeout_s:
+    421 and close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-log = logging.getLogger("mailfc.protocols.lmtp_server")
+log = logging.getLogger("mailfc.protocols.smtp_server")
 
-MAX_COMMAND_LINE = 4096
+LMTP_COMMAND_LINE = 4096
+SMTP_COMMAND_LINE = 1000
 MAX_ERRORS = 20
+TLS_HANDSHAKE_TIMEOUT_S = 30.0
 # Commands a client may have pipelined before the server stops reading until it
 # has answered them: bounds what one connection holds in memory.
 MAX_PENDING_INPUT = 256 * 1024
@@ -50,19 +72,22 @@ R_OK = "250 2.0.0 OK"
 R_OK_SENDER = "250 2.1.0 OK"
 R_OK_RCPT = "250 2.1.5 OK"
 R_START_DATA = "354 End data with <CR><LF>.<CR><LF>"
+R_START_TLS = "220 2.0.0 Ready to start TLS"
 R_BYE = "221 2.0.0 Bye"
 R_VRFY = "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
-R_HELP = "214 2.0.0 Commands: LHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP"
+R_HELP = "214 2.0.0 Commands: {verbs}"
 R_UNKNOWN = "500 5.5.1 command {verb!r} not recognized"
 R_LINE_TOO_LONG = "500 5.5.2 line too long"
 R_USE_LHLO = "500 5.5.1 this is an LMTP server: use LHLO"
 R_SYNTAX = "501 5.5.4 syntax: {usage}"
 R_BAD_ADDRESS = "501 5.1.3 bad address syntax"
-R_NEED_LHLO = "503 5.5.1 send LHLO first"
+R_NEED_HELLO = "503 5.5.1 send {hello} first"
 R_NESTED_MAIL = "503 5.5.1 sender already given"
 R_NEED_MAIL = "503 5.5.1 need MAIL command first"
 R_NEED_RCPT = "503 5.5.1 need RCPT command first"
+R_TLS_ACTIVE = "503 5.5.1 TLS already active"
 R_BAD_PARAMETER = "555 5.5.4 parameter {name} not recognized"
+R_PIPELINING = "554 5.5.0 improper command pipelining after {command}"
 R_TOO_BIG = "552 5.3.4 message size exceeds the limit of {limit} bytes"
 R_INTERNAL = "451 4.3.0 temporary failure, try again later"
 R_TOO_MANY_ERRORS = "421 4.7.0 too many errors, closing"
@@ -71,6 +96,7 @@ R_SHUTDOWN = "421 4.3.2 service shutting down, try again later"
 
 MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
 RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
+BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 DATA_END = b"\r\n.\r\n"
 
 
@@ -98,11 +124,16 @@ class Envelope:
 
 
 class Session:
-    __slots__ = ("host_name", "peer")
+    """One connection.  `state` is the handler's own (SMTP-In's session record)."""
+
+    __slots__ = ("extended", "host_name", "peer", "state", "tls")
 
     def __init__(self, peer: Any) -> None:
         self.peer = peer
         self.host_name: str | None = None
+        self.extended = False       # EHLO or LHLO rather than HELO
+        self.tls = False
+        self.state: Any = None
 
 
 class Tracker(Protocol):
@@ -116,36 +147,91 @@ class Tracker(Protocol):
 Hook = Callable[..., Awaitable[Any]]
 
 
-class LmtpServer:
+def _notice(handler: Any, name: str) -> Callable[..., Any] | None:
+    return getattr(handler, name, None)
+
+
+class _Server:
     """The protocol factory: one per listener, holding what every connection shares."""
 
-    def __init__(self, handler: Any, *, hostname: str, ident: str = "mailfc LMTP",
-                 data_size_limit: int = 50 * 1024 * 1024, idle_timeout_s: float = 300.0) -> None:
+    lmtp = False
+    hello = "EHLO"
+    base_keywords: tuple[str, ...] = ()
+
+    def __init__(self, handler: Any, *, hostname: str, ident: str,
+                 data_size_limit: int, idle_timeout_s: float, max_command_line: int) -> None:
+        self.hostname = hostname
         self.data_size_limit = data_size_limit
         self.idle_timeout_s = idle_timeout_s
+        self.max_command_line = max_command_line
         self.greeting = f"220 {hostname} {ident} ready\r\n".encode()
-        keywords = [hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8",
-                    f"SIZE {data_size_limit}", *getattr(handler, "lhlo_extensions", [])]
-        self.lhlo_reply = ("\r\n".join(f"250-{k}" for k in keywords[:-1])
-                           + f"\r\n250 {keywords[-1]}")
+        self.keywords = [*self.base_keywords, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME",
+                         "SMTPUTF8", f"SIZE {data_size_limit}",
+                         *getattr(handler, "ehlo_extensions", [])]
         self.verbs: dict[str, Hook] = {
             verb: getattr(handler, f"handle_{verb}")
             for verb in getattr(handler, "extra_verbs", ())}
+        self.helo_hook: Hook | None = getattr(handler, "handle_HELO", None)
+        self.mail_hook: Hook | None = getattr(handler, "handle_MAIL", None)
         self.rcpt_hook: Hook | None = getattr(handler, "handle_RCPT", None)
+        self.rset_hook: Hook | None = getattr(handler, "handle_RSET", None)
         self.data_hook: Hook = handler.handle_DATA
+        self.on_connected = _notice(handler, "connected")
+        self.on_disconnected = _notice(handler, "disconnected")
+        self.on_refused = _notice(handler, "refused")
+        self.help = R_HELP.format(verbs=" ".join(self.help_verbs()))
 
-    def __call__(self) -> LmtpConnection:
-        return LmtpConnection(self)
+    def help_verbs(self) -> list[str]:
+        return [self.hello, "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"]
 
-    def tracked_by(self, tracker: Tracker) -> LmtpConnection:
+    def hello_reply(self, session: Session) -> str:
+        keywords = [self.hostname, *self.keywords]
+        return "\r\n".join(f"250-{k}" for k in keywords[:-1]) + f"\r\n250 {keywords[-1]}"
+
+    def __call__(self) -> ServerConnection:
+        return ServerConnection(self)
+
+    def tracked_by(self, tracker: Tracker) -> ServerConnection:
         """A connection drained by `tracker` (a cycled listener passes itself)."""
-        return LmtpConnection(self, tracker)
+        return ServerConnection(self, tracker)
 
 
-class LmtpConnection(asyncio.Protocol):
-    """One LMTP session: data_received fills a buffer, one task answers commands."""
+class LmtpServer(_Server):
+    lmtp = True
+    hello = "LHLO"
 
-    def __init__(self, server: LmtpServer, tracker: Tracker | None = None) -> None:
+    def __init__(self, handler: Any, *, hostname: str, ident: str = "mailfc LMTP",
+                 data_size_limit: int = 50 * 1024 * 1024, idle_timeout_s: float = 300.0,
+                 max_command_line: int = LMTP_COMMAND_LINE) -> None:
+        super().__init__(handler, hostname=hostname, ident=ident,
+                         data_size_limit=data_size_limit, idle_timeout_s=idle_timeout_s,
+                         max_command_line=max_command_line)
+
+
+class SmtpServer(_Server):
+    def __init__(self, handler: Any, *, hostname: str, ident: str = "ESMTP mailfc",
+                 data_size_limit: int = 50 * 1024 * 1024, idle_timeout_s: float = 300.0,
+                 max_command_line: int = SMTP_COMMAND_LINE,
+                 tls_context: ssl.SSLContext | None = None) -> None:
+        self.tls_context = tls_context
+        super().__init__(handler, hostname=hostname, ident=ident,
+                         data_size_limit=data_size_limit, idle_timeout_s=idle_timeout_s,
+                         max_command_line=max_command_line)
+
+    def help_verbs(self) -> list[str]:
+        return ["HELO", *super().help_verbs(), *(["STARTTLS"] if self.tls_context else [])]
+
+    def hello_reply(self, session: Session) -> str:
+        if self.tls_context is None or session.tls:
+            return super().hello_reply(session)
+        keywords = [self.hostname, *self.keywords, "STARTTLS"]
+        return "\r\n".join(f"250-{k}" for k in keywords[:-1]) + f"\r\n250 {keywords[-1]}"
+
+
+class ServerConnection(asyncio.Protocol):
+    """One session: data_received fills a buffer, one task answers commands."""
+
+    def __init__(self, server: _Server, tracker: Tracker | None = None) -> None:
         self.server = server
         self.tracker = tracker
         self.transport: asyncio.Transport | None = None
@@ -153,6 +239,7 @@ class LmtpConnection(asyncio.Protocol):
         self.envelope = Envelope()
         self._buffer = bytearray()
         self._eof = False
+        self._ended = False
         self._data_wanted: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -169,6 +256,8 @@ class LmtpConnection(asyncio.Protocol):
         self.session.peer = transport.get_extra_info("peername")
         if self.tracker is not None:
             self.tracker.attach(self)
+        if self.server.on_connected is not None:
+            self.server.on_connected(self.session)
         transport.write(self.server.greeting)  # type: ignore[attr-defined]
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
@@ -190,8 +279,7 @@ class LmtpConnection(asyncio.Protocol):
         self._wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
-        if self.tracker is not None:
-            self.tracker.detach(self)
+        self._end()
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
@@ -208,6 +296,20 @@ class LmtpConnection(asyncio.Protocol):
             self._flush()
             self.transport.close()
 
+    def _end(self) -> None:
+        """Once per session, from connection_lost or the end of _serve (a failed TLS
+        handshake loses the connection without telling this protocol)."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.tracker is not None:
+            self.tracker.detach(self)
+        if self.server.on_disconnected is not None:
+            try:
+                self.server.on_disconnected(self.session)
+            except Exception:
+                log.exception("disconnect hook failed for %s", self.session.peer)
+
     # -- input ---------------------------------------------------------------------------
 
     def _wake(self) -> None:
@@ -218,9 +320,7 @@ class LmtpConnection(asyncio.Protocol):
         """Wait for input; False at end of input or after the idle timeout."""
         if self._eof:
             return False
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._resume_reading()
         self._data_wanted = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(self.server.idle_timeout_s):
@@ -232,21 +332,27 @@ class LmtpConnection(asyncio.Protocol):
             self._data_wanted = None
         return True
 
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
     async def _line(self) -> bytes | None:
         """The next command line without its line end; None when the session ends."""
+        limit = self.server.max_command_line
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[:end + 1]
-                if end > MAX_COMMAND_LINE:
+                if end > limit:
                     self._error(R_LINE_TOO_LONG)
                     continue
                 return line[:-1] if line.endswith(b"\r") else line
-            if len(self._buffer) > MAX_COMMAND_LINE:
+            if len(self._buffer) > limit:
                 # Drop what came so far; the line's end gets its reply.
                 self._buffer.clear()
-                self._buffer += b"x" * (MAX_COMMAND_LINE + 1)
+                self._buffer += b"x" * (limit + 1)
             self._flush()
             await self._drain()
             if not await self._more():
@@ -313,12 +419,13 @@ class LmtpConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("LMTP session from %s failed", self.session.peer)
+            log.exception("session from %s failed", self.session.peer)
             self._reply(R_INTERNAL)
         finally:
             self._flush()
             if self.transport is not None:
                 self.transport.close()
+            self._end()
 
     async def _command(self, line: bytes) -> bool:
         """Answer one command; False when the session is to end."""
@@ -327,20 +434,15 @@ class LmtpConnection(asyncio.Protocol):
         verb = verb.upper()
         argument = argument.strip()
         if verb == "MAIL":
-            self._mail(argument)
+            await self._mail(argument)
         elif verb == "RCPT":
             await self._rcpt(argument)
         elif verb == "DATA":
             return await self._data(argument)
-        elif verb == "LHLO":
-            if not argument:
-                self._error(R_SYNTAX.format(usage="LHLO hostname"))
-            else:
-                self.session.host_name = argument
-                self.envelope = Envelope()
-                self._reply(self.server.lhlo_reply)
+        elif verb == self.server.hello or (verb == "HELO" and not self.server.lmtp):
+            await self._hello(verb, argument)
         elif verb == "RSET":
-            self.envelope = Envelope()
+            await self._reset()
             self._reply(R_OK)
         elif verb == "NOOP":
             self._reply(R_OK)
@@ -350,12 +452,15 @@ class LmtpConnection(asyncio.Protocol):
         elif verb == "VRFY":
             self._reply(R_VRFY)
         elif verb == "HELP":
-            self._reply(R_HELP)
-        elif verb in ("HELO", "EHLO"):
+            self._reply(self.server.help)
+        elif verb == "STARTTLS" and isinstance(self.server, SmtpServer) \
+                and self.server.tls_context is not None:
+            return await self._starttls(argument, self.server.tls_context)
+        elif verb in ("HELO", "EHLO") and self.server.lmtp:
             self._error(R_USE_LHLO)
         elif verb in self.server.verbs:
             if self.session.host_name is None:
-                self._error(R_NEED_LHLO)
+                self._error(R_NEED_HELLO.format(hello=self.server.hello))
             else:
                 reply = await self._hook(self.server.verbs[verb], self.envelope, argument)
                 self._reply(reply or R_INTERNAL)
@@ -369,12 +474,60 @@ class LmtpConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("LMTP hook %s failed", getattr(hook, "__name__", hook))
+            log.exception("hook %s failed", getattr(hook, "__name__", hook))
             return None
 
-    def _mail(self, argument: str) -> None:
+    async def _reset(self) -> None:
+        """Drop the transaction, telling the handler when there was one."""
+        envelope, self.envelope = self.envelope, Envelope()
+        if envelope.mail_from is not None and self.server.rset_hook is not None:
+            await self._hook(self.server.rset_hook, envelope)
+
+    async def _hello(self, verb: str, argument: str) -> None:
+        if not argument:
+            return self._error(R_SYNTAX.format(usage=f"{verb} hostname"))
+        await self._reset()
+        self.session.host_name = argument
+        self.session.extended = verb != "HELO"
+        if self.server.helo_hook is not None:
+            await self._hook(self.server.helo_hook, argument)
+        self._reply(self.server.hello_reply(self.session) if self.session.extended
+                    else f"250 {self.server.hostname}")
+
+    async def _starttls(self, argument: str, context: ssl.SSLContext) -> bool:
+        if self.session.tls:
+            self._error(R_TLS_ACTIVE)
+            return True
+        if argument:
+            self._error(R_SYNTAX.format(usage="STARTTLS"))
+            return True
+        # RFC 3207 section 5: nothing the client pipelined in the clear may count as
+        # said inside TLS.
+        self._buffer.clear()
+        self._reply(R_START_TLS)
+        self._flush()
+        assert self.transport is not None
+        self._resume_reading()
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, context, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
+            log.info("TLS handshake with %s failed: %s", self.session.peer, error)
+            self.transport = None
+            return False
+        if transport is None:
+            return False
+        self.transport = transport
+        self.session.tls = True
+        self.session.host_name = None
+        self.session.extended = False
+        await self._reset()
+        return True
+
+    async def _mail(self, argument: str) -> None:
         if self.session.host_name is None:
-            return self._error(R_NEED_LHLO)
+            return self._error(R_NEED_HELLO.format(hello=self.server.hello))
         if self.envelope.mail_from is not None:
             return self._error(R_NESTED_MAIL)
         parsed = _path(argument, "FROM:")
@@ -385,15 +538,25 @@ class LmtpConnection(asyncio.Protocol):
         if problem:
             return self._error(problem)
         for option in options:
-            if option.upper().startswith("SIZE="):
-                size = option[5:]
-                if not size.isdigit():
+            name, _, value = option.partition("=")
+            name = name.upper()
+            if name == "SIZE":
+                if not value.isdigit():
                     return self._error(R_SYNTAX.format(usage="SIZE=<number>"))
-                if int(size) > self.server.data_size_limit:
+                if int(value) > self.server.data_size_limit:
                     return self._error(R_TOO_BIG.format(limit=self.server.data_size_limit))
+            elif name == "BODY" and value.upper() not in BODY_TYPES:
+                return self._error(R_SYNTAX.format(usage="BODY=7BIT or BODY=8BITMIME"))
+        if self.server.mail_hook is not None:
+            reply = await self._hook(self.server.mail_hook, self.envelope, address, options)
+            reply = reply or R_INTERNAL
+            if not reply.startswith("2"):
+                return self._reply(reply)
+        else:
+            reply = R_OK_SENDER
         self.envelope.mail_from = address
         self.envelope.mail_options = options
-        self._reply(R_OK_SENDER)
+        self._reply(reply)
 
     async def _rcpt(self, argument: str) -> None:
         if self.envelope.mail_from is None:
@@ -423,24 +586,37 @@ class LmtpConnection(asyncio.Protocol):
         if not self.envelope.rcpt_tos:
             self._error(R_NEED_RCPT)
             return True
+        if self._buffer and not self.server.lmtp:
+            # RFC 2920: DATA ends a pipelined group; the message may follow only
+            # after 354.  A client that sends it early is not an MTA.
+            log.info("%s: improper pipelining after DATA (%d bytes early)",
+                     self.session.peer, len(self._buffer))
+            self._reply(R_PIPELINING.format(command="DATA"))
+            if self.server.on_refused is not None:
+                self.server.on_refused(self.session, "pipelining", "improper pipelining")
+            await self._reset()
+            return False
         self._reply(R_START_DATA)
         self._flush()
         envelope, self.envelope = self.envelope, Envelope()
-        count = len(envelope.rcpt_tos)
+        count = len(envelope.rcpt_tos) if self.server.lmtp else 1
         try:
             content = await self._message()
         except MessageTooBig:
             for _ in range(count):
                 self._reply(R_TOO_BIG.format(limit=self.server.data_size_limit))
+            if self.server.on_refused is not None:
+                self.server.on_refused(self.session, "size", "message over the size limit")
             return True
         if content is None:
-            return False
+            return False     # the handler hears of it in disconnected()
         envelope.content = content
         replies = await self._hook(self.server.data_hook, envelope)
+        if isinstance(replies, str):
+            replies = [replies]
         if not replies or len(replies) != count:
             if replies:
-                log.error("LMTP DATA hook gave %d replies for %d recipients",
-                          len(replies), count)
+                log.error("DATA hook gave %d replies for %d", len(replies), count)
             replies = [R_INTERNAL] * count
         for reply in replies:
             self._reply(reply)

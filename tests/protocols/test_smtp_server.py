@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mailfc.protocols import lmtp_server
+from mailfc.protocols import smtp_server
 from mailfc.protocols.lmtp import LmtpClient
-from mailfc.protocols.lmtp_server import Envelope, LmtpServer, Session
+from mailfc.protocols.smtp_server import Envelope, LmtpServer, Session
 from tests.conftest import eventually
 
 LIMIT = 4096
@@ -20,7 +20,7 @@ class RecordingHandler:
     """Refuses RCPT to `nobody@`, fails DATA to `crash@`, records deliveries."""
 
     extra_verbs = ("XHELLO",)
-    lhlo_extensions = ["XHELLO"]
+    ehlo_extensions = ["XHELLO"]
 
     def __init__(self) -> None:
         self.delivered: list[Envelope] = []
@@ -202,7 +202,7 @@ async def test_oversized_message_read_in_pieces_ends_at_its_true_end() -> None:
 
 async def test_overlong_command_line(server: tuple[RecordingHandler, int]) -> None:
     _, port = server
-    long_line = b"NOOP " + b"x" * (lmtp_server.MAX_COMMAND_LINE * 3)
+    long_line = b"NOOP " + b"x" * (smtp_server.LMTP_COMMAND_LINE * 3)
     lines = await converse(port, long_line + b"\r\nNOOP\r\n", 2)
     assert [line[:9] for line in lines] == [b"500 5.5.2", b"250 2.0.0"]
 
@@ -233,9 +233,9 @@ async def test_client_gone_mid_data_delivers_nothing(server: tuple[RecordingHand
 async def test_too_many_errors_and_idle_sessions_are_closed(
         server: tuple[RecordingHandler, int]) -> None:
     _, port = server
-    lines = await converse(port, b"BAD\r\n" * (lmtp_server.MAX_ERRORS + 5),
-                           lmtp_server.MAX_ERRORS + 1)
-    assert lines[-1].startswith(b"421 4.7.0") and len(lines) == lmtp_server.MAX_ERRORS + 1
+    lines = await converse(port, b"BAD\r\n" * (smtp_server.MAX_ERRORS + 5),
+                           smtp_server.MAX_ERRORS + 1)
+    assert lines[-1].startswith(b"421 4.7.0") and len(lines) == smtp_server.MAX_ERRORS + 1
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await reader.readline()
     # idle_timeout_s is 1 s in this fixture.
