@@ -1,6 +1,6 @@
 """The inbound (and later outbound) gateways: SMTP-In, the spool, the filter gateway.
 
-    smtp_in/   the MX of every hosted domain (aiosmtpd, port 25)
+    smtp_in/   the MX of every hosted domain (ESMTP, port 25)
     spool/     durable per-domain queues with fair delivery (SMTP-In now, SMTP-Out later)
     filter/    Filter-In / Filter-Out: built-in checks and any standard milter
     listener.py  listeners that can be replaced without refusing a connection

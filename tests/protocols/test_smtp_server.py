@@ -1,4 +1,4 @@
-"""The lean LMTP server of the internal hops, on a real socket, with smtplib.LMTP and raw bytes."""
+"""The lean SMTP/LMTP server of the gateways, on a real socket, with smtplib and raw bytes."""
 
 from __future__ import annotations
 
@@ -270,3 +270,59 @@ async def test_tracker_sees_every_session(server: tuple[RecordingHandler, int]) 
     await eventually(lambda: not tracker.open)
     writer.close()
     listener.close()
+
+
+class SmtpHandler(RecordingHandler):
+    """The same hooks in the SMTP dialect: one reply per message; events recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def connected(self, session: Session) -> None:
+        self.events.append("connected")
+
+    def disconnected(self, session: Session) -> None:
+        self.events.append("disconnected")
+
+    def refused(self, session: Session, rule: str, reason: str) -> None:
+        self.events.append(f"refused:{rule}")
+
+    async def handle_HELO(self, session: Session, hostname: str) -> None:
+        self.events.append(f"helo:{hostname}:{session.extended}")
+
+    async def handle_RSET(self, session: Session, envelope: Envelope) -> None:
+        self.events.append(f"rset:{envelope.sender}")
+
+    async def handle_DATA(self, session: Session, envelope: Envelope  # type: ignore[override]
+                          ) -> str:
+        self.delivered.append(envelope)
+        return "250 2.0.0 OK: queued as TEST"
+
+
+async def test_the_smtp_dialect(unused_tcp_port: int) -> None:
+    """HELO and EHLO (not LHLO), one reply per message, BODY checked, RSET and the
+    session's end reach the handler, early data after DATA closes the session."""
+    handler = SmtpHandler()
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(
+        smtp_server.SmtpServer(handler, hostname="lmtp.test", data_size_limit=LIMIT),
+        "127.0.0.1", unused_tcp_port)
+    try:
+        lines = await converse(unused_tcp_port, b"LHLO a\r\nHELO a\r\nEHLO b\r\n"
+                               b"MAIL FROM:<> BODY=9BIT\r\nMAIL FROM:<>\r\nRSET\r\n"
+                               b"MAIL FROM:<s@x.example>\r\nRCPT TO:<r1@x.example>\r\n"
+                               b"RCPT TO:<r2@x.example>\r\nDATA\r\n", 10)
+        assert [line[:3] for line in lines] == [b"500", b"250", b"250", b"501", b"250",
+                                                b"250", b"250", b"250", b"250", b"354"]
+        assert lines[1] == b"250 lmtp.test"
+        early = await converse(unused_tcp_port, b"EHLO c\r\nMAIL FROM:<s@x.example>\r\n"
+                               b"RCPT TO:<r@x.example>\r\nDATA\r\nSubject: early\r\n\r\n."
+                               b"\r\n", 5)
+        assert early[-1].startswith(b"554 5.5.0") and len(early) == 4
+        await eventually(lambda: handler.events.count("disconnected") == 2)
+        assert handler.events[:4] == ["connected", "helo:a:False", "helo:b:True", "rset:"]
+        assert "refused:pipelining" in handler.events
+        assert handler.delivered == []
+    finally:
+        listener.close()

@@ -8,7 +8,7 @@ SESSION
     Greeting `220 <host> ESMTP mailfc`.  Recipients must be hosted mailboxes or aliases;
     everything else is refused at RCPT (554 5.7.1 relaying denied: never an open relay,
     550 5.1.1 unknown user).  handler.py lists every stage's checks and replies;
-    protocol.py what is stricter than aiosmtpd (pipelining, enhanced codes).  A message
+    protocols/smtp_server.py the protocol (pipelining, STARTTLS, limits).  A message
     is answered `250 2.0.0 OK: queued as <id>` only once it is fsync'd in the spool.
 
 NEXT HOP
@@ -16,7 +16,7 @@ NEXT HOP
     XFORWARD naming the original client, per recipient domain, round-robin, with retries.
 
 SECURITY
-    An MX is exposed to everyone: command lines are bounded (aiosmtpd, 500 5.5.2),
+    An MX is exposed to everyone: command lines are bounded (1000 octets, 500 5.5.2),
     messages by smtp_in.max_message_size (552 5.3.4), recipients by
     smtp_in.max_recipients (452 4.5.3); bare LF and undeclared 8-bit data are refused
     (no SMTP smuggling through to the next hop); a broken TLS handshake closes only that
