@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
 
 from mailfc.errors import ConfigError
 
@@ -176,6 +176,12 @@ class SubmissionSection(LoginSection):
 
     # After AUTH, a client silent for this long is disconnected (RFC 5321: 5 min).
     idle_timeout_s: float = 300.0
+    # Admission under CPU pressure (mailfc.routers.admission): the PSI share above
+    # which domains over their fair share of new sessions are spaced out (1: never),
+    # their lowest rate (sessions/s) and how long a session may wait for its turn.
+    pressure_target: float = 0.15
+    pressure_min_rate: float = 1.0
+    pressure_max_wait_s: float = 30.0
 
 
 class LmtpRouterSection(Section):
@@ -245,6 +251,11 @@ class PolicySection(Section):
     lease_s: float = 60.0
     # A decision the database cannot give within this time follows the failure policy.
     decision_timeout_s: float = 2.0
+    # Database calls one domain may have open at once in one process (of the pool's
+    # database.pool_max_size): a flooding domain's decisions queue on their own.
+    per_domain_calls: PositiveInt = 3
+    # A client over an enforced limit hears 451 after this long (the milter, SMTP-In).
+    refusal_delay_s: float = 1.0
     # Database unreachable: "tempfail" (451 4.3.0) or "accept" (pass, record later).
     on_db_error_submission: str = "tempfail"
     on_db_error_inbound: str = "accept"

@@ -45,6 +45,13 @@ ATOMICITY
     locks per (subject, kind) in sorted order, then count and take, in one transaction.
     Limit rows are read at every call: a changed limit applies at the next transaction.
 
+FAIRNESS
+    At most per_domain_calls decisions per domain are at the database at once in one
+    process; the rest of that domain's wait on their own.  A flood (50 senders of one
+    domain, each asking at MAIL, RCPT and end of message, its calls serialised on its
+    own advisory locks) would otherwise hold every connection of the pool, and a quiet
+    domain's decision would queue behind all of them.
+
 FAILURES
     Database unreachable, or slower than timeout_s: PolicyUnavailable (a TemporaryFailure);
     the caller applies its failure policy (policy.on_db_error_* in the configuration).
@@ -68,6 +75,7 @@ import asyncpg
 
 from mailfc.durations import format_duration
 from mailfc.errors import TemporaryFailure
+from mailfc.fairness import PerKeyLimit
 
 if TYPE_CHECKING:
     from mailfc.config import Config
@@ -120,6 +128,11 @@ class Decision:
     def refuses(self) -> bool:
         """True when the caller must refuse the stage."""
         return self.verdict != ACCEPT and self.mode == ENFORCE
+
+    @property
+    def over_limit(self) -> bool:
+        """An enforced flow limit refuses (not a block, not the failure policy)."""
+        return self.refuses and (self.rule or "").startswith("limit:")
 
 
 ACCEPTED = Decision()
@@ -223,6 +236,10 @@ def block_decision(block: Mapping[str, Any]) -> Decision:
                     f"{why}", f"block:{block['kind']}", ENFORCE)
 
 
+def _fairness_key(subject: Subject) -> str:
+    return subject.domain or subject.account or subject.client_ip or ""
+
+
 def default_holder() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
@@ -233,6 +250,7 @@ class LimitEngine:
     holder: str = field(default_factory=default_holder)
     lease_s: float = 60.0
     timeout_s: float = 2.0
+    per_domain_calls: int = 3
     held: set[int] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _renew_failing: bool = False
@@ -240,7 +258,13 @@ class LimitEngine:
     @classmethod
     def from_config(cls, pool: asyncpg.Pool, config: Config) -> LimitEngine:
         return cls(pool, lease_s=config.policy.lease_s,
-                   timeout_s=config.policy.decision_timeout_s)
+                   timeout_s=config.policy.decision_timeout_s,
+                   per_domain_calls=config.policy.per_domain_calls)
+
+    def __post_init__(self) -> None:
+        # FAIRNESS (module documentation): one domain's decisions never hold the
+        # whole pool.
+        self._calls = PerKeyLimit(self.per_domain_calls)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._renew_loop()),
@@ -264,13 +288,13 @@ class LimitEngine:
         consume = consume or {}
         released = list(release)
         try:
-            raw = await asyncio.wait_for(self.pool.fetchval(
-                "SELECT mailfc_policy_check($1, $2, $3::inet, $4, $5, $6, $7, $8, $9, $10,"
-                " $11, $12, $13)",
-                subject.domain, subject.account, subject.client_ip, sender, blocks,
-                list(acquire), list(peek), list(peek.values()), list(consume),
-                list(consume.values()), released, self.holder, self.lease_s,
-            ), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s), self._calls.slot(_fairness_key(subject)):
+                raw = await self.pool.fetchval(
+                    "SELECT mailfc_policy_check($1, $2, $3::inet, $4, $5, $6, $7, $8, $9,"
+                    " $10, $11, $12, $13)",
+                    subject.domain, subject.account, subject.client_ip, sender, blocks,
+                    list(acquire), list(peek), list(peek.values()), list(consume),
+                    list(consume.values()), released, self.holder, self.lease_s)
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:

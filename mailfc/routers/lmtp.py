@@ -36,6 +36,7 @@ from typing import Any, cast
 from mailfc.config import Config, split_hostport
 from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
+from mailfc.fairness import PerKeyLimit
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply
 from mailfc.protocols.smtp_server import R_OK_RCPT, Envelope, LmtpServer, Session
@@ -118,8 +119,7 @@ class LmtpRouter:
     def __init__(self, config: Config, directory: Directory) -> None:
         self.config = config
         self.directory = directory
-        self._limits: dict[str, asyncio.Semaphore] = collections.defaultdict(
-            lambda: asyncio.Semaphore(config.lmtp_router.per_domain_concurrency))
+        self._limits = PerKeyLimit(config.lmtp_router.per_domain_concurrency)
         self._sessions: dict[str, DomainSessions] = collections.defaultdict(DomainSessions)
         self._server: asyncio.Server | None = None
 
@@ -167,7 +167,7 @@ class LmtpRouter:
 
     async def _deliver_domain(self, domain: str, sender: str, targets: list[str],
                               message: bytes, peer: tuple[Any, ...]) -> dict[str, Reply]:
-        async with self._limits[domain]:
+        async with self._limits.slot(domain):
             pooled = self._sessions[domain].take()
             try:
                 if pooled is not None:

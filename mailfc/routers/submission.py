@@ -27,10 +27,16 @@ AFTER AUTH
     DATA content streams through untouched up to the final dot.
     Domain's container not available: 451 4.3.0 for the AUTH (try again later).
 
+ADMISSION
+    While the host is short of CPU, a domain opening more sessions than its fair
+    share waits for its turn before its Postfix is contacted (routers/admission.py);
+    no turn within pressure_max_wait_s: 451 4.7.1 for the AUTH.
+
 CONFIGURATION
     submission.auth_failure_delay_s (1), max_failures_per_ip (10),
     max_failures_per_account (5), failure_window_s (300), login_timeout_s (60),
-    idle_timeout_s (300).
+    idle_timeout_s (300), pressure_target (0.15), pressure_min_rate (1),
+    pressure_max_wait_s (30).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
+from mailfc.routers.admission import Admission
 from mailfc.routers.listeners import LoginRouter, peer_and_local
 from mailfc.routers.throttle import delay_failure
 
@@ -66,6 +73,8 @@ R_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required: use STARTTLS first"
 R_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 R_AUTH_OK = "235 2.7.0 Authentication successful"
 R_UNAVAILABLE = "451 4.3.0 The mail server for {domain} is not available, try again later"
+R_BUSY = ("451 4.7.1 Too many new sessions for {domain} while this server is busy,"
+          " try again later")
 R_BAD_SENDER = "553 5.7.1 Sender address <{sender}> is not owned by user {user}"
 R_ALREADY = "503 5.5.1 Already authenticated"
 R_SYNTAX = "501 5.5.4 Syntax error in parameters"
@@ -96,6 +105,18 @@ class SubmissionRouter(LoginRouter):
             config, directory, tls_context, settings=config.submission,
             plain=config.listen.submission, implicit_tls=config.listen.submissions,
             session_factory=SubmissionSession, log=log)
+        settings = config.submission
+        self.admission = Admission(target=settings.pressure_target,
+                                   min_rate=settings.pressure_min_rate,
+                                   max_wait_s=settings.pressure_max_wait_s)
+
+    async def start(self) -> None:
+        await self.admission.start()
+        await super().start()
+
+    async def stop(self, drain_timeout: float) -> None:
+        await super().stop(drain_timeout)
+        await self.admission.stop()
 
 
 class SubmissionSession:
@@ -110,6 +131,7 @@ class SubmissionSession:
         (self.client_ip, self.client_port), self.local = peer_and_local(writer)
         self.helo: str | None = None
         self.failures = 0
+        self.held_back = False      # admission refused this session (routers.admission)
 
     async def send(self, line: str) -> None:
         self.writer.write(line.encode() + b"\r\n")
@@ -258,7 +280,8 @@ class SubmissionSession:
             return await self.fail()
         assert login.account is not None
         if login.backend is None:
-            await self.send(R_UNAVAILABLE.format(domain=login.account.domain))
+            reply = R_BUSY if self.held_back else R_UNAVAILABLE
+            await self.send(reply.format(domain=login.account.domain))
             return True
         await self.send(R_AUTH_OK)
         return login.account, login.backend
@@ -275,6 +298,10 @@ class SubmissionSession:
     async def open_backend(self, account: Account) -> Backend:
         """The domain's Postfix, greeted and told who the client is (XCLIENT)."""
         config = self.router.config
+        if not await self.router.admission.admit(account.domain):
+            self.held_back = True
+            raise BackendUnavailable(f"{account.domain}: no turn within "
+                                     f"{self.settings.pressure_max_wait_s:g}s")
         placement = await self.router.directory.place(account.domain)
         reader, writer = await netio.open_connection(
             placement.dispatcher_address, placement.smtp_port,

@@ -84,6 +84,10 @@ async def set_limit(pool: asyncpg.Pool, target: str, kind: str, value: int, *,
                                per_account=per_account)
 
 
+# Shorter than the default (1 s), long enough to be seen.
+REFUSAL_DELAY_S = 0.3
+
+
 @dataclass
 class MilterUnderTest:
     server: MilterServer
@@ -94,13 +98,14 @@ class MilterUnderTest:
 
 @contextlib.asynccontextmanager
 async def running_milter(pool: asyncpg.Pool, socket: Path, *, lease_s: float = 60.0,
-                         failure: FailurePolicy | None = None, flush_interval_s: float = 0.05
+                         failure: FailurePolicy | None = None, flush_interval_s: float = 0.05,
+                         refusal_delay_s: float = REFUSAL_DELAY_S
                          ) -> AsyncIterator[MilterUnderTest]:
     engine = LimitEngine(pool, lease_s=lease_s, timeout_s=2.0)
     recorder = Recorder(pool, component="milter-test", flush_interval_s=flush_interval_s,
                         holder=engine.holder)
     server = MilterServer(engine, recorder, host=HOST, socket=socket,
-                          failure=failure or FailurePolicy())
+                          failure=failure or FailurePolicy(), refusal_delay_s=refusal_delay_s)
     await engine.start()
     await recorder.start()
     await server.start()

@@ -7,7 +7,13 @@ import datetime
 
 import asyncpg
 
-from tests.policy.conftest import MilterUnderTest, PostfixHost, set_limit, wait_for
+from tests.policy.conftest import (
+    REFUSAL_DELAY_S,
+    MilterUnderTest,
+    PostfixHost,
+    set_limit,
+    wait_for,
+)
 from tests.policy.smtp_client import (
     Attempt,
     finish,
@@ -83,6 +89,8 @@ async def test_twenty_parallel_senders_against_three_slots(
     for attempt in refused:
         assert attempt.mail[0] == 451 and attempt.mail[1].startswith("4.7.1"), attempt.mail
         assert "bob@m2.example has 3 messages in transit (limit 3 at once)" in attempt.mail[1]
+        # SLOW REFUSALS: a sender over its limit hears it only after the delay.
+        assert attempt.ended - attempt.started >= REFUSAL_DELAY_S * 0.9
     await flushed(milter)
     rows = await policy_db.fetch(
         "SELECT started_at, ended_at, verdict FROM smtp_messages"

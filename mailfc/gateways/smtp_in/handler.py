@@ -12,7 +12,8 @@ STAGES
     RCPT      syntax (501 5.1.3), hosted domain (554 5.7.1 relaying denied), mailbox or
               alias (550 5.1.1), too many (452 4.5.3), the domain's spool queue over
               smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), and the
-              domain's received_messages limit where one is configured (451 4.7.1)
+              domain's received_messages limit where one is configured (451 4.7.1,
+              answered after policy.refusal_delay_s)
     DATA      bare LF (554 5.5.2), 8-bit data without BODY=8BITMIME (554 5.6.0), the
               received_messages limits counted, a Received: header added, the message
               committed to the spool (452 4.3.1 when it cannot be), then 250 with the
@@ -26,6 +27,7 @@ follows policy.on_db_error_inbound ("accept" by default: recorded as accepted un
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import re
@@ -110,6 +112,7 @@ class SmtpInHandler:
         self.blocks = blocks
         self.hostname = config.host_name
         self.on_db_error = config.policy.on_db_error_inbound
+        self.refusal_delay_s = config.policy.refusal_delay_s
 
     # -- the connection --------------------------------------------------------------
 
@@ -158,7 +161,7 @@ class SmtpInHandler:
         refusal = self._decide(state, "mail", decisions, {"sender": sender})
         if refusal is not None:
             self._close_txn(state, refusal.verdict, refusal.reason)
-            return _reply(refusal)
+            return await self._refusal_reply(refusal)
         if not self.spool.has_room(size):
             self._event(state, "mail", Decision(TEMPFAIL, "spool storage low",
                                                 "spool:storage"), {"size": size})
@@ -203,7 +206,7 @@ class SmtpInHandler:
                 decisions = [self._unavailable(error)]
             refusal = self._decide(state, "rcpt", decisions, detail)
             if refusal is not None:
-                return _reply(refusal)
+                return await self._refusal_reply(refusal)
             txn.limited_domains.add(domain)
         if not state.row.values.get("domain"):
             self.recorder.update(state.row, domain=domain)
@@ -238,7 +241,7 @@ class SmtpInHandler:
             refusal = self._decide(state, "data", decisions, {"domain": domain})
             if refusal is not None:
                 self._close_txn(state, refusal.verdict, refusal.reason)
-                return _reply(refusal)
+                return await self._refusal_reply(refusal)
         queue_id_hint = _received(self.hostname, session, state, envelope)
         try:
             queue_id = await self.spool.put(
@@ -266,6 +269,13 @@ class SmtpInHandler:
             self._close_txn(state, "aborted", "RSET")
 
     # -- helpers -----------------------------------------------------------------------
+
+    async def _refusal_reply(self, refusal: Decision) -> str:
+        """Over a limit: the reply after policy.refusal_delay_s (the milter's SLOW
+        REFUSALS), which holds only this session."""
+        if refusal.over_limit and self.refusal_delay_s > 0:
+            await asyncio.sleep(self.refusal_delay_s)
+        return _reply(refusal)
 
     def _unavailable(self, error: PolicyUnavailable) -> Decision:
         if self.on_db_error == "tempfail":

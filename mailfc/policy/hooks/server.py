@@ -236,7 +236,8 @@ class HookService:
         self.server = HookServer(
             self.engine, self.recorder, pool, host=config.host_name,
             socket=socket or socket_path(config), socket_gid=hooks.socket_gid,
-            policy=HookPolicy(hooks.timeout_ms, hooks.failure, hooks.on_db_error),
+            policy=HookPolicy(hooks.timeout_ms, hooks.failure, hooks.on_db_error,
+                              config.policy.refusal_delay_s),
             limits_poll_s=hooks.limits_poll_s)
 
     async def start(self) -> None:

@@ -67,6 +67,13 @@ class HookPolicy:
     timeout_ms: int = 500
     failure: str = protocol.FAILURE_OPEN
     on_db_error: str = "accept"
+    # A command over an enforced limit hears NO after this long (see the milter's
+    # SLOW REFUSALS); capped at half the plugin's timeout, which would fail it open.
+    refusal_delay_s: float = 0.0
+
+    @property
+    def refusal_wait_s(self) -> float:
+        return max(0.0, min(self.refusal_delay_s, self.timeout_ms / 2000))
 
 
 def from_us(microseconds: int) -> datetime.datetime:
@@ -209,6 +216,9 @@ class HookConnection:
         decision = check.decision
         session.pending[cid] = (decision if decision.verdict != ACCEPT else None, check.leases)
         if decision.refuses:
+            if decision.over_limit and self.policy.refusal_wait_s > 0:
+                # Only this plugin connection (one imap process of the domain) waits.
+                await asyncio.sleep(self.policy.refusal_wait_s)
             return protocol.cmd_no(sid, cid, imap_text(decision))
         return protocol.cmd_ok(sid, cid, grant)
 

@@ -68,8 +68,9 @@ class MilterServer:
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
                  socket: Path | None = None, tcp: tuple[str, int] | None = None,
                  socket_group: str = "postfix", failure: FailurePolicy = DEFAULT_FAILURE,
-                 idle_timeout_s: float = 900.0) -> None:
+                 idle_timeout_s: float = 900.0, refusal_delay_s: float = 0.0) -> None:
         self.engine = engine
+        self.refusal_delay_s = refusal_delay_s
         self.recorder = recorder
         self.host = host
         self.socket = socket
@@ -131,7 +132,7 @@ class MilterServer:
         assert task is not None
         self.connections[task] = writer
         session = MilterSession(self.engine, self.recorder, host=self.host,
-                                failure=self.failure)
+                                failure=self.failure, refusal_delay_s=self.refusal_delay_s)
         decoder = codec.Decoder()
         try:
             while not session.closed:
@@ -179,7 +180,8 @@ class MilterService:
             tcp=split_hostport(config.listen.milter) if config.milter.tcp else None,
             socket_group=config.milter.socket_group,
             failure=FailurePolicy(policy.on_db_error_submission, policy.on_db_error_inbound),
-            idle_timeout_s=config.milter.idle_timeout_s)
+            idle_timeout_s=config.milter.idle_timeout_s,
+            refusal_delay_s=policy.refusal_delay_s)
 
     async def start(self) -> None:
         await self.engine.start()

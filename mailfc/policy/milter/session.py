@@ -32,6 +32,13 @@ STAGES -> RECORDS
     Decisions other than a plain accept (limits over, blocks, shadow, failure policy)
     each become an smtp_events row with the rule and mode.
 
+SLOW REFUSALS
+    A transaction over an enforced limit hears its 451 after policy.refusal_delay_s (1 s;
+    Postfix's smtpd_error_sleep_time for the same reason): a flood's senders that retry
+    at once would otherwise cost the shared parts (router TLS, dispatcher, database)
+    a whole session each, many times a second, at the expense of every other domain.
+    The wait holds only the flooding domain's own smtpd and this connection's task.
+
 FAILURE POLICY
     When the limit database cannot answer, an authenticated session (submission) gets
     `451 4.3.0` when policy.on_db_error_submission is "tempfail" (default), any other
@@ -41,6 +48,7 @@ FAILURE POLICY
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -102,8 +110,10 @@ class MilterSession:
     """
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
-                 failure: FailurePolicy = DEFAULT_FAILURE, component: str = "postfix") -> None:
+                 failure: FailurePolicy = DEFAULT_FAILURE, component: str = "postfix",
+                 refusal_delay_s: float = 0.0) -> None:
         self.engine = engine
+        self.refusal_delay_s = refusal_delay_s
         self.recorder = recorder
         self.host = host
         self.failure = failure
@@ -231,6 +241,8 @@ class MilterSession:
         refusal = self._record("mail", decisions, detail={"size": announced})
         if refusal is not None:
             await self._close_transaction(refusal.verdict, refusal.reason)
+            if refusal.over_limit and self.refusal_delay_s > 0:
+                await asyncio.sleep(self.refusal_delay_s)
             return self._replycode(refusal)
         return codec.CONTINUE
 
