@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import subprocess
+import time
 import uuid
 
 import pytest
 
+from mailfc.routers.admission import Bucket
+from mailfc.routers.submission import SubmissionRouter
 from tests.conftest import require_binary
 from tests.routers.conftest import (
     PASSWORD,
@@ -96,3 +99,28 @@ async def test_unstartable_domain_gets_451(router_host: RouterHost) -> None:
         await asyncio.to_thread(submit, "erin@broken.example", PASSWORD,
                                 "erin@broken.example", "x")
     assert failed.value.smtp_code == 451 and b"4.3.0" in failed.value.smtp_error
+
+
+async def test_a_domain_spaced_out_under_pressure_waits_then_gets_451_4_7_1(
+        router_host: RouterHost) -> None:
+    """Admission (routers/admission.py) as the router applies it: a session of a
+    spaced-out domain waits for its turn before its Postfix is contacted; without a
+    turn in time the AUTH gets 451 4.7.1; other domains pass meanwhile."""
+    router = next(s for s in router_host.platform.services if isinstance(s, SubmissionRouter))
+    admission = router.admission
+    saved_wait = admission.max_wait_s
+    admission.max_wait_s = 0.3
+    admission.buckets["a.example"] = Bucket(rate=0.01, tokens=0.0)
+    try:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as held:
+            await asyncio.to_thread(submit, "bob@a.example", PASSWORD, "bob@a.example", "x")
+        assert held.value.smtp_code == 451 and b"4.7.1" in held.value.smtp_error
+        assert b"a.example" in held.value.smtp_error
+        admission.buckets["a.example"] = Bucket(rate=4.0, tokens=0.0)
+        started = time.monotonic()
+        assert await asyncio.to_thread(submit, "bob@a.example", PASSWORD, "bob@a.example",
+                                       "x") == {}
+        assert time.monotonic() - started >= 0.2     # waited for its token
+    finally:
+        admission.buckets.pop("a.example", None)
+        admission.max_wait_s = saved_wait
