@@ -412,6 +412,10 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         async def b_imap() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await imap_session("127.0.0.1", IMAPS, "b0@b.example", tls=True)
 
+        # Warm: B's Postfix starts with its first submission, and a cold start is not
+        # what this benchmark measures (bench/cold_start.py does).
+        assert await b_submit("b-warm-up"), "B's warm-up submission was refused"
+        await sink.wait_for({"b-warm-up"}, within=60)
         print(f"B alone and B during A's flood ({args.senders} senders, limit {A_LIMIT};"
               f" 5 SEARCH sessions), {args.seconds:g} s each")
         solo = await quiet_domain(args.seconds, b_submit, b_imap, sink)

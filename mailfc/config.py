@@ -176,7 +176,7 @@ class SubmissionSection(LoginSection):
 
     # After AUTH, a client silent for this long is disconnected (RFC 5321: 5 min).
     idle_timeout_s: float = 300.0
-    # Admission under CPU pressure (mailfc.routers.admission): the PSI share above
+    # Admission under CPU pressure (mailfc.fairness): the PSI share above
     # which domains over their fair share of new sessions are spaced out (1: never),
     # their lowest rate (sessions/s) and how long a session may wait for its turn.
     pressure_target: float = 0.15
@@ -400,6 +400,11 @@ class HooksSection(Section):
     on_db_error: str = "accept"
     # How often running sessions look for changed limits.
     limits_poll_s: float = 1.0
+    # Admission under CPU pressure for heavy commands (mailfc.fairness): the PSI share
+    # above which domains over their fair share wait for their turn (1: never), and
+    # their lowest rate (commands/s).  A command waits at most half of timeout_ms.
+    pressure_target: float = 0.15
+    pressure_min_rate: float = 2.0
 
     @field_validator("failure")
     @classmethod

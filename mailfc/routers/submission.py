@@ -29,7 +29,7 @@ AFTER AUTH
 
 ADMISSION
     While the host is short of CPU, a domain opening more sessions than its fair
-    share waits for its turn before its Postfix is contacted (routers/admission.py);
+    share waits for its turn before its Postfix is contacted (mailfc/fairness.py);
     no turn within pressure_max_wait_s: 451 4.7.1 for the AUTH.
 
 CONFIGURATION
@@ -55,9 +55,9 @@ from mailfc.addresses import normalize_address
 from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
+from mailfc.fairness import Admission
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
-from mailfc.routers.admission import Admission
 from mailfc.routers.listeners import LoginRouter, peer_and_local
 from mailfc.routers.throttle import delay_failure
 
@@ -131,7 +131,7 @@ class SubmissionSession:
         (self.client_ip, self.client_port), self.local = peer_and_local(writer)
         self.helo: str | None = None
         self.failures = 0
-        self.held_back = False      # admission refused this session (routers.admission)
+        self.held_back = False      # admission refused this session (mailfc.fairness)
 
     async def send(self, line: str) -> None:
         self.writer.write(line.encode() + b"\r\n")

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from mailfc.routers.admission import Bucket
+from mailfc.fairness import Bucket
 from mailfc.routers.submission import SubmissionRouter
 from tests.conftest import require_binary
 from tests.routers.conftest import (
@@ -103,7 +103,7 @@ async def test_unstartable_domain_gets_451(router_host: RouterHost) -> None:
 
 async def test_a_domain_spaced_out_under_pressure_waits_then_gets_451_4_7_1(
         router_host: RouterHost) -> None:
-    """Admission (routers/admission.py) as the router applies it: a session of a
+    """Admission (mailfc/fairness.py) as the router applies it: a session of a
     spaced-out domain waits for its turn before its Postfix is contacted; without a
     turn in time the AUTH gets 451 4.7.1; other domains pass meanwhile."""
     router = next(s for s in router_host.platform.services if isinstance(s, SubmissionRouter))

@@ -19,6 +19,12 @@ LIMIT CHANGES
     about a second, without restarting Dovecot, and the grants of commands counted
     ahead (grants.py) are dropped.
 
+ADMISSION
+    While the host is short of CPU, a domain running more heavy commands (SEARCH,
+    SORT, THREAD, COPY, MOVE) than its share waits for its turn, at most half of
+    hooks.timeout_ms, then hears NO [LIMIT] (mailfc.fairness; the domains with
+    open sessions count in the share).  Recorded as rule pressure:heavy_commands.
+
 SECURITY
     The socket is mode 0660, group hooks.socket_gid (the uid/gid the containers' imap
     processes run as, the runtime's vmail_gid): only they and root can connect.  Input is
@@ -29,8 +35,8 @@ SECURITY
 
 CONFIGURATION ([hooks])
     socket (""), socket_gid (5000), timeout_ms (500), failure ("open"), on_db_error
-    ("accept"), limits_poll_s (1.0); plus [policy] lease_s, decision_timeout_s and
-    [recorder] as for the milter.
+    ("accept"), limits_poll_s (1.0), pressure_target (0.15), pressure_min_rate (2);
+    plus [policy] lease_s, decision_timeout_s and [recorder] as for the milter.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import asyncpg
 
 from mailfc import netio
 from mailfc.config import Config
+from mailfc.fairness import Admission
 from mailfc.policy.engine import LimitEngine, PolicyUnavailable, Subject
 from mailfc.policy.hooks import protocol
 from mailfc.policy.hooks.session import HookConnection, HookPolicy
@@ -65,7 +72,8 @@ class HookServer:
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, pool: asyncpg.Pool, *,
                  host: str, socket: Path, socket_gid: int | None = 5000,
-                 policy: HookPolicy | None = None, limits_poll_s: float = 1.0) -> None:
+                 policy: HookPolicy | None = None, limits_poll_s: float = 1.0,
+                 admission: Admission | None = None) -> None:
         self.engine = engine
         # The inode of the socket this server bound (None: not listening).
         self._inode: int | None = None
@@ -76,6 +84,10 @@ class HookServer:
         self.socket_gid = socket_gid
         self.policy = policy or HookPolicy()
         self.limits_poll_s = limits_poll_s
+        # Heavy commands under CPU pressure; the domains with open sessions count in
+        # the fair share though their commands are not asked about.
+        self.admission = admission or Admission(target=1.0)
+        self.admission.present = self._domains_present
         self.server: asyncio.Server | None = None
         self.connections: dict[asyncio.Task[None], tuple[HookConnection,
                                                          asyncio.StreamWriter]] = {}
@@ -99,9 +111,15 @@ class HookServer:
             os.chown(self.socket, -1, self.socket_gid)
             self.socket.chmod(0o660)
         self._watcher = asyncio.create_task(self._watch_limits())
+        await self.admission.start()
         log.info("hook server listening on %s", self.socket)
 
+    def _domains_present(self) -> set[str]:
+        return {session.subject.domain for connection, _ in self.connections.values()
+                for session in connection.sessions.values() if session.subject.domain}
+
     async def stop(self, drain_timeout: float = 5.0) -> None:
+        await self.admission.stop()
         if self.server is not None:
             self.server.close()
         if self._watcher is not None:
@@ -134,7 +152,8 @@ class HookServer:
         task = asyncio.current_task()
         assert task is not None
         connection = HookConnection(self.engine, self.recorder, host=self.host,
-                                    policy=self.policy, background=self._keep)
+                                    policy=self.policy, background=self._keep,
+                                    admission=self.admission)
         self.connections[task] = (connection, writer)
         splitter = protocol.LineSplitter()
         errors = 0
@@ -238,7 +257,9 @@ class HookService:
             socket=socket or socket_path(config), socket_gid=hooks.socket_gid,
             policy=HookPolicy(hooks.timeout_ms, hooks.failure, hooks.on_db_error,
                               config.policy.refusal_delay_s),
-            limits_poll_s=hooks.limits_poll_s)
+            limits_poll_s=hooks.limits_poll_s,
+            admission=Admission(target=hooks.pressure_target, min_rate=hooks.pressure_min_rate,
+                                max_wait_s=hooks.timeout_ms / 2000))
 
     async def start(self) -> None:
         await self.engine.start()

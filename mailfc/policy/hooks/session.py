@@ -38,6 +38,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from mailfc.fairness import Admission
 from mailfc.policy.engine import (
     ACCEPT,
     ENFORCE,
@@ -58,6 +59,7 @@ log = logging.getLogger("mailfc.policy.hooks")
 
 ON_DB_ERROR = ("accept", "tempfail")
 CODE_BLOCKED = "CONTACTADMIN"
+RULE_PRESSURE = "pressure:heavy_commands"
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,10 @@ class HookConnection:
     """The sessions of one plugin connection; handle() answers one request."""
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
-                 policy: HookPolicy, background: Callable[[asyncio.Task[None]], None]
-                 ) -> None:
+                 policy: HookPolicy, background: Callable[[asyncio.Task[None]], None],
+                 admission: Admission | None = None) -> None:
         self.engine = engine
+        self.admission = admission
         self.recorder = recorder
         self.host = host
         self.policy = policy
@@ -187,6 +190,13 @@ class HookConnection:
                 self.orphans += 1
             return protocol.cmd_ok(sid, cid)
         kind = protocol.COMMAND_KINDS.get(name)
+        domain = session.subject.domain
+        if name in protocol.HEAVY_COMMANDS and domain and self.admission is not None \
+                and not await self.admission.admit(domain):
+            decision = Decision(TEMPFAIL, f"the server is busy and {domain} runs more heavy"
+                                " commands than its share; try again shortly", RULE_PRESSURE)
+            session.pending[cid] = (decision, ())
+            return protocol.cmd_no(sid, cid, imap_text(decision))
         # A heavy command takes a lease only where a concurrency limit applies.
         acquire = ((protocol.HEAVY_KIND,) if name in protocol.HEAVY_COMMANDS and (
             session.kinds is None or protocol.HEAVY_KIND in session.kinds) else ())

@@ -1,5 +1,5 @@
-"""Admission under CPU pressure (routers.admission) and per-key caps (mailfc.fairness):
-pure logic, with a PSI file of the test's own."""
+"""mailfc.fairness: admission under CPU pressure and per-key caps; pure logic, with a
+PSI file of the test's own."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mailfc.fairness import PerKeyLimit
-from mailfc.routers.admission import Admission, read_stall_us
+from mailfc.fairness import Admission, PerKeyLimit, read_stall_us
 
 
 def psi_file(tmp_path: Path, total_us: int) -> Path:
