@@ -10,6 +10,7 @@ import time
 import asyncpg
 import pytest
 
+from mailfc.fairness import Bucket
 from mailfc.policy.hooks.server import HookService
 from tests.conftest import eventually
 from tests.hooks.conftest import (
@@ -287,3 +288,29 @@ async def test_commands_pipelined_after_login_go_along(hooks_host: HooksHost) ->
     assert [line.split()[:2] for line in tagged] == [
         [b"a", b"OK"], [b"b", b"OK"], [b"c", b"OK"], [b"d", b"OK"]]
     assert b"[CAPABILITY " in tagged[0]
+
+
+async def test_a_domain_spaced_out_under_pressure_hears_no_limit_for_heavy_commands(
+        hooks_host: HooksHost, hooks_db: asyncpg.Pool) -> None:
+    """Admission (mailfc.fairness) in the hook server: a heavy command of a domain
+    spaced out under CPU pressure that gets no turn within half the plugin's timeout
+    is refused with NO [LIMIT]; the session goes on, and once the domain is free
+    again its searches run."""
+    await asyncio.to_thread(session_commands, "bob@k2.example", 0)     # one message
+    # A heavy-command limit far away: the plugin asks about SEARCH.
+    await set_limit(hooks_db, "bob@k2.example", "imap_heavy_concurrent", 50)
+    admission = hooks_host.hooks.server.admission
+    admission.buckets["k2.example"] = Bucket(rate=0.01, tokens=0.0)
+    try:
+        replies = await asyncio.to_thread(searches_with_limit, "bob@k2.example")
+    finally:
+        admission.buckets.pop("k2.example", None)
+    assert [typ for typ, _ in replies] == ["NO", "NO", "NO", "NO", "OK"]
+    assert replies[0][1].startswith("[LIMIT] the server is busy and k2.example runs more")
+    refused = await hooks_host.wait_recorded(
+        "SELECT count(*) FROM imap_commands WHERE account = $1 AND name = 'SEARCH'"
+        " AND verdict = 'tempfail' AND reason LIKE 'the server is busy%'",
+        "bob@k2.example", expect=4)
+    assert refused == 4
+    replies = await asyncio.to_thread(searches_with_limit, "bob@k2.example")
+    assert [typ for typ, _ in replies] == ["OK"] * 5

@@ -182,6 +182,9 @@ async def test_connection_lost_ends_sessions_and_releases_leases(
         free = await recorded(hooks_db, "SELECT count(*) = 0 FROM limit_leases"
                               " WHERE subject = $1", "account:" + ACCOUNT)
         assert free
+        # The session rows are written in the recorder's next batch.
+        assert await recorded(hooks_db, "SELECT count(*) = 3 FROM imap_sessions"
+                              " WHERE account = $1 AND ended_at IS NOT NULL", ACCOUNT)
         reasons = await hooks_db.fetch("SELECT verdict, reason, ended_at IS NOT NULL AS ended"
                                        " FROM imap_sessions WHERE account = $1"
                                        " ORDER BY id", ACCOUNT)
