@@ -34,7 +34,9 @@ RATES (per domain, additive increase, multiplicative decrease)
     demand, or named by the caller as present: the hook server names the domains
     with open IMAP sessions).  Pressure above `target`: each domain whose demand is
     above the fair share and above twice min_rate gets a rate of requests per
-    second: DECREASE x min(its current rate, what it asked for), at least min_rate.
+    second: min(its current rate, what it asked for) x min(DECREASE, target /
+    pressure), at least min_rate (the further over the target, the deeper the cut,
+    at most to a quarter per interval, so a flood is spaced out within seconds).
     Pressure below target / 2: each rated domain's rate grows by `increase` per
     interval; once that is more than twice what it asks for, it is no longer rated.
     Waiting requests count in the demand, so a spaced-out flood keeps its share
@@ -98,6 +100,7 @@ class PerKeyLimit:
 
 PSI_CPU = Path("/proc/pressure/cpu")
 DECREASE = 0.7
+DEEPEST_CUT = 0.25
 
 
 def read_stall_us(path: Path = PSI_CPU) -> int | None:
@@ -195,7 +198,8 @@ class Admission:
                     continue
                 asked = opened.get(domain, 0) / interval_s
                 bucket = self.buckets.get(domain)
-                rate = max(self.min_rate, DECREASE * min(asked, bucket.rate if bucket else asked))
+                cut = max(DEEPEST_CUT, min(DECREASE, self.target / pressure))
+                rate = max(self.min_rate, cut * min(asked, bucket.rate if bucket else asked))
                 if bucket is None:
                     log.info("CPU pressure %.0f%%: %s, %d sessions in %.0fs (fair share %.1f),"
                              " now %.1f new sessions/s", pressure * 100, domain, count,
