@@ -166,6 +166,8 @@ class Admission:
 
     async def admit(self, domain: str) -> bool:
         """Wait for `domain`'s turn; False when it does not come within max_wait_s."""
+        if self._task is None:
+            return True         # not watching the pressure (no PSI, or not started)
         self.opened[domain] += 1
         bucket = self.buckets.get(domain)
         if bucket is None:

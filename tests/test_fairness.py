@@ -19,24 +19,46 @@ def psi_file(tmp_path: Path, total_us: int) -> Path:
     return path
 
 
+@pytest.fixture
+def psi(tmp_path: Path) -> Path:
+    return psi_file(tmp_path, 1000)
+
+
+async def watching(admission: Admission) -> Admission:
+    """Started (it counts requests only while it watches the pressure); its own
+    steps never come during a test: the test calls adjust() itself."""
+    admission.interval_s = 3600.0
+    await admission.start()
+    return admission
+
+
+async def test_without_pressure_information_everyone_passes_uncounted(tmp_path: Path) -> None:
+    admission = Admission(target=0.0, psi=tmp_path / "absent")
+    await admission.start()
+    for _ in range(100):
+        assert await admission.admit("flood.example")
+    assert admission.opened == {}
+
+
 def test_the_stall_counter_is_read_and_a_missing_file_is_none(tmp_path: Path) -> None:
     assert read_stall_us(psi_file(tmp_path, 123456)) == 123456
     assert read_stall_us(tmp_path / "absent") is None
     assert read_stall_us(Path("/proc/pressure/cpu")) is not None, "this kernel has no PSI"
 
 
-async def test_a_domain_alone_is_never_spaced_out() -> None:
+async def test_a_domain_alone_is_never_spaced_out(psi: Path) -> None:
     """The flood's spacing protects other domains; with nobody else asking there is
     nobody to protect."""
-    admission = Admission(target=0.2)
+    admission = await watching(Admission(target=0.2, psi=psi))
     for _ in range(50):
         await admission.admit("only.example")
     admission.adjust(pressure=0.9, interval_s=1.0)
     assert admission.buckets == {}
 
 
-async def test_only_the_domain_over_its_share_is_spaced_out_and_freed_again() -> None:
-    admission = Admission(target=0.2, min_rate=1.0, increase=10.0, max_wait_s=5.0)
+async def test_only_the_domain_over_its_share_is_spaced_out_and_freed_again(psi: Path) -> None:
+    admission = await watching(Admission(target=0.2, min_rate=1.0, increase=10.0,
+                                         max_wait_s=5.0, psi=psi))
     for _ in range(40):
         assert await admission.admit("flood.example")
     for _ in range(2):
@@ -72,9 +94,10 @@ async def test_only_the_domain_over_its_share_is_spaced_out_and_freed_again() ->
     assert steps == 4
 
 
-async def spaced_out_flood(rate: float, max_wait_s: float) -> Admission:
+async def spaced_out_flood(rate: float, max_wait_s: float, psi: Path) -> Admission:
     """An admission where flood.example was spaced out to `rate`, its bucket empty."""
-    admission = Admission(target=0.2, min_rate=rate, max_wait_s=max_wait_s)
+    admission = await watching(Admission(target=0.2, min_rate=rate, max_wait_s=max_wait_s,
+                                         psi=psi))
     for _ in range(30):
         await admission.admit("flood.example")
     await admission.admit("quiet.example")
@@ -84,18 +107,18 @@ async def spaced_out_flood(rate: float, max_wait_s: float) -> Admission:
     return admission
 
 
-async def test_a_session_that_cannot_get_a_turn_in_time_is_refused() -> None:
-    admission = await spaced_out_flood(0.5, max_wait_s=0.3)
+async def test_a_session_that_cannot_get_a_turn_in_time_is_refused(psi: Path) -> None:
+    admission = await spaced_out_flood(0.5, max_wait_s=0.3, psi=psi)
     started = time.monotonic()
     assert not await admission.admit("flood.example")
     assert time.monotonic() - started < 0.5
     assert admission.waiting == {}
 
 
-async def test_waiting_sessions_keep_the_flood_share_large() -> None:
+async def test_waiting_sessions_keep_the_flood_share_large(psi: Path) -> None:
     """A flood already spaced out asks for few new sessions per interval but has many
     waiting: it stays the one over its share, not the quiet domain."""
-    admission = await spaced_out_flood(1.0, max_wait_s=5.0)
+    admission = await spaced_out_flood(1.0, max_wait_s=5.0, psi=psi)
     waiters = [asyncio.create_task(admission.admit("flood.example")) for _ in range(10)]
     await asyncio.sleep(0.05)
     for _ in range(3):

@@ -147,10 +147,6 @@ class Tracker(Protocol):
 Hook = Callable[..., Awaitable[Any]]
 
 
-def _notice(handler: Any, name: str) -> Callable[..., Any] | None:
-    return getattr(handler, name, None)
-
-
 class _Server:
     """The protocol factory: one per listener, holding what every connection shares."""
 
@@ -176,16 +172,20 @@ class _Server:
         self.rcpt_hook: Hook | None = getattr(handler, "handle_RCPT", None)
         self.rset_hook: Hook | None = getattr(handler, "handle_RSET", None)
         self.data_hook: Hook = handler.handle_DATA
-        self.on_connected = _notice(handler, "connected")
-        self.on_disconnected = _notice(handler, "disconnected")
-        self.on_refused = _notice(handler, "refused")
+        self.on_connected: Callable[..., None] | None = getattr(handler, "connected", None)
+        self.on_disconnected: Callable[..., None] | None = getattr(handler, "disconnected",
+                                                                   None)
+        self.on_refused: Callable[..., None] | None = getattr(handler, "refused", None)
         self.help = R_HELP.format(verbs=" ".join(self.help_verbs()))
 
     def help_verbs(self) -> list[str]:
         return [self.hello, "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"]
 
+    def hello_keywords(self, session: Session) -> list[str]:
+        return self.keywords
+
     def hello_reply(self, session: Session) -> str:
-        keywords = [self.hostname, *self.keywords]
+        keywords = [self.hostname, *self.hello_keywords(session)]
         return "\r\n".join(f"250-{k}" for k in keywords[:-1]) + f"\r\n250 {keywords[-1]}"
 
     def __call__(self) -> ServerConnection:
@@ -221,11 +221,10 @@ class SmtpServer(_Server):
     def help_verbs(self) -> list[str]:
         return ["HELO", *super().help_verbs(), *(["STARTTLS"] if self.tls_context else [])]
 
-    def hello_reply(self, session: Session) -> str:
+    def hello_keywords(self, session: Session) -> list[str]:
         if self.tls_context is None or session.tls:
-            return super().hello_reply(session)
-        keywords = [self.hostname, *self.keywords, "STARTTLS"]
-        return "\r\n".join(f"250-{k}" for k in keywords[:-1]) + f"\r\n250 {keywords[-1]}"
+            return self.keywords
+        return [*self.keywords, "STARTTLS"]
 
 
 class ServerConnection(asyncio.Protocol):

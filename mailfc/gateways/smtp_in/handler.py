@@ -142,15 +142,15 @@ class SmtpInHandler:
     async def handle_HELO(self, session: Session, hostname: str) -> None:
         self.recorder.update(_state(session).row, helo=hostname[:255])
 
-    async def handle_MAIL(self, session: Session, envelope: Envelope, address: str,
+    async def handle_MAIL(self, session: Session, envelope: Envelope, sender: str,
                           mail_options: list[str]) -> str:
+        """`sender` is "" for the null reverse path (a bounce)."""
         state = _state(session)
-        if address:
+        if sender:
             try:
-                split_address(address)
+                split_address(sender)
             except InvalidInput:
                 return replies.BAD_ADDRESS
-        sender = address
         size = next((int(o[5:]) for o in mail_options
                      if o.startswith("SIZE=") and o[5:].isdigit()), 0)
         block = (await self.blocks.get()).match(state.client_ip, sender, now())
