@@ -145,7 +145,6 @@ class Admission:
         self.buckets: dict[str, Bucket] = {}
         self.opened: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()
-        self.pressure: float | None = None
         # Domains that count in the fair share without asking (see RATES).
         self.present: Callable[[], set[str]] = set
         self._task: asyncio.Task[None] | None = None
@@ -190,7 +189,6 @@ class Admission:
 
     def adjust(self, pressure: float, interval_s: float) -> None:
         """One step of the rates from the pressure of the last interval."""
-        self.pressure = pressure
         opened, self.opened = self.opened, Counter()
         demand = opened + self.waiting
         if pressure > self.target and demand:

@@ -236,6 +236,13 @@ def block_decision(block: Mapping[str, Any]) -> Decision:
                     f"{why}", f"block:{block['kind']}", ENFORCE)
 
 
+async def pause_before_refusal(decision: Decision, delay_s: float) -> None:
+    """SLOW REFUSALS (policy.milter.session): a refusal by an enforced flow limit is
+    answered only after delay_s, so a flood that retries at once costs little."""
+    if decision.over_limit and delay_s > 0:
+        await asyncio.sleep(delay_s)
+
+
 def _fairness_key(subject: Subject) -> str:
     return subject.domain or subject.account or subject.client_ip or ""
 

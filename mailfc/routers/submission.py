@@ -89,6 +89,10 @@ class BackendUnavailable(Exception):
     """The domain's Postfix did not greet or refused XCLIENT."""
 
 
+class DomainBusy(BackendUnavailable):
+    """Admission (mailfc.fairness) gave the domain no turn in time."""
+
+
 @dataclass
 class Backend:
     reader: asyncio.StreamReader
@@ -131,7 +135,6 @@ class SubmissionSession:
         (self.client_ip, self.client_port), self.local = peer_and_local(writer)
         self.helo: str | None = None
         self.failures = 0
-        self.held_back = False      # admission refused this session (mailfc.fairness)
 
     async def send(self, line: str) -> None:
         self.writer.write(line.encode() + b"\r\n")
@@ -280,7 +283,7 @@ class SubmissionSession:
             return await self.fail()
         assert login.account is not None
         if login.backend is None:
-            reply = R_BUSY if self.held_back else R_UNAVAILABLE
+            reply = R_BUSY if isinstance(login.unavailable, DomainBusy) else R_UNAVAILABLE
             await self.send(reply.format(domain=login.account.domain))
             return True
         await self.send(R_AUTH_OK)
@@ -299,8 +302,7 @@ class SubmissionSession:
         """The domain's Postfix, greeted and told who the client is (XCLIENT)."""
         config = self.router.config
         if not await self.router.admission.admit(account.domain):
-            self.held_back = True
-            raise BackendUnavailable(f"{account.domain}: no turn within "
+            raise DomainBusy(f"{account.domain}: no turn within "
                                      f"{self.settings.pressure_max_wait_s:g}s")
         placement = await self.router.directory.place(account.domain)
         reader, writer = await netio.open_connection(

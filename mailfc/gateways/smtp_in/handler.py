@@ -27,7 +27,6 @@ follows policy.on_db_error_inbound ("accept" by default: recorded as accepted un
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import logging
 import re
@@ -52,6 +51,7 @@ from mailfc.policy.engine import (
     PolicyUnavailable,
     Subject,
     block_decision,
+    pause_before_refusal,
 )
 from mailfc.policy.recorder import Recorder, Row, now
 from mailfc.policy.replies import RULE_UNAVAILABLE, smtp_reply
@@ -271,10 +271,9 @@ class SmtpInHandler:
     # -- helpers -----------------------------------------------------------------------
 
     async def _refusal_reply(self, refusal: Decision) -> str:
-        """Over a limit: the reply after policy.refusal_delay_s (the milter's SLOW
-        REFUSALS), which holds only this session."""
-        if refusal.over_limit and self.refusal_delay_s > 0:
-            await asyncio.sleep(self.refusal_delay_s)
+        """The reply, after policy.refusal_delay_s when a limit refuses (it holds only
+        this session)."""
+        await pause_before_refusal(refusal, self.refusal_delay_s)
         return _reply(refusal)
 
     def _unavailable(self, error: PolicyUnavailable) -> Decision:

@@ -86,8 +86,9 @@ class HookServer:
         self.limits_poll_s = limits_poll_s
         # Heavy commands under CPU pressure; the domains with open sessions count in
         # the fair share though their commands are not asked about.
-        self.admission = admission or Admission(target=1.0)
-        self.admission.present = self._domains_present
+        self.admission = admission
+        if admission is not None:
+            admission.present = self._domains_present
         self.server: asyncio.Server | None = None
         self.connections: dict[asyncio.Task[None], tuple[HookConnection,
                                                          asyncio.StreamWriter]] = {}
@@ -111,7 +112,8 @@ class HookServer:
             os.chown(self.socket, -1, self.socket_gid)
             self.socket.chmod(0o660)
         self._watcher = asyncio.create_task(self._watch_limits())
-        await self.admission.start()
+        if self.admission is not None:
+            await self.admission.start()
         log.info("hook server listening on %s", self.socket)
 
     def _domains_present(self) -> set[str]:
@@ -119,7 +121,8 @@ class HookServer:
                 for session in connection.sessions.values() if session.subject.domain}
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
-        await self.admission.stop()
+        if self.admission is not None:
+            await self.admission.stop()
         if self.server is not None:
             self.server.close()
         if self._watcher is not None:
@@ -249,17 +252,17 @@ class HookService:
     def __init__(self, config: Config, pool: asyncpg.Pool, *, socket: Path | None = None
                  ) -> None:
         hooks = config.hooks
+        policy = HookPolicy(hooks.timeout_ms, hooks.failure, hooks.on_db_error,
+                            config.policy.refusal_delay_s)
         self.engine = LimitEngine.from_config(pool, config)
         self.recorder = Recorder.from_config(pool, config, "hook-server",
                                              holder=self.engine.holder)
         self.server = HookServer(
             self.engine, self.recorder, pool, host=config.host_name,
             socket=socket or socket_path(config), socket_gid=hooks.socket_gid,
-            policy=HookPolicy(hooks.timeout_ms, hooks.failure, hooks.on_db_error,
-                              config.policy.refusal_delay_s),
-            limits_poll_s=hooks.limits_poll_s,
+            policy=policy, limits_poll_s=hooks.limits_poll_s,
             admission=Admission(target=hooks.pressure_target, min_rate=hooks.pressure_min_rate,
-                                max_wait_s=hooks.timeout_ms / 2000))
+                                max_wait_s=policy.longest_wait_s))
 
     async def start(self) -> None:
         await self.engine.start()

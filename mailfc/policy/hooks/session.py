@@ -48,6 +48,7 @@ from mailfc.policy.engine import (
     LimitEngine,
     PolicyUnavailable,
     Subject,
+    pause_before_refusal,
 )
 from mailfc.policy.hooks import protocol
 from mailfc.policy.hooks.grants import Grants
@@ -74,8 +75,9 @@ class HookPolicy:
     refusal_delay_s: float = 0.0
 
     @property
-    def refusal_wait_s(self) -> float:
-        return max(0.0, min(self.refusal_delay_s, self.timeout_ms / 2000))
+    def longest_wait_s(self) -> float:
+        """How long the server may keep a plugin waiting: half its timeout."""
+        return self.timeout_ms / 2000
 
 
 def from_us(microseconds: int) -> datetime.datetime:
@@ -226,9 +228,9 @@ class HookConnection:
         decision = check.decision
         session.pending[cid] = (decision if decision.verdict != ACCEPT else None, check.leases)
         if decision.refuses:
-            if decision.over_limit and self.policy.refusal_wait_s > 0:
-                # Only this plugin connection (one imap process of the domain) waits.
-                await asyncio.sleep(self.policy.refusal_wait_s)
+            # Only this plugin connection (one imap process of the domain) waits.
+            await pause_before_refusal(decision, min(self.policy.refusal_delay_s,
+                                                     self.policy.longest_wait_s))
             return protocol.cmd_no(sid, cid, imap_text(decision))
         return protocol.cmd_ok(sid, cid, grant)
 

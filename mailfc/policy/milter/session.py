@@ -48,7 +48,6 @@ FAILURE POLICY
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from mailfc.policy.engine import (
     LimitEngine,
     PolicyUnavailable,
     Subject,
+    pause_before_refusal,
 )
 from mailfc.policy.milter import codec
 from mailfc.policy.recorder import Recorder, Row, now
@@ -241,8 +241,7 @@ class MilterSession:
         refusal = self._record("mail", decisions, detail={"size": announced})
         if refusal is not None:
             await self._close_transaction(refusal.verdict, refusal.reason)
-            if refusal.over_limit and self.refusal_delay_s > 0:
-                await asyncio.sleep(self.refusal_delay_s)
+            await pause_before_refusal(refusal, self.refusal_delay_s)
             return self._replycode(refusal)
         return codec.CONTINUE
 
