@@ -8,6 +8,7 @@ only a dispatcher or only routers).
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import click
@@ -69,6 +70,12 @@ async def _run(config: Config, services: tuple[str, ...]) -> None:
     stopping = eventloop.stop_requested()
     try:
         await platform.start()
+        # Everything made while starting (modules, settings, pools) lives as long as
+        # the process.  Out of the collector's sight, a full collection scans only
+        # what sessions made since: with it, one takes 25-50 ms here (60,000 objects
+        # of modules alone), a pause of every session this process serves.
+        gc.collect()
+        gc.freeze()
         logging.getLogger("mailfc").info(
             "mailfc is up (state in %s); Ctrl-C or SIGTERM stops it", config.state_dir)
         await stopping.wait()

@@ -142,10 +142,3 @@ class Directory:
     def forget_placement(self, domain: str) -> None:
         """After a failure towards the domain's host: ask the CMDB next time."""
         self._placements.pop(domain, None)
-
-    async def record_auth(self, protocol: str, username: str, domain: str | None,
-                          client_ip: str | None, success: bool, reason: str) -> None:
-        await self.pool.execute(
-            "INSERT INTO auth_attempts (at, protocol, username, domain, client_ip, success,"
-            " reason) VALUES (now(), $1, $2, $3, $4, $5, $6)",
-            protocol, username[:320], domain, client_ip, success, reason)

@@ -6,7 +6,9 @@ writer, implicit_tls).run()`), and checks logins (`authenticate`): past the
 per-IP or per-account failure throttle a login is refused unchecked; an
 active account's backend session starts opening while its password is
 checked, so a cold start overlaps the check; every attempt is recorded in
-auth_attempts without making the session wait for the database.  The
+auth_attempts without making the session wait for the database (the session
+recorder, mailfc.policy.recorder: batched, so a flood of logins costs the
+database one write per flush, not a commit per attempt).  The
 protocol's own replies (and the delay before a failure's) stay with the
 session.
 """
@@ -27,6 +29,7 @@ from mailfc import netio
 from mailfc.config import Config, LoginSection, split_hostport
 from mailfc.db.directory import Account, Directory
 from mailfc.db.placement import Placement
+from mailfc.policy.recorder import Recorder
 from mailfc.routers.throttle import FailureThrottle
 
 
@@ -122,9 +125,10 @@ class LoginRouter:
         self._log = log
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[None]] = set()
-        self._records: set[asyncio.Task[None]] = set()
+        self.recorder = Recorder.from_config(directory.pool, config, self.name)
 
     async def start(self) -> None:
+        await self.recorder.start()
         for address, implicit_tls in self._listen:
             host, port = split_hostport(address)
             self._servers.append(await asyncio.start_server(
@@ -134,7 +138,7 @@ class LoginRouter:
 
     async def stop(self, drain_timeout: float) -> None:
         await netio.stop_sessions(self._servers, self._sessions, drain_timeout)
-        await asyncio.gather(*self._records, return_exceptions=True)
+        await self.recorder.stop()
         self._servers.clear()
 
     def _handler(self, implicit_tls: bool) -> Callable[
@@ -187,12 +191,5 @@ class LoginRouter:
 
     def record(self, username: str, domain: str | None, client_ip: str | None,
                success: bool, reason: str) -> None:
-        async def write() -> None:
-            try:
-                await self.directory.record_auth(self.protocol, username, domain, client_ip,
-                                                 success, reason)
-            except Exception as error:
-                self._log.warning("could not record login attempt of %r: %s", username, error)
-        task = asyncio.create_task(write())
-        self._records.add(task)
-        task.add_done_callback(self._records.discard)
+        self.recorder.new("auth_attempts", protocol=self.protocol, username=username[:320],
+                          domain=domain, client_ip=client_ip, success=success, reason=reason)
