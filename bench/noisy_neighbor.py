@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import functools
 import multiprocessing
-import os
 import signal
 import ssl
 import statistics
@@ -346,9 +345,7 @@ async def flood(seconds: float, senders: int, submit: object, open_imap: object)
 
 async def flood_load(seconds: float, senders: int, shared: tuple[str, str] | None
                      ) -> tuple[int, int]:
-    """A's load, (sent, refused); run in a process of its own (flood_elsewhere), at a
-    lower CPU priority (module docstring)."""
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    """A's load, (sent, refused); run in a process of its own (flood_elsewhere)."""
 
     async def main() -> Samples:
         if shared is None:
@@ -374,12 +371,13 @@ async def flood_load(seconds: float, senders: int, shared: tuple[str, str] | Non
     return outcome.sent, outcome.refused
 
 
-async def flood_elsewhere(seconds: float, senders: int,
-                          shared: tuple[str, str] | None) -> tuple[int, int]:
-    """A's flood from a process of its own: driving 50 TLS clients must not slow the
-    event loop that measures B."""
+async def flood_elsewhere(seconds: float, senders: int, shared: tuple[str, str] | None,
+                          started: asyncio.Event) -> tuple[int, int]:
+    """A's flood from a process of its own, at the lowest CPU priority (module
+    docstring): driving 50 TLS clients must not slow the event loop that measures
+    B.  `started` is set when its clients begin, once its imports are done."""
     return await in_own_process(flood_load, seconds, senders, shared,
-                                within_s=seconds + 120)
+                                within_s=seconds + 120, idle=True, started=started)
 
 
 async def max_open_sends(pool: asyncpg.Pool, domain: str, since: float) -> int:
@@ -451,8 +449,10 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         a_sent = a_refused = 0
         for round_number in range(1, args.rounds + 1):
             solo_round = await quiet_domain(args.seconds, b_submit, b_imap, sink)
+            started = asyncio.Event()
             flooding = asyncio.create_task(flood_elsewhere(
-                ONSET_S + args.seconds + 2, args.senders, None))
+                ONSET_S + args.seconds + 2, args.senders, None, started))
+            await started.wait()
             onset.add(await quiet_domain(ONSET_S, b_submit, b_imap, sink))
             during_round = await quiet_domain(args.seconds, b_submit, b_imap, sink)
             sent, refused = await flooding
@@ -491,8 +491,10 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         async def s_b_imap() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await imap_session(imap_address, 143, "b0@shared.example", tls=False)
 
+        started = asyncio.Event()
         flooding = asyncio.create_task(flood_elsewhere(
-            ONSET_S + args.seconds + 2, args.senders, (smtp_address, imap_address)))
+            ONSET_S + args.seconds + 2, args.senders, (smtp_address, imap_address), started))
+        await started.wait()
         await asyncio.sleep(ONSET_S)
         shared = await quiet_domain(args.seconds, s_b_submit, s_b_imap, sink)
         s_sent, s_refused = await flooding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -21,22 +22,35 @@ T = TypeVar("T")
 
 
 def _load_child(load: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...],
-                results: multiprocessing.Queue[T]) -> None:
+                results: multiprocessing.Queue[T], started: Any) -> None:
+    started.set()
     results.put(asyncio.run(load(*args)))
 
 
 async def in_own_process(load: Callable[..., Coroutine[Any, Any, T]], *args: Any,
-                         within_s: float = 300.0) -> T:
+                         within_s: float = 300.0, idle: bool = False,
+                         started: asyncio.Event | None = None) -> T:
     """await load(*args) in a process of its own: a client sharing the event loop (or
     the CPU time slice) of the service it measures would slow that service and skew
     the figure.  Spawned, not forked: a fork of a process running uvloop inherits
-    libuv's state and can hang.  `load` must be a module-level function."""
+    libuv's state and can hang.  `load` must be a module-level function.
+
+    idle: the process is SCHED_IDLE from its first instruction (its imports too: it
+    gets a CPU only when nothing else wants one).  started: set once the process
+    has imported what it needs and begins `load`."""
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue[T] = context.Queue()
+    begun = context.Event()
     process = context.Process(
-        target=_load_child, args=(load, args, results))
+        target=_load_child, args=(load, args, results, begun))
     process.start()
+    if idle:
+        assert process.pid is not None
+        os.sched_setscheduler(process.pid, os.SCHED_IDLE, os.sched_param(0))
     try:
+        if started is not None:
+            await asyncio.to_thread(begun.wait, within_s)
+            started.set()
         result: T = await asyncio.to_thread(results.get, True, within_s)
     finally:
         await asyncio.to_thread(process.join, 30)

@@ -207,6 +207,7 @@ class Admission:
                     self.buckets[domain] = Bucket(rate)
                 else:
                     bucket.rate = rate
+                log.info("DIAG pressure %.2f %s count %d asked %.1f rate %.1f", pressure, domain, count, asked, rate)
         elif pressure < self.target / 2:
             for domain in list(self.buckets):
                 bucket = self.buckets[domain]
