@@ -13,6 +13,8 @@ PER-KEY CAPS (PerKeyLimit)
         limit = PerKeyLimit(3)
         async with limit.slot("a.example"):
             ...
+        async with limit.slot("b.example", per_key=5):     # a cap of its own
+            ...
 
 ADMISSION UNDER PRESSURE (Admission)
     A domain flooding within its own limits (5 sends at once, back to back; two
@@ -79,10 +81,12 @@ class PerKeyLimit:
         self._keys: dict[str, _Key] = {}
 
     @contextlib.asynccontextmanager
-    async def slot(self, key: str) -> AsyncIterator[None]:
+    async def slot(self, key: str, per_key: int | None = None) -> AsyncIterator[None]:
+        """Hold one of `key`'s slots.  `per_key` overrides the cap for a key that
+        nobody holds yet (a key's cap is fixed while it is in use)."""
         entry = self._keys.get(key)
         if entry is None:
-            entry = self._keys[key] = _Key(self.per_key)
+            entry = self._keys[key] = _Key(max(1, per_key or self.per_key))
         entry.users += 1
         try:
             async with entry.semaphore:
@@ -207,7 +211,6 @@ class Admission:
                     self.buckets[domain] = Bucket(rate)
                 else:
                     bucket.rate = rate
-                log.info("DIAG pressure %.2f %s count %d asked %.1f rate %.1f", pressure, domain, count, asked, rate)
         elif pressure < self.target / 2:
             for domain in list(self.buckets):
                 bucket = self.buckets[domain]

@@ -149,3 +149,22 @@ async def test_per_key_limit_caps_one_key_and_forgets_idle_ones() -> None:
     await asyncio.gather(*tasks)
     assert len(inside) == 6
     assert limit.in_use("a") == 0 and limit._keys == {}
+
+
+async def test_a_key_may_have_a_cap_of_its_own() -> None:
+    limit = PerKeyLimit(1)
+    inside: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(key: str, cap: int | None) -> None:
+        async with limit.slot(key, cap):
+            inside.append(key)
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold("a", 3)) for _ in range(5)]
+    tasks += [asyncio.create_task(hold("b", None)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert sorted(inside) == ["a", "a", "a", "b"]
+    release.set()
+    await asyncio.gather(*tasks)
+    assert limit._keys == {}

@@ -27,6 +27,17 @@ AFTER AUTH
     DATA content streams through untouched up to the final dot.
     Domain's container not available: 451 4.3.0 for the AUTH (try again later).
 
+SESSIONS PER DOMAIN
+    A domain with an enforced concurrent_sends limit (domain scope) gets at most
+    that many authenticated sessions through this router at once; the AUTH of one
+    more waits for a session to end.  Beyond its limit a session could only be
+    refused at MAIL by the milter, after costing the domain's Postfix a process,
+    the milter and the database a decision, and its client a new TLS session for
+    each retry: a flood of 50 senders against a limit of 5 would spend the shared
+    parts' CPU on 45 sessions that can never send.  No slot within
+    pressure_max_wait_s: 451 4.7.1 for the AUTH.  The milter stays the authority
+    (per account, across hosts); limits are read every few seconds.
+
 ADMISSION
     While the host is short of CPU, a domain opening more sessions than its fair
     share waits for its turn before its Postfix is contacted (mailfc/fairness.py);
@@ -50,12 +61,15 @@ import ssl
 import time
 from dataclasses import dataclass
 
+import asyncpg
+
 from mailfc import netio
 from mailfc.addresses import normalize_address
 from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
-from mailfc.fairness import Admission
+from mailfc.fairness import Admission, PerKeyLimit
+from mailfc.policy.snapshot import Snapshot
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
 from mailfc.routers.listeners import LoginRouter, peer_and_local
@@ -64,6 +78,7 @@ from mailfc.routers.throttle import delay_failure
 log = logging.getLogger("mailfc.routers.submission")
 
 MAX_LINE = 4096
+SEND_LIMITS_REFRESH_S = 2.0
 MAX_FAILURES_PER_SESSION = 3
 BACKEND_TIMEOUT_S = 60.0
 
@@ -75,6 +90,8 @@ R_AUTH_OK = "235 2.7.0 Authentication successful"
 R_UNAVAILABLE = "451 4.3.0 The mail server for {domain} is not available, try again later"
 R_BUSY = ("451 4.7.1 Too many new sessions for {domain} while this server is busy,"
           " try again later")
+R_SESSIONS = ("451 4.7.1 Too many sessions of {domain} at once (its limit is {limit}"
+              " concurrent sends), try again later")
 R_BAD_SENDER = "553 5.7.1 Sender address <{sender}> is not owned by user {user}"
 R_ALREADY = "503 5.5.1 Already authenticated"
 R_SYNTAX = "501 5.5.4 Syntax error in parameters"
@@ -99,6 +116,21 @@ class Backend:
     writer: asyncio.StreamWriter
 
 
+class ConcurrentSendLimits(Snapshot[dict[str, int]]):
+    """Each domain's enforced concurrent_sends limit (SESSIONS PER DOMAIN)."""
+
+    what = "concurrent_sends limits"
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool, {}, SEND_LIMITS_REFRESH_S)
+
+    async def read(self) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT d.name, l.value FROM limits l JOIN domains d ON d.id = l.domain_id"
+            " WHERE l.scope = 'domain' AND l.kind = 'concurrent_sends' AND l.mode = 'enforce'")
+        return {row["name"]: int(row["value"]) for row in rows}
+
+
 class SubmissionRouter(LoginRouter):
     name = "submission-router"
     protocol = "submission"
@@ -113,6 +145,9 @@ class SubmissionRouter(LoginRouter):
         self.admission = Admission(target=settings.pressure_target,
                                    min_rate=settings.pressure_min_rate,
                                    max_wait_s=settings.pressure_max_wait_s)
+        self.send_limits = ConcurrentSendLimits(directory.pool)
+        self.domain_sessions = PerKeyLimit(1)   # each domain's cap: its limit
+        self.slot_wait_s = settings.pressure_max_wait_s
 
     async def start(self) -> None:
         await self.admission.start()
@@ -135,6 +170,8 @@ class SubmissionSession:
         (self.client_ip, self.client_port), self.local = peer_and_local(writer)
         self.helo: str | None = None
         self.failures = 0
+        # The domain's session slot (SESSIONS PER DOMAIN), held until the session ends.
+        self.slot = contextlib.AsyncExitStack()
 
     async def send(self, line: str) -> None:
         self.writer.write(line.encode() + b"\r\n")
@@ -185,6 +222,12 @@ class SubmissionSession:
     # -- before AUTH ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self.dialogue()
+        finally:
+            await self.slot.aclose()
+
+    async def dialogue(self) -> None:
         await self.send(R_GREETING.format(host=self.host))
         deadline = time.monotonic() + self.settings.login_timeout_s
         while True:
@@ -275,10 +318,17 @@ class SubmissionSession:
         return line.decode("ascii", "replace").strip()
 
     async def login(self, username: str, password: str) -> tuple[Account, Backend] | bool:
+        domain = username.rpartition("@")[2].strip().lower()
+        limit = (await self.router.send_limits.get()).get(domain)
+        if limit is not None and not await self.take_slot(domain, limit):
+            await self.send(R_SESSIONS.format(domain=domain, limit=limit))
+            return True
         login = await self.router.authenticate(
             username, password, self.client_ip, self.open_backend,
             (BackendUnavailable, MailfcError, OSError, TimeoutError, LmtpError,
              asyncio.IncompleteReadError))
+        if login.failure is not None or login.backend is None:
+            await self.slot.aclose()    # only a session that goes on keeps its slot
         if login.failure is not None:
             return await self.fail()
         assert login.account is not None
@@ -288,6 +338,16 @@ class SubmissionSession:
             return True
         await self.send(R_AUTH_OK)
         return login.account, login.backend
+
+    async def take_slot(self, domain: str, limit: int) -> bool:
+        """One of the domain's session slots, waiting up to pressure_max_wait_s."""
+        try:
+            async with asyncio.timeout(self.router.slot_wait_s):
+                await self.slot.enter_async_context(
+                    self.router.domain_sessions.slot(domain, limit))
+        except TimeoutError:
+            return False
+        return True
 
     async def fail(self) -> bool:
         self.failures += 1

@@ -10,8 +10,9 @@ import uuid
 
 import pytest
 
+from mailfc.db import limits
 from mailfc.fairness import Bucket
-from mailfc.routers.submission import SubmissionRouter
+from mailfc.routers.submission import SEND_LIMITS_REFRESH_S, SubmissionRouter
 from tests.conftest import require_binary
 from tests.routers.conftest import (
     PASSWORD,
@@ -124,3 +125,53 @@ async def test_a_domain_spaced_out_under_pressure_waits_then_gets_451_4_7_1(
     finally:
         admission.buckets.pop("a.example", None)
         admission.max_wait_s = saved_wait
+
+
+async def test_sessions_beyond_the_domains_concurrent_sends_limit_wait_for_a_slot(
+        router_host: RouterHost) -> None:
+    """SESSIONS PER DOMAIN: with a.example limited to one send at once, a second
+    a.example session waits at AUTH while the first is open (451 4.7.1 when none
+    frees in time) and goes through once the first has ended; other domains are
+    not held, and a failed login keeps no slot."""
+    router = next(s for s in router_host.platform.services if isinstance(s, SubmissionRouter))
+    saved_wait = router.slot_wait_s
+    router.slot_wait_s = 0.5
+    async with router_host.pool.acquire() as db:
+        await limits.set_limit(db, "a.example", "concurrent_sends", 1)
+    await asyncio.sleep(SEND_LIMITS_REFRESH_S + 0.2)
+
+    def open_session() -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", SUBMISSION_PORT, timeout=60)
+        client.starttls(context=client_tls())
+        client.login("bob@a.example", PASSWORD)
+        return client
+
+    try:
+        first = await asyncio.to_thread(open_session)
+        try:
+            with pytest.raises(smtplib.SMTPAuthenticationError) as held:
+                await asyncio.to_thread(submit, "carol@a.example", PASSWORD,
+                                        "carol@a.example", "x")
+            assert held.value.smtp_code == 451 and b"4.7.1" in held.value.smtp_error
+            assert b"a.example" in held.value.smtp_error and b"limit is 1" in held.value.smtp_error
+            # Another domain is not held.
+            assert await asyncio.to_thread(submit, "dave@b.example", PASSWORD,
+                                           "dave@b.example", "x") == {}
+            # The first session still sends: its slot is its own.
+            assert await asyncio.to_thread(first.sendmail, "bob@a.example",
+                                           ["someone@remote.example"],
+                                           "Subject: first\r\n\r\nhello\r\n") == {}
+        finally:
+            await asyncio.to_thread(first.quit)
+        # A failed login gives its slot back at once.
+        with pytest.raises(smtplib.SMTPAuthenticationError) as wrong:
+            await asyncio.to_thread(submit, "carol@a.example", "wrong", "carol@a.example", "x")
+        assert wrong.value.smtp_code == 535
+        assert router.domain_sessions.in_use("a.example") == 0
+        assert await asyncio.to_thread(submit, "carol@a.example", PASSWORD,
+                                       "carol@a.example", "x") == {}
+    finally:
+        router.slot_wait_s = saved_wait
+        async with router_host.pool.acquire() as db:
+            await limits.unset_limit(db, "a.example", "concurrent_sends")
+        await asyncio.sleep(SEND_LIMITS_REFRESH_S + 0.2)
