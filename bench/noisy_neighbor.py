@@ -1,6 +1,6 @@
 """Benchmark: the reason mailfc exists — one domain's flood must not slow another.
 
-    python -m bench.noisy_neighbor [--seconds 15] [--senders 50]
+    python -m bench.noisy_neighbor [--seconds 15] [--rounds 3] [--senders 50]
 
 Domain A floods: --senders concurrent submission loops (10x its limit of 5
 concurrent sends) plus an IMAP SEARCH storm (5 sessions searching back to back,
@@ -8,19 +8,25 @@ concurrent sends) plus an IMAP SEARCH storm (5 sessions searching back to back,
 refused sender does).  The flood's clients run as SCHED_IDLE (they get a CPU only
 when nothing else wants one): on a real host they are elsewhere on the internet,
 and here they would otherwise take the CPU of the two cores that the platform under
-test needs.  Domain B sends one message every
-0.5 s and reads its mailbox every 0.25 s.  Reported, all in one run:
+test needs.  Domain B sends one message every 0.5 s and reads its mailbox every
+0.25 s over an IMAP session opened before the clock starts.  Both domains are
+warmed first (their containers running: cold starts are bench/cold_start.py's).
+Reported, all in one run:
 
   1. B alone on mailfc,
-  2. B during A's flood on mailfc (A in its own containers, with limits),
+  2. B during A's flood on mailfc (A in its own containers, with limits), in
+     --rounds rounds that alternate with 1 (so drift of the machine falls on both
+     alike); the flood's first ONSET_S seconds are reported apart, and the ratio
+     is given with and without them,
   3. B during the same flood on a plain shared Postfix + Dovecot serving both
      domains (the same binaries in one shared container pair, no limits: the
      status quo of one server per box),
 
 as p50/p99 of B's delivery latency (submission start to arrival at the remote
-MX) and of B's IMAP command latency (with its three slowest commands: of 60,
-the p99 is the second slowest), plus the most concurrent sends A ever had
-open on mailfc (from the milter's records) against its limit.
+MX) and of B's IMAP command latency (with its three slowest commands), plus the
+most concurrent sends A ever had open on mailfc (from the milter's records)
+against its limit.  With 90 messages and 180 commands per figure (3 rounds of
+15 s) a p99 is the second slowest: the per-round lines show how much it moves.
 
 Everything runs on loopback and this host's own container bridge; the remote
 MX is an aiosmtpd server of this benchmark, in a process of its own (A's accepted
