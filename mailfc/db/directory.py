@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import asyncpg
@@ -31,6 +32,11 @@ VERIFIED_MAX = 100_000
 # removed one still receives for at most this long (as with Postfix's caches).
 RECIPIENT_TTL_S = 5.0
 RECIPIENT_MAX = 100_000
+# Password checks run one at a time per process, beside its event loop: a burst
+# of logins (fifty clients of one flooding domain at once, a botnet guessing)
+# then takes at most one core, not every core the loop's default pool would
+# use, and the host's other sessions keep the rest.
+PASSWORD_CHECKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="password-check")
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,9 @@ class Directory:
         now = time.monotonic()
         if self._verified.get(key, 0.0) > now:
             return True
-        # Off the event loop so other sessions go on meanwhile.
-        ok = await asyncio.to_thread(verify_password, account.password_hash, password)
+        # Off the event loop so other sessions go on meanwhile (PASSWORD_CHECKS).
+        ok = await asyncio.get_running_loop().run_in_executor(
+            PASSWORD_CHECKS, verify_password, account.password_hash, password)
         if ok:
             if len(self._verified) >= VERIFIED_MAX:
                 self._verified.clear()
