@@ -107,11 +107,13 @@ class MessageTooBig(Exception):
 class Envelope:
     """One transaction.  mail_from is None before MAIL, "" for the null sender."""
 
-    __slots__ = ("content", "extra", "mail_from", "mail_options", "rcpt_tos")
+    __slots__ = ("content", "declared_size", "extra", "mail_from", "mail_options", "rcpt_tos")
 
     def __init__(self) -> None:
         self.mail_from: str | None = None
         self.mail_options: list[str] = []
+        # What MAIL's SIZE= announced (0: nothing), checked against the limit.
+        self.declared_size = 0
         self.rcpt_tos: list[str] = []
         self.content = b""
         # What hooks keep for the transaction (alias expansions, XFORWARD attributes).
@@ -536,16 +538,19 @@ class ServerConnection(asyncio.Protocol):
         problem = _check_parameters(options, MAIL_PARAMETERS)
         if problem:
             return self._error(problem)
+        declared = 0
         for option in options:
             name, _, value = option.partition("=")
             name = name.upper()
             if name == "SIZE":
                 if not value.isdigit():
                     return self._error(R_SYNTAX.format(usage="SIZE=<number>"))
-                if int(value) > self.server.data_size_limit:
+                declared = int(value)
+                if declared > self.server.data_size_limit:
                     return self._error(R_TOO_BIG.format(limit=self.server.data_size_limit))
             elif name == "BODY" and value.upper() not in BODY_TYPES:
                 return self._error(R_SYNTAX.format(usage="BODY=7BIT or BODY=8BITMIME"))
+        self.envelope.declared_size = declared
         if self.server.mail_hook is not None:
             reply = await self._hook(self.server.mail_hook, self.envelope, address, options)
             reply = reply or R_INTERNAL

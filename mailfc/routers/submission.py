@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from mailfc import netio
-from mailfc.addresses import normalize_address
+from mailfc.addresses import normalize_address, split_address
 from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
@@ -318,7 +318,10 @@ class SubmissionSession:
         return line.decode("ascii", "replace").strip()
 
     async def login(self, username: str, password: str) -> tuple[Account, Backend] | bool:
-        domain = username.rpartition("@")[2].strip().lower()
+        try:
+            domain = split_address(username)[1]
+        except InvalidInput:
+            domain = ""     # no account: authenticate() refuses it
         limit = (await self.router.send_limits.get()).get(domain)
         if limit is not None and not await self.take_slot(domain, limit):
             await self.send(R_SESSIONS.format(domain=domain, limit=limit))

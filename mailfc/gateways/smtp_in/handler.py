@@ -151,8 +151,7 @@ class SmtpInHandler:
                 split_address(sender)
             except InvalidInput:
                 return replies.BAD_ADDRESS
-        size = next((int(o[5:]) for o in mail_options
-                     if o.startswith("SIZE=") and o[5:].isdigit()), 0)
+        size = envelope.declared_size
         block = (await self.blocks.get()).match(state.client_ip, sender, now())
         decisions = [block_decision(block.as_row())] if block is not None else []
         row = self.recorder.new("smtp_messages", session_id=state.row, started_at=now(),

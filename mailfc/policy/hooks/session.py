@@ -79,6 +79,10 @@ class HookPolicy:
         """How long the server may keep a plugin waiting: half its timeout."""
         return self.timeout_ms / 2000
 
+    @property
+    def refusal_pause_s(self) -> float:
+        return min(self.refusal_delay_s, self.longest_wait_s)
+
 
 def from_us(microseconds: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(microseconds / 1e6, datetime.UTC)
@@ -229,8 +233,7 @@ class HookConnection:
         session.pending[cid] = (decision if decision.verdict != ACCEPT else None, check.leases)
         if decision.refuses:
             # Only this plugin connection (one imap process of the domain) waits.
-            await pause_before_refusal(decision, min(self.policy.refusal_delay_s,
-                                                     self.policy.longest_wait_s))
+            await pause_before_refusal(decision, self.policy.refusal_pause_s)
             return protocol.cmd_no(sid, cid, imap_text(decision))
         return protocol.cmd_ok(sid, cid, grant)
 
