@@ -6,9 +6,10 @@ Runs the runtime alone (embedded PostgreSQL in a temporary state directory,
 its own bridge mfccs0, subnet 10.84.0.0/22 and name prefix mfccs) and prints:
 
 1. cold start, per image: from the ensure() call to the first banner byte on
-   a fresh connection (the container was not running), p50/p95/max, and the
-   part that is ensure() alone (readiness = the service port listens);
-   target p50 <= 100 ms;
+   a fresh connection to the service's unix socket (for IMAP: the greeting of
+   a session handed over through imap-master, as the dispatcher does it) (the
+   container was not running), p50/p95/max, and the part that is ensure()
+   alone (readiness = the service's socket listens); target p50 <= 100 ms;
 2. memory of one running domain: cgroup memory usage and the summed PSS of its
    processes (shared library pages split fairly), per image;
 3. how many containers run at once here: starts domains (Postfix + Dovecot
@@ -30,11 +31,10 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.platform import scratch_state
+from bench.platform import first_bytes, scratch_state
 from mailfc.config import Config, parse_config
 from mailfc.db import connect
 from mailfc.runtime import Instance, Runtime, RuntimeSettings, cgroups
-from mailfc.runtime.readiness import read_banner
 
 HOST = "bench-cold-host"
 SUBNET = "10.84.0.0/22"
@@ -94,7 +94,7 @@ async def cold_starts(runtime: Runtime, domain: str, service: str, rounds: int
         started = time.perf_counter()
         instance = await runtime.ensure(domain, service)
         ready = time.perf_counter()
-        banner = await read_banner(str(instance.address), instance.port(service))
+        banner = await first_bytes(instance, service)
         greeted = time.perf_counter()
         if not banner:
             raise RuntimeError(f"{service}: no banner")
@@ -127,7 +127,7 @@ async def capacity(runtime: Runtime, pool: asyncpg.Pool, limit: int) -> None:
                 break
         elapsed = time.perf_counter() - started
         banners = await asyncio.gather(
-            *(read_banner(str(i.address), i.port()) for i in running), return_exceptions=True)
+            *(first_bytes(i, i.service) for i in running), return_exceptions=True)
         greeting = sum(1 for b in banners if isinstance(b, bytes) and b)
         used = before - host_available_mib()
         print(f"3. containers running at once: {len(running)} (bound {limit}),"
@@ -176,7 +176,7 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
 
         for service, label in (("smtp", "Postfix"), ("imap", "Dovecot")):
             instance = await runtime.ensure("cold.bench.example", service)
-            await read_banner(str(instance.address), instance.port())
+            await first_bytes(instance, service)
             usage, pss = container_memory(runtime, instance)
             print(f"2. memory of a running {label:<8} cgroup usage {usage:5.1f} MiB,"
                   f" PSS {pss:5.1f} MiB")

@@ -4,7 +4,8 @@
 
 Runs a host (embedded PostgreSQL, runtime, dispatcher, hook server) in a temporary state
 directory, with a bridge, subnet, name prefix and ports of its own, and loads one
-domain's Dovecot directly (no router: the figure is the plugin's cost alone) with
+domain's Dovecot directly (no router: the figure is the plugin's cost alone; sessions
+handed over through imap-master as the dispatcher does it) with
 `clients` sessions doing SELECT once, then NOOP, STATUS, FETCH and UID SEARCH in turn,
 from a process of its own (a load sharing the hook server's event loop would slow it).
 
@@ -30,13 +31,13 @@ import statistics
 from pathlib import Path
 
 from bench.imap_load import command_rate
-from bench.platform import in_own_process, scratch_state
+from bench.platform import handed_over, in_own_process, scratch_state
 from mailfc import eventloop
 from mailfc.config import Config, parse_config
 from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains, limits
 from mailfc.passwords import hash_password
-from mailfc.runtime.images import PORTS, hook_plugin_installed
+from mailfc.runtime.images import hook_plugin_installed
 
 PASSWORD = "bench-password"
 DOMAIN = "hookbench.example"
@@ -78,11 +79,11 @@ async def measure(config: Config, plugin: bool, args: argparse.Namespace) -> flo
                 if args.all_commands:
                     await limits.set_limit(db, USER, "imap_commands", 10**7, window_s=60)
         instance = await platform.runtime.ensure(DOMAIN, "imap")
-        address = str(instance.address)
-        await seed(address)
-        load = (address, PORTS["imap"], USER, "x", COMMANDS, args.clients)
-        await in_own_process(command_rate, *load, 1.0)      # warm caches
-        rate = await in_own_process(command_rate, *load, args.seconds)
+        assert instance.pid is not None
+        await seed(instance.pid)
+        load = ("", 0, USER, "x", COMMANDS, args.clients)
+        await in_own_process(command_rate, *load, 1.0, instance.pid)      # warm caches
+        rate = await in_own_process(command_rate, *load, args.seconds, instance.pid)
         if plugin:
             written = await platform.pool.fetchval(
                 "SELECT count(*) FROM imap_commands WHERE account = $1", USER)
@@ -92,11 +93,12 @@ async def measure(config: Config, plugin: bool, args: argparse.Namespace) -> flo
         await platform.stop()
 
 
-async def seed(address: str) -> None:
+async def seed(dovecot_pid: int) -> None:
     """Five messages in the INBOX, once (APPEND over IMAP)."""
-    reader, writer = await asyncio.open_connection(address, PORTS["imap"])
+    reader, writer = await asyncio.open_unix_connection(
+        sock=await handed_over(dovecot_pid, USER))
     await reader.readuntil(b"\n")
-    writer.write(f'a LOGIN "{USER}" "x"\r\nb STATUS INBOX (MESSAGES)\r\n'.encode())
+    writer.write(b"b STATUS INBOX (MESSAGES)\r\n")
     status = b""
     while not (line := await reader.readuntil(b"\n")).startswith(b"b "):
         status += line

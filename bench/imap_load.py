@@ -1,4 +1,9 @@
-"""The IMAP command load of the benchmarks: sessions sending commands back to back."""
+"""The IMAP command load of the benchmarks: sessions sending commands back to back.
+
+A session logs in at host:port (a router), or, with `dovecot_pid`, is handed to
+that Dovecot container through imap-master as the dispatcher does it: the
+baseline "straight to Dovecot", where no password login exists.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from bench.platform import handed_over
+
 READ_TIMEOUT_S = 30.0
 
 
 async def command_rate(host: str, port: int, user: str, password: str,
-                       commands: Sequence[bytes], clients: int, seconds: float) -> float:
+                       commands: Sequence[bytes], clients: int, seconds: float,
+                       dovecot_pid: int = 0) -> float:
     """Commands/s of `clients` sessions that log in, SELECT INBOX, then send
     `commands` in turn for `seconds`; a refused command or a session left without
     an answer for READ_TIMEOUT_S ends the run with an error naming it."""
@@ -18,7 +26,11 @@ async def command_rate(host: str, port: int, user: str, password: str,
     counts = [0] * clients
 
     async def client(index: int) -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+        if dovecot_pid:
+            reader, writer = await asyncio.open_unix_connection(
+                sock=await handed_over(dovecot_pid, user))
+        else:
+            reader, writer = await asyncio.open_connection(host, port)
 
         async def read_line() -> bytes:
             try:
@@ -28,7 +40,8 @@ async def command_rate(host: str, port: int, user: str, password: str,
                                    f"{READ_TIMEOUT_S:g} s") from None
 
         await read_line()
-        writer.write(f'a LOGIN "{user}" "{password}"\r\ns SELECT INBOX\r\n'.encode())
+        login = b"" if dovecot_pid else f'a LOGIN "{user}" "{password}"\r\n'.encode()
+        writer.write(login + b"s SELECT INBOX\r\n")
         while not (line := await read_line()).startswith(b"s "):
             if line.startswith(b"a ") and not line.startswith(b"a OK"):
                 raise RuntimeError(f"login failed: {line!r}")

@@ -13,8 +13,10 @@ the end.  Three per-domain Postfix containers run side by side, exactly alike ex
                  (concurrent_sends, messages/1h, recipients/1h, bytes/1d,
                  recipients_per_message), high enough never to refuse
 
-Postfix relays to an smtp-sink on the bridge, so queues stay empty.  The load is Postfix's
-smtp-source, 10 parallel sessions, one message per SMTP session (its default), 1 KB each.
+Postfix relays to an LMTP smtp-sink on Filter-Out's socket (the socket directory every
+container mounts), so queues stay empty.  The load is Postfix's smtp-source on each
+container's dispatcher socket, 10 parallel sessions, one message per SMTP session (its
+default), 1 KB each.
 Rounds alternate between the three so drift hits all alike; the median round counts.
 With --libmilter (default) a bare python-libmilter milter (bench/milter_libmilter.py) then
 replaces the mailfc milter on the same socket and b1 runs again, for reference.
@@ -49,21 +51,19 @@ from mailfc.runtime.settings import from_config
 
 HOST = "milter-bench"
 SUBNET = "10.81.0.0/24"
-BRIDGE_ADDRESS = "10.81.0.1"
-SINK_PORT = 10926
 SESSIONS = 10
 LIMITS = (("concurrent_sends", 1000, None), ("messages", 10**9, 3600),
           ("recipients", 10**9, 3600), ("bytes", 10**12, 86400),
           ("recipients_per_message", 1000, None))
 
 
-def smtp_source(address: str, domain: str, messages: int) -> float:
-    """Messages per second accepted by the Postfix at `address`."""
+def smtp_source(path: str, domain: str, messages: int) -> float:
+    """Messages per second accepted by the Postfix on the unix socket `path`."""
     started = time.monotonic()
     subprocess.run(
         ["smtp-source", "-s", str(SESSIONS), "-m", str(messages), "-l", "1024",
          "-M", "client.example", "-f", f"bench@{domain}", "-t", f"sink@{domain}",
-         f"{address}:25"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         f"unix:{path}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         timeout=600)
     return messages / (time.monotonic() - started)
 
@@ -138,13 +138,18 @@ async def run(messages: int, rounds: int, libmilter: bool) -> None:
                 await domains.add(db, name)
             for kind, value, window in LIMITS:
                 await limits.set_limit(db, "b2.example", kind, value, window_s=window)
-        runtime = Runtime(from_config(config, name_prefix="mfcb",
-                                      relay_host=f"[{BRIDGE_ADDRESS}]:{SINK_PORT}"), pool)
+        runtime = Runtime(from_config(config, name_prefix="mfcb"), pool)
         await runtime.open()
+        sink_socket = runtime.settings.sockets / runtime.settings.filter_out_socket
         sink = await asyncio.create_subprocess_exec(
-            "smtp-sink", "-u", "postfix", f"{BRIDGE_ADDRESS}:{SINK_PORT}", "256",
+            "smtp-sink", "-L", "-u", "postfix", f"unix:{sink_socket}", "256",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        socket = state / "sockets" / "milter.sock"
+        for _ in range(100):
+            if sink_socket.exists():
+                break
+            await asyncio.sleep(0.05)
+        sink_socket.chmod(0o666)    # the containers' postfix user connects
+        socket = runtime.settings.sockets / runtime.settings.milter_socket
         milter = await start_process("-m", "mailfc.policy.milter", "--config", str(config_file))
         processes.append(milter)
         boxes = {name: await runtime.ensure(name, "smtp")
@@ -153,12 +158,12 @@ async def run(messages: int, rounds: int, libmilter: bool) -> None:
         labels = {"b0.example": "no milter", "b1.example": "mailfc milter, recording",
                   "b2.example": "mailfc milter, recording + 5 limits"}
         for name, box in boxes.items():     # warm-up: caches, pools, first partitions
-            await asyncio.to_thread(smtp_source, str(box.address), name, 300)
+            await asyncio.to_thread(smtp_source, box.socket(), name, 300)
         rates: dict[str, list[float]] = {name: [] for name in boxes}
         for _ in range(rounds):
             for name, box in boxes.items():
                 rates[name].append(await asyncio.to_thread(
-                    smtp_source, str(box.address), name, messages))
+                    smtp_source, box.socket(), name, messages))
         await asyncio.sleep(1.0)    # the recorder's last flush
         recorded = await pool.fetchval(
             "SELECT count(*) FROM smtp_messages WHERE domain IN ('b1.example', 'b2.example')")
@@ -173,13 +178,13 @@ async def run(messages: int, rounds: int, libmilter: bool) -> None:
                 await asyncio.sleep(0.05)
             os.chown(socket, -1, grp.getgrnam("postfix").gr_gid)
             box = boxes["b1.example"]
-            await asyncio.to_thread(smtp_source, str(box.address), "b1.example", 300)
+            await asyncio.to_thread(smtp_source, box.socket(), "b1.example", 300)
             reference = []
             for _ in range(rounds):
                 reference.append(await asyncio.to_thread(
-                    smtp_source, str(box.address), "b1.example", messages))
+                    smtp_source, box.socket(), "b1.example", messages))
                 rates["b0.example"].append(await asyncio.to_thread(
-                    smtp_source, str(boxes["b0.example"].address), "b0.example", messages))
+                    smtp_source, boxes["b0.example"].socket(), "b0.example", messages))
 
         base = statistics.median(rates["b0.example"])
         print(f"Postfix acceptance, smtp-source -s {SESSIONS}, {messages} messages of 1 KB"

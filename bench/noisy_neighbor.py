@@ -54,7 +54,7 @@ import aiosmtplib
 import asyncpg
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.platform import in_own_process, scratch_state, start_up
+from bench.platform import handed_over, in_own_process, scratch_state, start_up
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains, limits
 from mailfc.passwords import hash_password
@@ -65,7 +65,6 @@ from mailfc.runtime.settings import from_config as runtime_settings
 PASSWORD = "bench-password"
 SUBMISSION = 22587
 IMAPS = 22993
-LMTP = 22024
 MX_PORT = 22525
 A_LIMIT = 5
 A_HEAVY_LIMIT = 2
@@ -158,12 +157,13 @@ def config(state_dir: Path) -> Config:
         "host": {"name": "bench-nn"},
         "network": {"bridge": "mfcn0", "subnet": "10.96.0.0/24"},
         "runtime": {"name_prefix": "mfcn"},
-        "listen": {"lmtp_router": f"127.0.0.1:{LMTP}", "imap_router": "127.0.0.1:22143",
+        # The internal hops (LMTP Router, Filter-In, SMTP-Out) on their default unix
+        # sockets in <state_dir>/private/hops (mailfc.hops).
+        "listen": {"imap_router": "127.0.0.1:22143",
                    "imap_router_tls": f"127.0.0.1:{IMAPS}",
                    "submission": f"127.0.0.1:{SUBMISSION}", "submissions": "127.0.0.1:22465",
-                   "filter_out": "bridge:22026", "smtp_out": "127.0.0.1:22027",
                    "milter": "127.0.0.1:22030", "hook_server": "127.0.0.1:22031",
-                   "smtp_in": "127.0.0.1:22025", "filter_in": "127.0.0.1:22028"},
+                   "smtp_in": "127.0.0.1:22025"},
         "dispatcher": {"lmtp_port": 22124, "imap_port": 22243, "smtp_port": 22687},
         "submission": {"auth_failure_delay_s": 0.1},
         "smtp_out": {"routes": [f"*=127.0.0.1:{MX_PORT}"]},
@@ -246,9 +246,10 @@ async def submit_via_router(user: str, marker: str) -> bool:
         client.close()
 
 
-async def submit_direct(address: str, user: str, marker: str) -> bool:
-    """The status quo: straight to the shared Postfix, user vouched for by XCLIENT."""
-    reader, writer = await asyncio.open_connection(address, 25)
+async def submit_direct(path: str, user: str, marker: str) -> bool:
+    """The status quo: straight to the shared Postfix (its dispatcher socket `path`),
+    user vouched for by XCLIENT."""
+    reader, writer = await asyncio.open_unix_connection(path)
     try:
         await read_reply(reader)
         for line in ("EHLO bench", f"XCLIENT LOGIN={user} ADDR=127.0.0.1", "EHLO bench",
@@ -269,6 +270,17 @@ async def imap_session(host: str, port: int, user: str, *, tls: bool
                                                    ssl=unverified() if tls else None)
     await reader.readuntil(b"\n")
     await imap_command(reader, writer, b"l", f'LOGIN "{user}" "{PASSWORD}"'.encode())
+    await imap_command(reader, writer, b"s", b"SELECT INBOX")
+    return reader, writer
+
+
+async def imap_handed_over(dovecot_pid: int, user: str
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A session of the shared Dovecot, handed over as the dispatcher does it (Dovecot
+    takes no password login)."""
+    reader, writer = await asyncio.open_unix_connection(sock=await handed_over(dovecot_pid,
+                                                                               user))
+    await reader.readuntil(b"\n")
     await imap_command(reader, writer, b"s", b"SELECT INBOX")
     return reader, writer
 
@@ -350,7 +362,7 @@ async def flood(seconds: float, senders: int, submit: object, open_imap: object)
     return samples
 
 
-async def flood_load(seconds: float, senders: int, shared: tuple[str, str] | None
+async def flood_load(seconds: float, senders: int, shared: tuple[str, int] | None
                      ) -> tuple[int, int]:
     """A's load, (sent, refused); run in a process of its own (flood_elsewhere)."""
 
@@ -363,14 +375,14 @@ async def flood_load(seconds: float, senders: int, shared: tuple[str, str] | Non
                 return await imap_session("127.0.0.1", IMAPS, f"a{index}@a.example", tls=True)
 
             return await flood(seconds, senders, a_submit, a_imap)
-        smtp_address, imap_address = shared
+        smtp_socket, dovecot_pid = shared
 
         async def s_submit(index: int, marker: str) -> bool:
-            return await submit_direct(smtp_address, f"a{index % A_ACCOUNTS}@shared.example",
+            return await submit_direct(smtp_socket, f"a{index % A_ACCOUNTS}@shared.example",
                                        marker)
 
         async def s_imap(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            return await imap_session(imap_address, 143, f"a{index}@shared.example", tls=False)
+            return await imap_handed_over(dovecot_pid, f"a{index}@shared.example")
 
         return await flood(seconds, senders, s_submit, s_imap)
 
@@ -378,7 +390,7 @@ async def flood_load(seconds: float, senders: int, shared: tuple[str, str] | Non
     return outcome.sent, outcome.refused
 
 
-async def flood_elsewhere(seconds: float, senders: int, shared: tuple[str, str] | None,
+async def flood_elsewhere(seconds: float, senders: int, shared: tuple[str, int] | None,
                           started: asyncio.Event) -> tuple[int, int]:
     """A's flood from a process of its own, at the lowest CPU priority (module
     docstring): driving 50 TLS clients must not slow the event loop that measures
@@ -429,9 +441,9 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         # Mailboxes to search, on both setups.
         for i in range(A_ACCOUNTS):
             for domain in ("a.example", "shared.example"):
-                await preload(f"a{i}@{domain}", 20)
+                await preload(settings, f"a{i}@{domain}", 20)
         for domain in ("b.example", "shared.example"):
-            await preload(f"b0@{domain}", 50)
+            await preload(settings, f"b0@{domain}", 50)
 
         async def b_submit(marker: str) -> bool:
             return await submit_via_router("b0@b.example", marker)
@@ -490,17 +502,18 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
                            " WHERE domain_id IS NULL")
         await runtime.update(postfix, cpu_quota_us=200000)
         await runtime.update(dovecot, cpu_quota_us=200000)
-        smtp_address, imap_address = str(postfix.address), str(dovecot.address)
+        assert dovecot.pid is not None
+        smtp_socket, dovecot_pid = postfix.socket(), dovecot.pid
 
         async def s_b_submit(marker: str) -> bool:
-            return await submit_direct(smtp_address, "b0@shared.example", marker)
+            return await submit_direct(smtp_socket, "b0@shared.example", marker)
 
         async def s_b_imap() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            return await imap_session(imap_address, 143, "b0@shared.example", tls=False)
+            return await imap_handed_over(dovecot_pid, "b0@shared.example")
 
         started = asyncio.Event()
         flooding = asyncio.create_task(flood_elsewhere(
-            ONSET_S + args.seconds + 2, args.senders, (smtp_address, imap_address), started))
+            ONSET_S + args.seconds + 2, args.senders, (smtp_socket, dovecot_pid), started))
         await started.wait()
         await asyncio.sleep(ONSET_S)
         shared = await quiet_domain(args.seconds, s_b_submit, s_b_imap, sink)
@@ -527,8 +540,9 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         sink.stop()
 
 
-async def preload(address: str, count: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", LMTP)
+async def preload(settings: Config, address: str, count: int) -> None:
+    reader, writer = await asyncio.open_unix_connection(
+        str(settings.hops_dir / "lmtp-router.sock"))
     await read_reply(reader)
     for line in ("LHLO bench",):
         writer.write(line.encode() + b"\r\n")

@@ -7,6 +7,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,10 @@ from typing import Any, TypeVar
 
 from mailfc.config import Config, render_toml
 from mailfc.db.pool import embedded_cluster
+from mailfc.protocols import dovecot
+from mailfc.runtime.images import dovecot_socket
+from mailfc.runtime.instance import Instance
+from mailfc.runtime.readiness import read_banner
 
 T = TypeVar("T")
 
@@ -104,3 +109,28 @@ async def whole_machine_cpu(db: Any, domain: str) -> None:
     await db.execute(
         "INSERT INTO container_specs (domain_id, service, cpu_quota_us, cpu_quota_max_us)"
         " SELECT id, 'imap', 200000, 200000 FROM domains WHERE name = $1", domain)
+
+
+async def handed_over(pid: int, user: str) -> socket.socket:
+    """Our end of an IMAP session of `user` handed to the Dovecot container whose init
+    is `pid`, as the dispatcher does it.  It starts with `* PREAUTH ...`; non-blocking."""
+    ours = await dovecot.handed_over_pair(
+        dovecot_socket(pid, "auth-userdb"), dovecot_socket(pid, "imap-master"), user,
+        greeting=b"* PREAUTH [bench] Handed over.\r\n")
+    ours.setblocking(False)
+    return ours
+
+
+async def first_bytes(instance: Instance, service: str, user: str = "bench") -> bytes:
+    """What a fresh session of `service` gets first from its container: the banner on
+    the service's socket, or for IMAP the greeting of a session of `user` handed over
+    (Dovecot's imap-master sends no banner of its own)."""
+    if service != "imap":
+        return await read_banner(instance.socket(service))
+    assert instance.pid is not None
+    ours = await handed_over(instance.pid, f"{user}@{instance.domain}")
+    try:
+        async with asyncio.timeout(5.0):
+            return await asyncio.get_running_loop().sock_recv(ours, 1024)
+    finally:
+        ours.close()

@@ -11,9 +11,11 @@ prints:
    IMAP Router, with the domain's container stopped (cold) and running (warm),
    p50/p95, and the extra cold latency (target: p50 at most 100 ms);
 2. IMAP commands/s through router + dispatcher divided by commands/s straight
-   to the domain's Dovecot, same load, same run (target: at least 0.9);
+   to the domain's Dovecot (sessions the bench hands over through imap-master
+   itself, as the dispatcher does: Dovecot takes no password login), same
+   load, same run (target: at least 0.9);
 3. LMTP messages/s through the LMTP Router divided by direct LMTP to the
-   domain's container (target: at least 0.9).
+   domain's container on its unix socket (target: at least 0.9).
 Each ratio is the median of --load-rounds pairs of runs, direct then routed.
 
 The load is bounded in time and stops by itself; everything is removed after.
@@ -37,13 +39,12 @@ from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains
 from mailfc.passwords import hash_password
 from mailfc.protocols.lmtp import LmtpClient
-from mailfc.runtime.images import PORTS
+from mailfc.runtime.images import container_socket
 
 PASSWORD = "bench-password"
 DOMAIN = "bench.example"
 USER = f"user@{DOMAIN}"
 ROUTER_IMAP = 13143
-ROUTER_LMTP = 13024
 SMTP_IN = 13025     # the last process `mailfc up` starts listens here
 MESSAGE = (b"From: a@remote.example\r\nTo: user@bench.example\r\nSubject: bench\r\n\r\n"
            + (b"x" * 76 + b"\r\n") * 26)
@@ -54,12 +55,12 @@ def bench_config(state_dir: Path) -> Config:
         "paths": {"state_dir": str(state_dir)},
         "host": {"name": "bench-host"},
         "network": {"bridge": "mfcb0", "subnet": "10.83.0.0/24"},
-        "listen": {"lmtp_router": f"127.0.0.1:{ROUTER_LMTP}",
-                   "imap_router": f"127.0.0.1:{ROUTER_IMAP}",
+        # The internal hops (LMTP Router, Filter-In, SMTP-Out) on their default unix
+        # sockets in <state_dir>/private/hops (mailfc.hops).
+        "listen": {"imap_router": f"127.0.0.1:{ROUTER_IMAP}",
                    "imap_router_tls": "127.0.0.1:13993", "smtp_in": f"127.0.0.1:{SMTP_IN}",
-                   "filter_in": "127.0.0.1:13026", "submission": "127.0.0.1:13587",
-                   "submissions": "127.0.0.1:13465", "filter_out": "bridge:13027",
-                   "smtp_out": "127.0.0.1:13028", "milter": "127.0.0.1:13029",
+                   "submission": "127.0.0.1:13587", "submissions": "127.0.0.1:13465",
+                   "milter": "127.0.0.1:13029",
                    "hook_server": "127.0.0.1:13030"},
         "dispatcher": {"address": "127.0.0.1", "lmtp_port": 14024, "imap_port": 14143,
                        "smtp_port": 14587},
@@ -91,13 +92,15 @@ IMAP_COMMANDS = (b"NOOP", b"STATUS INBOX (MESSAGES UNSEEN)", b"FETCH 1:5 (FLAGS 
 
 
 async def lmtp_load(host: str, port: int, clients: int, seconds: float,
-                    prefix: bytes) -> float:
+                    prefix: bytes, path: str = "") -> float:
+    """Messages/s delivered at host:port, or at the unix socket `path`."""
     deadline = time.monotonic() + seconds
     counts = [0] * clients
 
     async def client(index: int) -> None:
         while time.monotonic() < deadline:
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await (asyncio.open_unix_connection(path) if path else
+                                    asyncio.open_connection(host, port))
             lmtp = LmtpClient(reader, writer, 30)
             await lmtp.hello("bench")
             results = await lmtp.deliver("a@remote.example", [USER], prefix + MESSAGE)
@@ -173,27 +176,30 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
               "(target <= 100 ms)")
 
         await login_via_router()    # the container runs again
-        address = await pool.fetchval(
-            "SELECT host(c.address) FROM container_instances c JOIN domains d"
+        pid = await pool.fetchval(
+            "SELECT c.pid FROM container_instances c JOIN domains d"
             " ON d.id = c.domain_id WHERE d.name = $1 AND c.state = 'running'", DOMAIN)
+        lmtp_socket = container_socket(pid, "lmtp")
         for n in range(5):
-            await lmtp_load(address, PORTS["lmtp"], 1, 0.0001, b"X-Seed: %d\r\n" % n)
-        async def imap_rate(host: str, port: int) -> float:
-            return await in_own_process(command_rate, host, port, USER, PASSWORD,
-                                        IMAP_COMMANDS, args.clients, args.seconds)
+            await lmtp_load("", 0, 1, 0.0001, b"X-Seed: %d\r\n" % n, lmtp_socket)
 
-        async def lmtp_rate(host: str, port: int) -> float:
-            return await in_own_process(lmtp_load, host, port, args.clients, args.seconds, b"")
+        async def imap_rate(host: str, port: int, dovecot_pid: int = 0) -> float:
+            return await in_own_process(command_rate, host, port, USER, PASSWORD,
+                                        IMAP_COMMANDS, args.clients, args.seconds, dovecot_pid)
+
+        async def lmtp_rate(host: str, port: int, path: str = "") -> float:
+            return await in_own_process(lmtp_load, host, port, args.clients, args.seconds, b"",
+                                        path)
 
         print(f"IMAP commands/s, {args.clients} sessions, {args.seconds:g} s each, "
               f"{args.load_rounds} rounds")
-        await compare(lambda: imap_rate(address, PORTS["imap"]),
+        await compare(lambda: imap_rate("", 0, pid),
                       lambda: imap_rate("127.0.0.1", ROUTER_IMAP),
                       "through router+dispatcher", args.load_rounds)
         print(f"LMTP messages/s, {args.clients} sessions, one message per session, "
               f"{args.load_rounds} rounds")
-        await compare(lambda: lmtp_rate(address, PORTS["lmtp"]),
-                      lambda: lmtp_rate("127.0.0.1", ROUTER_LMTP),
+        await compare(lambda: lmtp_rate("", 0, lmtp_socket),
+                      lambda: lmtp_rate("", 0, str(config.hops_dir / "lmtp-router.sock")),
                       "through LMTP router", args.load_rounds)
     finally:
         await pool.close()

@@ -10,7 +10,8 @@ with Postfix's smtp-source (10 sessions) and prints:
 1. mailfc: messages/s accepted (smtp-source finished) and delivered (all of them in
    the maildir), end to end;
 2. reference: a plain host Postfix (own config directory, own queue) relaying the same
-   message set by LMTP into the same domain's Dovecot, same measures;
+   message set by LMTP into the same domain's Dovecot (its unix socket, through
+   /proc/<pid>/root: the reference's lmtp client runs as root), same measures;
 3. the ratio of the end-to-end rates (target: at least 0.8).
 
 Every process it starts is stopped by PID; the state directory and bridge are removed.
@@ -34,7 +35,7 @@ from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains
 from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
-from mailfc.runtime.images import PORTS
+from mailfc.runtime.images import container_socket
 
 DOMAIN = "bench.example"
 USER = f"user@{DOMAIN}"
@@ -49,11 +50,12 @@ def config_data(state_dir: Path) -> dict[str, dict[str, object]]:
         "host": {"name": "bench-gw-host"},
         "network": {"bridge": "mfcgb0", "subnet": "10.89.1.0/24"},
         "runtime": {"name_prefix": "mfcgb"},
-        "listen": {"smtp_in": f"127.0.0.1:{SMTP_IN}", "filter_in": "127.0.0.1:18927",
-                   "lmtp_router": "127.0.0.1:18928", "imap_router": "127.0.0.1:18932",
+        # The internal hops (Filter-In, LMTP Router, SMTP-Out) on their default unix
+        # sockets in <state_dir>/private/hops (mailfc.hops).
+        "listen": {"smtp_in": f"127.0.0.1:{SMTP_IN}", "imap_router": "127.0.0.1:18932",
                    "imap_router_tls": "127.0.0.1:18933", "submission": "127.0.0.1:18934",
-                   "submissions": "127.0.0.1:18935", "filter_out": "bridge:18936",
-                   "smtp_out": "127.0.0.1:18937", "milter": "127.0.0.1:18938",
+                   "submissions": "127.0.0.1:18935",
+                   "milter": "127.0.0.1:18938",
                    "hook_server": "127.0.0.1:18939"},
         "dispatcher": {"address": "127.0.0.1", "lmtp_port": 18929, "imap_port": 18930,
                        "smtp_port": 18931},
@@ -90,10 +92,11 @@ async def load(port: int, messages: int, sessions: int, mail_root: Path,
     return messages / accepted, messages / delivered
 
 
-def postfix_reference(directory: Path, lmtp_address: str = "", *, port: int = POSTFIX,
+def postfix_reference(directory: Path, dovecot_pid: int = 0, *, port: int = POSTFIX,
                       routing: str | None = None) -> tuple[list[str], Path]:
-    """A host Postfix of our own: config and queue under `directory`, LMTP to Dovecot
-    (or whatever `routing` main.cf lines say), listening on 127.0.0.1:`port`."""
+    """A host Postfix of our own: config and queue under `directory`, LMTP to the Dovecot
+    container whose init is `dovecot_pid` (or whatever `routing` main.cf lines say),
+    listening on 127.0.0.1:`port`."""
     config = directory / "etc"
     queue = directory / "queue"
     data = directory / "data"
@@ -101,7 +104,8 @@ def postfix_reference(directory: Path, lmtp_address: str = "", *, port: int = PO
         path.mkdir(parents=True)
     shutil.chown(data, "postfix")
     routing_lines = routing if routing is not None else (
-        f"relay_domains = {DOMAIN}\nrelay_transport = lmtp:inet:{lmtp_address}:{PORTS['lmtp']}")
+        f"relay_domains = {DOMAIN}\n"
+        f"relay_transport = lmtp:unix:{container_socket(dovecot_pid, 'lmtp')}")
     (config / "main.cf").write_text(f"""
 compatibility_level = 3.6
 queue_directory = {queue}
@@ -127,6 +131,8 @@ lmtp_destination_concurrency_limit = 8
     # No chroot: the queue is not under the default chroot.
     master = "\n".join(line.replace("  y  ", "  n  ") if not line.startswith("#") else line
                        for line in master.splitlines())
+    # The container's LMTP socket is root's alone (/proc/<pid>/root, mode 0600).
+    master = master.replace("\nlmtp      unix  -       -", "\nlmtp      unix  -       n")
     (config / "master.cf").write_text(master + "\npostlog   unix-dgram n  -       n       -"
                                       "       1       postlogd\n")
     command = ["postfix", "-c", str(config)]
@@ -159,11 +165,11 @@ async def run(messages: int, sessions: int, rounds: int) -> None:
                 await whole_machine_cpu(db, DOMAIN)
         mail_root = config.mail_root
         await load(SMTP_IN, 20, 2, mail_root)        # warm: the container is running
-        address = await pool.fetchval(
-            "SELECT host(c.address) FROM container_instances c JOIN domains d"
+        dovecot_pid = await pool.fetchval(
+            "SELECT c.pid FROM container_instances c JOIN domains d"
             " ON d.id = c.domain_id WHERE d.name = $1 AND c.state = 'running'", DOMAIN)
         postfix, _ = await asyncio.to_thread(postfix_reference, state_dir / "postfix",
-                                             str(address))
+                                             dovecot_pid)
         await load(POSTFIX, 20, 2, mail_root)        # warm the reference too
         # Alternating rounds: drift on the machine hits both alike.
         pairs = [(await load(SMTP_IN, messages, sessions, mail_root),

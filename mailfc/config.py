@@ -18,7 +18,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from mailfc.errors import ConfigError
 
@@ -35,6 +42,28 @@ def connect_address(value: str) -> tuple[str, int]:
     address ("0.0.0.0:25") is reached on loopback."""
     host, port = split_hostport(value)
     return ("127.0.0.1" if host == "0.0.0.0" else host), port
+
+
+UNIX_PREFIX = "unix:"
+
+
+def unix_socket_name(value: str) -> str:
+    """`"unix:filter-out.sock"` -> "filter-out.sock" (a name inside a socket directory:
+    the containers' for listen.filter_out, the internal hops' for the others)."""
+    name = value.removeprefix(UNIX_PREFIX)
+    if (not value.startswith(UNIX_PREFIX) or not name or "/" in name or name.startswith(".")
+            or len(name) > 64):
+        raise ValueError(f'expected "unix:<socket name>" (a name of at most 64 characters, '
+                         f'no "/", e.g. "unix:filter-out.sock"), got {value!r}')
+    return name
+
+
+def listen_address(value: str, directory: Path) -> Path | tuple[str, int]:
+    """Where a service with listen value `value` listens: "unix:<name>" is the socket
+    `directory`/<name>; "host:port" is (host, port)."""
+    if value.startswith(UNIX_PREFIX):
+        return directory / unix_socket_name(value)
+    return split_hostport(value)
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -67,16 +96,23 @@ class DatabaseSection(Section):
     command_timeout_s: float = 30.0
 
 
+# The internal hops: "unix:<name>" (a socket in Config.hops_dir, root and the
+# service's own user only) or "host:port" (mutual TLS with the cluster's
+# certificates, for a hop on another host); see mailfc.hops.
+HOP_LISTENERS = ("filter_in", "smtp_out", "lmtp_router")
+
+
 class ListenSection(Section):
-    """Where each resident service listens, as "host:port"."""
+    """Where each resident service listens, as "host:port" (or "unix:<name>")."""
 
     smtp_in: str = "0.0.0.0:25"
-    filter_in: str = "127.0.0.1:10025"
-    # "bridge": this host's container bridge address, where the domains' Postfix
-    # containers (and nobody outside the host) can reach Filter-Out.
-    filter_out: str = "bridge:10026"
-    smtp_out: str = "127.0.0.1:10027"
-    lmtp_router: str = "127.0.0.1:24"
+    filter_in: str = "unix:filter-in.sock"
+    # "unix:<name>": a socket of that name in the socket directory every Postfix
+    # container mounts (<state_dir>/private/sockets), where the domains' Postfix
+    # reach Filter-Out and no other local user can.
+    filter_out: str = "unix:filter-out.sock"
+    smtp_out: str = "unix:smtp-out.sock"
+    lmtp_router: str = "unix:lmtp-router.sock"
     imap_router: str = "0.0.0.0:143"
     imap_router_tls: str = "0.0.0.0:993"
     submission: str = "0.0.0.0:587"
@@ -86,13 +122,23 @@ class ListenSection(Section):
 
     @field_validator("*")
     @classmethod
-    def _is_hostport(cls, value: str) -> str:
-        split_hostport(value)
+    def _is_hostport(cls, value: str, info: ValidationInfo) -> str:
+        unix = info.field_name == "filter_out" or (
+            info.field_name in HOP_LISTENERS and value.startswith(UNIX_PREFIX))
+        if unix:
+            unix_socket_name(value)
+        else:
+            split_hostport(value)
         return value
 
 
 class DispatcherSection(Section):
-    """This host's dispatcher: the routers connect here, nobody else may."""
+    """This host's dispatcher: the routers connect here, nobody else may.
+
+    Routers on this host use its unix sockets (root or the dispatcher's own uid
+    only); routers on other hosts its TCP ports with mutual TLS ([cluster]).
+    allowed_clients only narrows who may try the TLS handshake: an address
+    authenticates nothing."""
 
     address: str = "127.0.0.1"
     lmtp_port: int = 10024
@@ -115,6 +161,19 @@ class DispatcherSection(Section):
         for item in value:
             ipaddress.ip_network(item, strict=False)
         return value
+
+
+class ClusterSection(Section):
+    """This host's credentials towards the other hosts (mailfc.cluster): all three
+    files or none.  Empty: <state_dir>/cluster/ca.pem, host.pem, host.key,
+    created on first need on the first host; another host gets its files from
+    `mailfc host add`."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # Empty: <state_dir>/cluster/ca.key.  Only the host that issues credentials needs it.
+    ca_key_file: str = ""
 
 
 class HostSection(Section):
@@ -214,6 +273,11 @@ class ControllerSection(Section):
     resident_lifetime_s: float = 86400.0
 
 
+# The ids a container's user namespace maps (mailfc.runtime.bundle), from the base.
+CONTAINER_IDS = 65536
+CONTAINER_ID_BASE = 0x70000000
+
+
 class RuntimeSection(Section):
     start_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0
@@ -221,6 +285,12 @@ class RuntimeSection(Section):
     # <name_prefix>-...; start-up cleans up leftovers by this prefix, so two
     # platforms on one machine need different prefixes.
     name_prefix: str = "mailfc"
+    # Containers run in a user namespace: uid and gid N inside (root, postfix,
+    # vmail, ...) is container_id_base + N on the host, for N below 65536, so
+    # root in a domain's container is nobody the host knows.  Keep it the same
+    # on every host that shares the mail root (the maildirs' owners), and away
+    # from the ranges /etc/subuid gives users.  0: no user namespace.
+    container_id_base: int = CONTAINER_ID_BASE
 
     @field_validator("name_prefix")
     @classmethod
@@ -228,6 +298,18 @@ class RuntimeSection(Section):
         if not value.isalnum() or not value.isascii() or len(value) > 12:
             raise ValueError("expected 1-12 ASCII letters or digits")
         return value
+
+    @field_validator("container_id_base")
+    @classmethod
+    def _is_id_range(cls, value: int) -> int:
+        if value % CONTAINER_IDS or not 0 <= value < 2**32 - CONTAINER_IDS:
+            raise ValueError(f"expected 0 or a multiple of {CONTAINER_IDS} below "
+                             f"{2**32 - CONTAINER_IDS}")
+        return value
+
+    def outside_id(self, inside: int) -> int:
+        """The host's uid/gid for uid/gid `inside` of a container."""
+        return self.container_id_base + inside
 
 
 class MilterSection(Section):
@@ -348,7 +430,8 @@ class FilterSection(Section):
     milter_timeout_s: float = 30.0
     # A milter that cannot be reached: "tempfail" (451 4.7.1) or "accept".
     milter_default_action: str = "tempfail"
-    # Empty: the LMTP Router (listen.lmtp_router).
+    # Empty: the LMTP Router (listen.lmtp_router).  Else a listen value of the
+    # next hop: "unix:<name>" (in the hops' directory) or "host:port" (mutual TLS).
     next_hop: str = ""
     # Empty: <state_dir>/quarantine.
     quarantine_dir: str = ""
@@ -441,6 +524,7 @@ class Config(Section):
     listen: ListenSection = ListenSection()
     dispatcher: DispatcherSection = DispatcherSection()
     host: HostSection = HostSection()
+    cluster: ClusterSection = ClusterSection()
     network: NetworkSection = NetworkSection()
     tls: TlsSection = TlsSection()
     imap_router: ImapRouterSection = ImapRouterSection()
@@ -461,6 +545,12 @@ class Config(Section):
     @property
     def state_dir(self) -> Path:
         return Path(self.paths.state_dir)
+
+    @property
+    def hops_dir(self) -> Path:
+        """The internal hops' unix sockets (listen.filter_in, smtp_out, lmtp_router as
+        "unix:<name>"): a directory only root enters, which no container mounts."""
+        return self.state_dir / "private" / "hops"
 
     def dispatcher_socket(self, service: str) -> Path:
         """The dispatcher's unix socket for routers on its own host (root only)."""

@@ -9,8 +9,11 @@ through `require()`: a skipped integration suite would hide every defect.
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import os
 import shutil
+import smtplib
+import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +29,8 @@ from mailfc.config import Config, parse_config
 from mailfc.controller.platform import Platform
 from mailfc.db import connect
 from mailfc.db.pool import embedded_cluster
+from mailfc.protocols import dovecot
+from mailfc.runtime.images import dovecot_socket
 
 TEST_HOST = "test-host"
 
@@ -65,6 +70,37 @@ async def eventually(condition: Callable[[], object], within_s: float = 5.0) -> 
 def delete_link(name: str) -> None:
     """Delete a network link (our test bridges) if it exists."""
     subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
+class UnixSMTP(smtplib.LMTP):
+    """smtplib's SMTP client on a unix socket (a container's Postfix: smtplib.LMTP
+    connects to a path, and this one greets with EHLO)."""
+
+    ehlo_msg = "ehlo"
+
+
+class _HandedIMAP4(imaplib.IMAP4):
+    """imaplib on a socket given to it, already logged in (a PREAUTH greeting)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._given = sock
+        super().__init__()
+
+    def open(self, host: str = "", port: int = 0, timeout: float | None = None) -> None:
+        self.host, self.port, self.sock = host, port, self._given
+        self.file = self.sock.makefile("rb")
+
+
+async def handed_over_imap(pid: int, user: str, socket_timeout_s: float = 30.0
+                           ) -> imaplib.IMAP4:
+    """An IMAP session of `user` in the Dovecot container whose init is `pid`,
+    handed over as the dispatcher does it (auth-userdb, imap-master): Dovecot
+    takes no password from anyone.  A blocking client: use it in a thread."""
+    ours = await dovecot.handed_over_pair(
+        dovecot_socket(pid, "auth-userdb"), dovecot_socket(pid, "imap-master"), user,
+        greeting=b"* PREAUTH [mailfc test] Handed over.\r\n")
+    ours.settimeout(socket_timeout_s)
+    return _HandedIMAP4(ours)
 
 
 def require_root() -> None:

@@ -119,8 +119,8 @@ def start(config: Config, domain: str, service: str, new_instance: bool, as_json
     if as_json:
         print_json(instance.as_dict())
     else:
-        say(f"{instance.name} ({instance.image}) of {instance.domain} runs at"
-            f" {instance.address}:{instance.port(service)}")
+        say(f"{instance.name} ({instance.image}) of {instance.domain} runs (pid"
+            f" {instance.pid}); {service} at {instance.socket(service)}")
 
 
 @group.command("stop")

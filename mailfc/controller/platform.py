@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
 
-from mailfc.config import Config, split_hostport
+from mailfc.config import Config
 from mailfc.controller.controller import Controller
 from mailfc.db import connect, hosts
 from mailfc.db.directory import Directory
@@ -34,7 +35,9 @@ from mailfc.policy.milter.server import MilterService
 from mailfc.routers.imap import ImapRouter
 from mailfc.routers.lmtp import LmtpRouter
 from mailfc.routers.submission import SubmissionRouter
+from mailfc.runtime import storage
 from mailfc.runtime.lifecycle import Runtime
+from mailfc.runtime.settings import RuntimeSettings
 from mailfc.runtime.settings import from_config as runtime_settings
 from mailfc.tls import server_context
 
@@ -52,6 +55,8 @@ class Service(Protocol):
     async def stop(self, drain_timeout: float) -> None: ...
 
 
+# Services with a socket in the directory every container mounts.
+SOCKET_USERS = {"milter", "hook-server", "dispatcher", "filter-out"}
 SERVICE_NAMES = ("milter", "hook-server", "dispatcher", "controller", "lmtp-router",
                  "imap-router", "submission-router", "filter-in", "smtp-in", "smtp-out",
                  "filter-out")
@@ -83,6 +88,10 @@ class Platform:
         self.controller: Controller | None = None
 
     async def start(self) -> None:
+        if SOCKET_USERS & set(self.wanted):
+            # Before the milter or the hook server makes its socket: the socket
+            # directory sits in a directory only root may enter.
+            storage.prepare_socket_dir(self._runtime_settings())
         self.pool = await connect(self.config)
         if "dispatcher" in self.wanted:
             self.host = await self._register_host()
@@ -167,18 +176,17 @@ class Platform:
         if "filter-out" in self.wanted:
             services.append(FilterService(
                 self.config, self.pool, name="filter-out", section=self.config.filter_out,
-                listen=self._filter_out_listen(), next_hop=self.config.listen.smtp_out))
+                socket=self._filter_out_socket(), next_hop=self.config.listen.smtp_out))
         return services
 
-    def _filter_out_listen(self) -> str:
-        """listen.filter_out, with the host "bridge" made this host's bridge address."""
-        host, port = split_hostport(self.config.listen.filter_out)
-        if host != "bridge":
-            return self.config.listen.filter_out
-        # The dispatcher's runtime made the bridge (in this process or, under the
-        # supervisor, in the host process started before this one).
-        settings = self.runtime.settings if self.runtime else runtime_settings(self.config)
-        return f"{settings.bridge_address}:{port}"
+    def _runtime_settings(self) -> RuntimeSettings:
+        return self.runtime.settings if self.runtime else runtime_settings(
+            self.config, **self.runtime_overrides)
+
+    def _filter_out_socket(self) -> Path:
+        """Filter-Out's socket (listen.filter_out) in the containers' socket directory."""
+        settings = self._runtime_settings()
+        return settings.sockets / settings.filter_out_socket
 
     async def _register_host(self) -> dict[str, object]:
         assert self.pool is not None

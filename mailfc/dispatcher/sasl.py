@@ -13,16 +13,22 @@ may send.
 
 PROTOCOL (Dovecot auth, version 1.2, tab separated)
     client: VERSION 1 x / CPID pid
-    server: VERSION 1 2 / MECH PLAIN plaintext / SPID pid / CUID n /
+    server: VERSION 1 2 / MECH PLAIN plaintext / SPID 1 / CUID 1 /
             COOKIE hex / DONE
     client: AUTH id mech ...      server: FAIL id reason=...
+
+SECURITY
+    Every domain's container reaches this socket, so nothing it answers may tell
+    one tenant about the host or another: SPID and CUID are constants (a real
+    process id, or a count of connections, would show the host's pids and how
+    many smtpd processes every domain starts; Postfix reads neither), the
+    cookie is random per connection, and every AUTH gets the same FAIL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import secrets
@@ -39,7 +45,6 @@ class LockedSaslServer:
     def __init__(self, socket_dir: Path) -> None:
         self.path = socket_dir / SASL_SOCKET
         self._server: asyncio.Server | None = None
-        self._clients = itertools.count(1)
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +63,7 @@ class LockedSaslServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(("VERSION\t1\t2\nMECH\tPLAIN\tplaintext\n"
-                          f"SPID\t{os.getpid()}\nCUID\t{next(self._clients)}\n"
+            writer.write(("VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nSPID\t1\nCUID\t1\n"
                           f"COOKIE\t{secrets.token_hex(16)}\nDONE\n").encode())
             while line := await reader.readline():
                 if len(line) > MAX_LINE:

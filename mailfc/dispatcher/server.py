@@ -9,10 +9,12 @@ PROTOCOL
     1. ensures the domain's container for that service runs (the runtime starts
        one if none does, and never hands out one still starting while another
        runs),
-    2. connects to the container's PROXY-speaking port and sends a fresh PROXY
-       v2 header with the same client address, so Dovecot sees the real client
-       (IMAP, LMTP); for SMTP (submission) it connects to Postfix's plain port,
-       and the SMTP Router passes client address and user with XCLIENT,
+    2. connects to the container's unix socket for the service
+       (Instance.socket: /proc/<init pid>/root/..., which only the host's
+       root can follow; nothing in a container listens on the network): for
+       LMTP Dovecot's lmtp socket, for SMTP (submission) Postfix's
+       `dispatcher` smtpd, where the SMTP Router passes client address and
+       user with XCLIENT (Postfix allows XCLIENT on that socket only),
     3. copies bytes both ways until either side closes.
 
     IMAP is handed over instead of copied.  The dispatcher greets the router
@@ -22,7 +24,8 @@ PROTOCOL
     socket (mailfc.protocols.dovecot), with the client address and `tag OK
     [CAPABILITY ...] Logged in` to send.  From then on the router talks to
     the container's imap process directly: no byte of the session passes
-    through the dispatcher, and a dispatcher restart does not cut it.
+    through the dispatcher, and a dispatcher restart does not cut it (over
+    TLS from another host it is copied instead: REMOTE ROUTERS).
         tag NO [UNAVAILABLE] <reason>     the hand-over failed
     A router on this host without TLS state for the client (plain IMAP: a
     webmail on the LAN, a TLS-terminating balancer in front) sends its LOGIN
@@ -46,17 +49,35 @@ PROTOCOL
         LMTP, SMTP   421 4.3.0 <reason>
 
 LOCAL ROUTERS
-    Routers on the dispatcher's own host connect to unix sockets instead
-    (config.dispatcher_socket(service): <state_dir>/dispatcher/imap.sock and
-    lmtp.sock), same protocol.  A unix socket costs the kernel far less than
-    loopback TCP, and for IMAP it is the socket handed to Dovecot, so every
-    command of the session crosses one cheap socket less.
+    Routers on the dispatcher's own host connect only to its unix sockets
+    (config.dispatcher_socket(service): <state_dir>/dispatcher/lmtp.sock,
+    imap.sock, smtp.sock), same protocol.  A unix socket costs the kernel far
+    less than loopback TCP, and for IMAP it is the socket handed to Dovecot,
+    so every command of the session crosses one cheap socket less.
+
+REMOTE ROUTERS
+    Routers on other hosts connect to the TCP ports with mutual TLS
+    (mailfc.cluster): the same protocol inside the TLS stream.  An IMAP
+    session over TLS cannot be handed to Dovecot as a socket: Dovecot gets
+    one end of a socket pair (the same imap-master hand-over) and the
+    dispatcher copies between the TLS stream and the other end for the
+    session's life; it counts as an open session, like a copied LMTP or SMTP
+    session, and a dispatcher restart ends it.
 
 SECURITY
-    Only addresses in `dispatcher.allowed_clients` may connect (the routers);
-    anyone else is disconnected at once.  The PROXY header is the trust
-    boundary, so it is accepted from those addresses only.  The unix sockets
-    are in a directory only root may enter.
+    Whoever gets a PROXY header accepted speaks for any client and domain
+    (the router checked the password; the dispatcher does not), so every
+    connection proves it is a router before a byte of it is read:
+    - unix sockets: the kernel's SO_PEERCRED must name root or the uid the
+      dispatcher runs as (mailfc.peers.root_or_own_user); anyone else is logged and
+      closed at once.  The sockets (0600) are also in a directory (0700) only
+      root may enter.
+    - TCP: the TLS handshake requires a client certificate signed by the
+      cluster CA (CERT_REQUIRED); a client without one, or with one of another
+      CA, is refused in the handshake and never sees a greeting (not logged
+      per connection: asyncio drops failed handshakes quietly).
+    `dispatcher.allowed_clients` then filters TCP peers by address: an
+    additional restriction that authenticates nothing.
 
 FOR THE CONTROLLER
     `open_sessions` (per container name), `latencies` (seconds from header to
@@ -67,8 +88,11 @@ FOR THE CONTROLLER
     process handed over, from the containers' imap processes.
 
 CONFIGURATION
-    dispatcher.address, lmtp_port, imap_port, smtp_port, allowed_clients,
-    header_timeout_s (5), connect_timeout_s (5); runtime.start_timeout_s (5).
+    dispatcher.address, lmtp_port, imap_port, smtp_port, allowed_clients
+    (["127.0.0.0/8"]: a filter, not an authentication), header_timeout_s (5;
+    also the TLS handshake's limit), connect_timeout_s (5);
+    runtime.start_timeout_s (5); cluster.ca_file, cert_file, key_file
+    (mailfc.cluster; empty: created under <state_dir>/cluster on first need).
     The router's LOGIN may take LOGIN_WAIT_S (its password check).
 """
 
@@ -80,6 +104,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -88,7 +113,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 import asyncpg
 
-from mailfc import netio
+from mailfc import cluster, netio, peers
 from mailfc.addresses import normalize_domain
 from mailfc.config import Config
 from mailfc.dispatcher.handed import HandedSessions, held_by_imap, open_socket_inodes
@@ -101,14 +126,9 @@ from mailfc.runtime.readiness import process_alive
 log = logging.getLogger("mailfc.dispatcher")
 
 SERVICES = ("lmtp", "imap", "smtp")
-# Services routers on this host reach over a unix socket (submission's XCLIENT
-# needs the dispatcher's address, so it stays on TCP).
-LOCAL_SERVICES = ("lmtp", "imap")
-# Services whose container port takes the client address from a PROXY header.
-# Submission (smtp) does not: the SMTP Router passes the address and the
-# authenticated user with XCLIENT, which Postfix accepts only from the
-# dispatcher's own address, so the dispatcher must not hide behind a header.
-PROXY_SERVICES = ("lmtp", "imap")
+# Routers on this host reach every service over its unix socket only (SO_PEERCRED
+# tells who connected); the TCP ports (mutual TLS) are for routers on other hosts.
+LOCAL_SERVICES = SERVICES
 ACTIVITY_FLUSH_S = 5.0
 # How soon a handed-over IMAP session that ended stops counting.
 SWEEP_S = 1.0
@@ -117,7 +137,7 @@ LOGIN_WAIT_S = 30.0
 LATENCY_SAMPLES = 1000
 # Short enough that a draining instance gets new sessions for at most this long.
 WARM_TTL_S = 2.0
-# A remembered instance answers at once or is gone: it is on this host's bridge.
+# A remembered instance answers at once or is gone: its socket is on this host.
 WARM_CONNECT_TIMEOUT_S = 0.5
 
 Connection = TypeVar("Connection")
@@ -128,15 +148,12 @@ class ContainerInstance(Protocol):
     def name(self) -> str: ...
 
     @property
-    def address(self) -> object: ...
-
-    @property
     def pid(self) -> int | None: ...
 
     @property
     def state(self) -> str: ...
 
-    def port(self, service: str | None = None, *, proxy: bool = False) -> int: ...
+    def socket(self, service: str | None = None) -> str: ...
 
 
 class Containers(Protocol):
@@ -193,12 +210,15 @@ class Dispatcher:
                 "smtp": settings.smtp_port}
 
     async def start(self) -> None:
+        # First: without the cluster's credentials the dispatcher must not start.
+        tls = cluster.server_context(self.config)
         if self.sasl is not None:
             await self.sasl.start()
         address = self.config.dispatcher.address
         for service, port in self.ports().items():
             server = await asyncio.start_server(
-                self._handler(service), address, port, reuse_address=True,
+                self._handler(service), address, port, reuse_address=True, ssl=tls,
+                ssl_handshake_timeout=self.config.dispatcher.header_timeout_s,
                 limit=netio.CHUNK * 4)
             self._servers.append(server)
         local = self.config.dispatcher_socket("imap").parent
@@ -208,7 +228,8 @@ class Dispatcher:
             path = self.config.dispatcher_socket(service)
             path.unlink(missing_ok=True)
             self._servers.append(await asyncio.start_unix_server(
-                self._handler(service, local=True), str(path), limit=netio.CHUNK * 4))
+                self._local_handler(service), str(path), limit=netio.CHUNK * 4))
+            path.chmod(0o600)
         await self.recover_handed()
         self._flusher = asyncio.create_task(self._flush_activity_forever())
         log.info("dispatcher listening on %s ports %s", address, self.ports())
@@ -236,6 +257,22 @@ class Dispatcher:
                                     f"{service} session", log)
         return handle
 
+    def _local_handler(self, service: str) -> Callable[
+            [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]:
+        """The unix socket's: called as a connection is accepted, before a byte of
+        it is read; only root and the dispatcher's own user get a session."""
+        serve = self._handler(service, local=True)
+
+        def accept(reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> Awaitable[None] | None:
+            refusal = peers.root_or_own_user(writer)
+            if refusal is None:
+                return serve(reader, writer)
+            log.warning("refused %s connection on its unix socket: %s", service, refusal)
+            writer.transport.abort()
+            return None
+        return accept
+
     def _is_allowed(self, writer: asyncio.StreamWriter) -> bool:
         peer = writer.get_extra_info("peername")
         if not peer:
@@ -245,8 +282,10 @@ class Dispatcher:
 
     async def _session(self, service: str, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter, local: bool) -> None:
+        # A TCP peer proved itself in the TLS handshake (a cluster certificate);
+        # allowed_clients only narrows where such a peer may connect from.
         if not local and not self._is_allowed(writer):
-            log.warning("refused %s connection from %s: not a router",
+            log.warning("refused %s connection from %s: not in dispatcher.allowed_clients",
                         service, writer.get_extra_info("peername"))
             return
         try:
@@ -270,13 +309,9 @@ class Dispatcher:
         except Exception as error:
             await self._unavailable(service, domain, error, writer)
             return
+        # The container's sockets take no PROXY header: LMTP needs no client
+        # address, and submission's comes with the SMTP Router's XCLIENT.
         self._record(domain, service, instance, started)
-        if service in PROXY_SERVICES:
-            client = header.source or "127.0.0.1"
-            server = header.destination or self.config.dispatcher.address
-            backend_writer.write(proxy.encode(
-                client, header.source_port, server if _same_family(client, server) else client,
-                header.destination_port))
         if local and service == "lmtp":
             await self._give_connection(instance.name, writer, backend_reader, backend_writer)
             return
@@ -291,7 +326,6 @@ class Dispatcher:
                                backend_writer: asyncio.StreamWriter) -> None:
         """A router on this host gets the connection to the container itself, with
         what the container already said on it."""
-        await backend_writer.drain()    # the PROXY header is out
         cast(asyncio.Transport, backend_writer.transport).pause_reading()
         said = netio.take_buffer(backend_reader)
         fd = backend_writer.get_extra_info("socket").fileno()
@@ -329,12 +363,43 @@ class Dispatcher:
         except imap.ImapSyntaxError as error:
             writer.write(f"* BAD {error}\r\n".encode())
             return
+        # TLS (a router on another host) cannot be handed to Dovecot as a socket:
+        # Dovecot gets one end of a socket pair, and the session is copied between
+        # the TLS stream and the other end for its life (_relay_imap).
+        pair = None if local else socket.socketpair()
         try:
-            await self._login(domain, instance, header, tag, command, arguments, fds,
-                              reader, writer)
+            handed = await self._login(domain, instance, header, tag, command, arguments,
+                                       fds, reader, writer, pair[0] if pair else None)
+        except BaseException:
+            if pair is not None:
+                pair[1].close()
+            raise
         finally:
             for fd in fds:
                 os.close(fd)
+            if pair is not None:
+                pair[0].close()     # Dovecot holds its own copy
+        if pair is not None:
+            if handed:
+                await self._relay_imap(instance.name, pair[1], reader, writer)
+            else:
+                pair[1].close()
+
+    async def _relay_imap(self, name: str, ours: socket.socket,
+                          reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy a handed-over session between the router's TLS stream and our end of
+        the socket pair until either side ends; it counts as open meanwhile."""
+        try:
+            dovecot_reader, dovecot_writer = await asyncio.open_unix_connection(
+                sock=ours, limit=netio.CHUNK * 4)
+        except BaseException:
+            ours.close()
+            raise
+        self._session_opened(name)
+        try:
+            await netio.splice(reader, writer, dovecot_reader, dovecot_writer)
+        finally:
+            self._session_closed(name)
 
     async def _read_login(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           local: bool) -> tuple[tuple[bytes, bytes, list[bytes]], list[int]]:
@@ -347,10 +412,13 @@ class Dispatcher:
     async def _login(self, domain: str, instance: ContainerInstance,
                      header: proxy.ProxyHeader, tag: bytes, command: bytes,
                      arguments: list[bytes], fds: list[int], reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+                     writer: asyncio.StreamWriter, relay: socket.socket | None = None) -> bool:
+        """Hand the session to the container's Dovecot: the client's socket that came
+        with the LOGIN, else `relay` (a socket pair's end, for TLS), else the
+        router's connection itself.  Whether Dovecot took it."""
         if command != b"LOGIN" or len(arguments) != 2 or len(fds) > 1:
             writer.write(tag + b" BAD Only LOGIN user password is expected here.\r\n")
-            return
+            return False
         user = arguments[0].decode("utf-8", "replace")
         if fds:
             # The client's own socket; in the password's place, what the client
@@ -358,7 +426,9 @@ class Dispatcher:
             fd, pending = fds[0], arguments[1]
         else:
             cast(asyncio.Transport, writer.transport).pause_reading()
-            fd, pending = writer.get_extra_info("socket").fileno(), netio.take_buffer(reader)
+            pending = netio.take_buffer(reader)
+            fd = relay.fileno() if relay is not None else \
+                writer.get_extra_info("socket").fileno()
         assert instance.pid is not None  # _reachable saw it
         reply = tag.decode("ascii") + f" OK [CAPABILITY {DOVECOT_IMAP_CAPABILITY}] Logged in\r\n"
         try:
@@ -375,13 +445,16 @@ class Dispatcher:
             self.forget(domain)
             writer.write(tag + f" NO [UNAVAILABLE] The mail server for {domain} did not take "
                                "the session; try again later.\r\n".encode())
-            return
+            return False
+        if relay is not None:
+            return True     # counted while _relay_imap copies it
         # The imap process owns the session: closing our copy (run_session
         # does, without shutdown; the caller closes a received one) leaves the
         # connection open.
         self._count_handed(os.fstat(fd).st_ino, instance.name)
         if fds:
             writer.write(tag + b" OK Handed over.\r\n")
+        return True
 
     async def _unavailable(self, service: str, domain: str, error: Exception,
                            writer: asyncio.StreamWriter) -> None:
@@ -420,9 +493,8 @@ class Dispatcher:
             tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
         async def connect(instance: ContainerInstance, wait_s: float) -> tuple[
                 asyncio.StreamReader, asyncio.StreamWriter]:
-            return await netio.open_connection(
-                str(instance.address), instance.port(service, proxy=service in PROXY_SERVICES),
-                wait_s)
+            return await asyncio.wait_for(asyncio.open_unix_connection(
+                instance.socket(service), limit=netio.CHUNK * 4), wait_s)
         return connect
 
     async def _instance(self, domain: str, service: str,
@@ -511,10 +583,6 @@ async def _reachable(instance: ContainerInstance, wait_s: float) -> None:
     hand-over itself finds out whether it is still there."""
     if not instance.pid:
         raise ConnectionRefusedError(f"{instance.name} has no process")
-
-
-def _same_family(a: str, b: str) -> bool:
-    return ipaddress.ip_address(a).version == ipaddress.ip_address(b).version
 
 
 async def read_proxy_header(reader: asyncio.StreamReader) -> proxy.ProxyHeader:

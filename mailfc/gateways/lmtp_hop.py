@@ -10,6 +10,9 @@ the filter who the original client was, since the filter's own peer is SMTP-In. 
 sent only when the server announced it in its LHLO reply, pipelined with the
 transaction when the server has PIPELINING (mailfc.protocols.lmtp).
 
+The hop is reached at a mailfc.hops.HopAddress: its unix socket (the listener checks
+who connects), or host:port with mutual TLS for a hop on another host.
+
 Failures are LmtpError (connection refused, lost, timed out); the spool turns that into
 a temporary failure of every recipient and retries later.
 """
@@ -19,17 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from mailfc import netio
+from mailfc.hops import HopAddress
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply, xtext
 
 IDLE_KEEP = 16
 
 
 class LmtpHop:
-    def __init__(self, host: str, port: int, *, helo: str, timeout: float,
+    def __init__(self, address: HopAddress, *, helo: str, timeout: float,
                  connect_timeout: float = 5.0) -> None:
-        self.host = host
-        self.port = port
+        self.address = address
         self.helo = helo
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -82,17 +84,16 @@ class LmtpHop:
 
     async def _open(self) -> tuple[LmtpClient, bool]:
         try:
-            reader, writer = await netio.open_connection(self.host, self.port,
-                                                         self.connect_timeout)
+            reader, writer = await self.address.connect(self.connect_timeout)
         except (OSError, TimeoutError) as error:
-            raise LmtpError(f"cannot connect to {self.host}:{self.port}: "
+            raise LmtpError(f"cannot connect to {self.address}: "
                             f"{getattr(error, 'strerror', None) or error or 'timeout'}",
                             message_sent=False) from None
         client = LmtpClient(reader, writer, self.timeout)
         try:
             greeting = await client.greeting()
             if not greeting.ok:
-                raise LmtpError(f"{self.host}:{self.port} greeted {greeting}",
+                raise LmtpError(f"{self.address} greeted {greeting}",
                                 message_sent=False)
             lhlo = await self._lhlo(client)
         except BaseException:
@@ -104,7 +105,7 @@ class LmtpHop:
         """LHLO, returning the whole multi-line reply (read_reply joins the lines)."""
         reply = await client.lhlo(self.helo)
         if not reply.ok:
-            raise LmtpError(f"{self.host}:{self.port} refused LHLO: {reply}",
+            raise LmtpError(f"{self.address} refused LHLO: {reply}",
                             message_sent=False)
         return reply.text
 

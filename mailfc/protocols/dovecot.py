@@ -107,6 +107,28 @@ async def hand_over_imap(socket_path: str, client_fd: int, entry: UserdbEntry, *
         raise DovecotProtocolError(f"imap-master refused the session: {line.lstrip('-')}")
 
 
+async def handed_over_pair(auth_userdb: str, imap_master: str, user: str, *,
+                           greeting: bytes, client_ip: str = "192.0.2.1",
+                           local_ip: str = "192.0.2.2") -> socket.socket:
+    """Our end of a socket pair whose other end an imap process now serves as
+    `user`'s logged-in session, which starts by sending `greeting`.  For clients
+    on the host that talk to a domain's Dovecot without a router in front
+    (benchmarks, tests): Dovecot takes no password login from anyone."""
+    entry = await lookup_user(auth_userdb, user)
+    if entry is None:
+        raise DovecotProtocolError(f"Dovecot at {auth_userdb} does not know {user}")
+    ours, theirs = socket.socketpair()
+    try:
+        await hand_over_imap(imap_master, theirs.fileno(), entry, client_ip=client_ip,
+                             local_ip=local_ip, client_output=greeting)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return ours
+
+
 @contextlib.asynccontextmanager
 async def _connected(path: str) -> AsyncIterator[socket.socket]:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

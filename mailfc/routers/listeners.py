@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from mailfc import netio
+from mailfc import cluster, netio
 from mailfc.config import Config, LoginSection, split_hostport
 from mailfc.db.directory import Account, Directory
 from mailfc.db.placement import Placement
@@ -35,17 +35,21 @@ from mailfc.routers.throttle import FailureThrottle
 
 async def connect_dispatcher(config: Config, placement: Placement, service: str
                              ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-    """A connection to the dispatcher of the domain's host, and whether it is local:
-    its unix socket when that host is this one (mailfc.dispatcher.server, LOCAL
-    ROUTERS), else TCP."""
+    """A connection to the dispatcher of the domain's host, and whether it is local.
+
+    On this host: its unix socket only (mailfc.dispatcher.server, LOCAL
+    ROUTERS; the dispatcher lets in root and its own user).  On another host:
+    TCP with mutual TLS (mailfc.cluster): this host's cluster certificate, and
+    the dispatcher's verified against the cluster CA and its address."""
     timeout = config.dispatcher.connect_timeout_s
     if placement.host == config.host_name:
-        with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(
-                str(config.dispatcher_socket(service)), limit=netio.CHUNK * 4), timeout)
-            return reader, writer, True
-    reader, writer = await netio.open_connection(
-        placement.dispatcher_address, placement.port(service), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(
+            str(config.dispatcher_socket(service)), limit=netio.CHUNK * 4), timeout)
+        return reader, writer, True
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+        placement.dispatcher_address, placement.port(service),
+        ssl=cluster.client_context(config), server_hostname=placement.dispatcher_address,
+        ssl_handshake_timeout=timeout, limit=netio.CHUNK * 4), timeout)
     return reader, writer, False
 
 

@@ -1,7 +1,17 @@
 """LMTP Router: delivers each recipient through its own domain's container.
 
 LISTENER
-    listen.lmtp_router (127.0.0.1:24), LMTP (RFC 2033), for the inbound gateways.
+    listen.lmtp_router ("unix:lmtp-router.sock": <state_dir>/private/hops/lmtp-router.sock),
+    LMTP (RFC 2033), for Filter-In and SMTP-Out.
+
+SECURITY
+    Whoever reaches this listener delivers into any hosted mailbox past every filter,
+    so it is an internal hop (mailfc.hops): its unix socket lets in root and this
+    service's user only (SO_PEERCRED, checked before the greeting, refusals logged);
+    as "host:port" (a router on another host) only peers with the cluster's
+    certificate (mutual TLS).  An address is never enough.  Replaced without refusing
+    a connection (gateways/listener.py: the new process renames its socket over the
+    old one, which drains).
 
 TRANSACTION
     LHLO, MAIL FROM, RCPT TO...  At RCPT the recipient must be a hosted account
@@ -33,7 +43,8 @@ import ipaddress
 import logging
 from typing import Any, cast
 
-from mailfc.config import Config, split_hostport
+from mailfc import hops
+from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
 from mailfc.fairness import PerKeyLimit
@@ -121,25 +132,17 @@ class LmtpRouter:
         self.directory = directory
         self._limits = PerKeyLimit(config.lmtp_router.per_domain_concurrency)
         self._sessions: dict[str, DomainSessions] = collections.defaultdict(DomainSessions)
-        self._server: asyncio.Server | None = None
+        self.lmtp = LmtpServer(LmtpRouterHandler(self), hostname=config.host_name,
+                               ident="mailfc LMTP router",
+                               data_size_limit=config.lmtp_router.max_message_size)
+        self.listener = hops.listener(config, self.name, config.listen.lmtp_router,
+                                      self.lmtp.tracked_by)
 
     async def start(self) -> None:
-        host, port = split_hostport(self.config.listen.lmtp_router)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            LmtpServer(LmtpRouterHandler(self), hostname=self.config.host_name,
-                       ident="mailfc LMTP router",
-                       data_size_limit=self.config.lmtp_router.max_message_size),
-            host, port, reuse_address=True, reuse_port=True)
+        await self.listener.start()
 
     async def stop(self, drain_timeout: float) -> None:
-        if self._server is not None:
-            self._server.close()
-            try:
-                await asyncio.wait_for(self._server.wait_closed(), drain_timeout)
-            except TimeoutError:
-                log.warning("LMTP sessions still open after %.0fs", drain_timeout)
-            self._server = None
+        await self.listener.stop(drain_timeout)
         for sessions in self._sessions.values():
             sessions.close_all()
 

@@ -18,12 +18,15 @@ AFTER AUTH
     start overlaps with AUTH).  The router then sends
         EHLO <router>; XCLIENT LOGIN=<user> ADDR=<client> NAME=... HELO=...; EHLO ...
     so Postfix and its milter see the authenticated user and the real client
-    (Postfix accepts XCLIENT only from the dispatcher's address).  From then on
-    each client command is passed to Postfix and its reply back, except:
+    (Postfix accepts XCLIENT only on the dispatcher's own path into the
+    container).  From then on only the transaction's commands are passed to
+    Postfix (MAIL, RCPT, DATA, RSET, NOOP, QUIT) and its reply back:
         MAIL FROM with a sender that is not the user's address or one of its
             aliases           -> 553 5.7.1, not passed on
         EHLO/HELO             -> answered here (the session stays authenticated)
         AUTH, STARTTLS again  -> 503 5.5.1
+        XCLIENT, XFORWARD     -> 550 5.7.0: a client never speaks for the router
+        anything else (BDAT, VRFY, ETRN, ...) -> 502 5.5.2, not passed on
     DATA content streams through untouched up to the final dot.
     Domain's container not available: 451 4.3.0 for the AUTH (try again later).
 
@@ -72,12 +75,17 @@ from mailfc.fairness import Admission, PerKeyLimit
 from mailfc.policy.snapshot import Snapshot
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
-from mailfc.routers.listeners import LoginRouter, peer_and_local
+from mailfc.routers.listeners import LoginRouter, connect_dispatcher, peer_and_local
 from mailfc.routers.throttle import delay_failure
 
 log = logging.getLogger("mailfc.routers.submission")
 
 MAX_LINE = 4096
+# What a client may say to its domain's Postfix after AUTH; everything else is
+# answered here, so no client command can speak for the router (XCLIENT).
+PASSED_ON = frozenset({"MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT"})
+# The router's own words towards Postfix: a client using them gets a clear no.
+ROUTER_ONLY = frozenset({"XCLIENT", "XFORWARD"})
 SEND_LIMITS_REFRESH_S = 2.0
 MAX_FAILURES_PER_SESSION = 3
 BACKEND_TIMEOUT_S = 60.0
@@ -96,6 +104,7 @@ R_BAD_SENDER = "553 5.7.1 Sender address <{sender}> is not owned by user {user}"
 R_ALREADY = "503 5.5.1 Already authenticated"
 R_SYNTAX = "501 5.5.4 Syntax error in parameters"
 R_UNKNOWN = "502 5.5.2 Command not recognized"
+R_NOT_PERMITTED = "550 5.7.0 {verb} is not permitted"
 R_BYE = "221 2.0.0 Bye"
 R_LINE_TOO_LONG = "500 5.5.6 Line too long"
 R_TIMEOUT = "421 4.4.2 {host} Timeout, closing connection"
@@ -254,6 +263,8 @@ class SubmissionSession:
                 return
             elif verb in ("MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN"):
                 await self.send(R_AUTH_REQUIRED)
+            elif verb in ROUTER_ONLY:
+                await self.send(R_NOT_PERMITTED.format(verb=verb))
             else:
                 await self.send(R_UNKNOWN)
 
@@ -368,9 +379,8 @@ class SubmissionSession:
             raise DomainBusy(f"{account.domain}: no turn within "
                                      f"{self.settings.pressure_max_wait_s:g}s")
         placement = await self.router.directory.place(account.domain)
-        reader, writer = await netio.open_connection(
-            placement.dispatcher_address, placement.smtp_port,
-            config.dispatcher.connect_timeout_s)
+        # This host's dispatcher through its unix socket, another's with mutual TLS.
+        reader, writer, _ = await connect_dispatcher(config, placement, "smtp")
         try:
             writer.write(proxy.encode(self.client_ip, self.client_port, *self.local,
                                       authority=account.domain))
@@ -413,8 +423,9 @@ class SubmissionSession:
                 if verb in ("AUTH", "STARTTLS"):
                     await self.send(R_ALREADY)
                     continue
-                if verb == "BDAT":
-                    await self.send(R_UNKNOWN)
+                if verb not in PASSED_ON:
+                    await self.send(R_NOT_PERMITTED.format(verb=verb) if verb in ROUTER_ONLY
+                                    else R_UNKNOWN)
                     continue
                 if verb == "MAIL":
                     sender = _mail_from(argument)

@@ -7,11 +7,17 @@ description below.  Services map to images:
     lmtp, imap  -> dovecot  (dovecot -F as PID 1; one Dovecot serves both, and
                              the CMDB records it under the service 'imap')
 
-Ports inside every container (the container has its own address, so the
-standard ports never collide):
+Nothing in a container listens on the network.  The dispatcher reaches each
+service through a unix socket inside the container (SOCKETS), on the host
+through /proc/<init pid>/root/... (container_socket()), which needs ptrace
+rights over the container's init, i.e. the host's root:
 
-    postfix  25 SMTP (XCLIENT from the dispatcher)   10025 SMTP after a PROXY header
-    dovecot  24 LMTP, 143 IMAP                        10024 / 10143 after a PROXY header
+    postfix  /var/spool/postfix/private/dispatcher   SMTP (XCLIENT from the dispatcher)
+    dovecot  /run/dovecot/lmtp                       LMTP (root only)
+             /run/dovecot/imap-master, auth-userdb   IMAP hand-over (mailfc.protocols.dovecot)
+
+Mail leaves a Postfix container by LMTP to Filter-Out's socket in the
+mounted socket directory (RuntimeSettings.filter_out_socket).
 
 Paths inside the container are defined here once and used by the templates,
 the OCI spec builder and the tests alike.
@@ -36,12 +42,6 @@ from mailfc.runtime.settings import RuntimeSettings
 
 SERVICES = ("smtp", "lmtp", "imap")
 
-PORTS: dict[str, int] = {
-    "smtp": 25, "smtp_proxy": 10025,
-    "lmtp": 24, "lmtp_proxy": 10024,
-    "imap": 143, "imap_proxy": 10143,
-}
-
 # Inside-container mount points.
 MAIL_MOUNT = "/srv/mail"
 SOCKET_MOUNT = "/run/mailfc"
@@ -49,6 +49,15 @@ POSTFIX_QUEUE = "/var/spool/postfix"
 POSTFIX_DATA = "/var/lib/postfix"
 DOVECOT_STATE = "/var/lib/dovecot"
 DOVECOT_BASE_DIR = "/run/dovecot"
+# master.cf's smtpd service for the dispatcher (a socket in the queue's private/).
+POSTFIX_DISPATCHER_SERVICE = "dispatcher"
+
+# Where each service takes its sessions, inside the container.
+SOCKETS: dict[str, str] = {
+    "smtp": f"{POSTFIX_QUEUE}/private/{POSTFIX_DISPATCHER_SERVICE}",
+    "lmtp": f"{DOVECOT_BASE_DIR}/lmtp",
+    "imap": f"{DOVECOT_BASE_DIR}/imap-master",
+}
 # What Dovecot 2.3 says after login, set in its config rather than left to
 # its defaults: the dispatcher answers a handed-over LOGIN with it
 # (mailfc.dispatcher), and a client must see the same list both ways.
@@ -104,6 +113,12 @@ SERVICE_IMAGE = {"smtp": POSTFIX, "lmtp": DOVECOT, "imap": DOVECOT}
 def dovecot_socket(pid: int, name: str) -> str:
     """Host path of a socket in the Dovecot (init `pid`) container's base_dir."""
     return f"/proc/{pid}/root{DOVECOT_BASE_DIR}/{name}"
+
+
+def container_socket(pid: int, service: str) -> str:
+    """Host path of the socket where the container (init `pid`) takes `service`'s
+    sessions; only the host's root may follow /proc/<pid>/root."""
+    return f"/proc/{pid}/root{SOCKETS[service]}"
 
 
 def image_for(service: str) -> Image:
@@ -196,8 +211,9 @@ def template_context(image: Image, domain: str, settings: RuntimeSettings) -> di
     return {
         "domain": domain,
         "hostname": f"mail.{domain}" if len(domain) < 200 else domain,
-        "trusted": settings.trusted_address,
-        "relay": settings.relay,
+        # Filter-Out's socket in the socket directory, as Postfix's LMTP client names it.
+        "relay": f"unix:{SOCKET_MOUNT}/{settings.filter_out_socket}",
+        "dispatcher_service": POSTFIX_DISPATCHER_SERVICE,
         "milter_socket": f"{SOCKET_MOUNT}/{settings.milter_socket}",
         "hook_socket": f"{SOCKET_MOUNT}/{settings.hook_socket}",
         # Postfix exits when SASL is on and nobody answers on the socket, so it is
@@ -208,7 +224,6 @@ def template_context(image: Image, domain: str, settings: RuntimeSettings) -> di
         "users": host_users(settings.vmail_uid, settings.vmail_gid),
         "nameservers": settings.nameservers,
         "nfs_safe": settings.nfs_safe,
-        "ports": PORTS,
         "base_dir": DOVECOT_BASE_DIR,
         "imap_capability": DOVECOT_IMAP_CAPABILITY,
     }

@@ -1,9 +1,10 @@
 """Instance: one live container of a domain as the CMDB records it.
 
 `service` is the service the row is recorded under ('smtp' for Postfix,
-'imap' for the Dovecot that serves both lmtp and imap); `port(service)` gives
-the port to connect to for any service the container serves, `proxy=True`
-the listener that expects a HAProxy PROXY header first.
+'imap' for the Dovecot that serves both lmtp and imap); `socket(service)`
+gives the host path of the unix socket where the container takes that
+service's sessions (through /proc/<pid>/root: the host's root only).
+`address` is its address on the bridge, where nothing listens any more.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from mailfc.runtime.images import PORTS, image_for
+from mailfc.runtime.images import container_socket, image_for
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,13 @@ class Instance:
     def serves(self, service: str) -> bool:
         return image_for(service).name == self.image
 
-    def port(self, service: str | None = None, *, proxy: bool = False) -> int:
+    def socket(self, service: str | None = None) -> str:
         service = service or self.service
         if not self.serves(service):
             raise ValueError(f"{self.name} ({self.image}) does not serve {service}")
-        return PORTS[f"{service}_proxy" if proxy else service]
+        if not self.pid:
+            raise ValueError(f"{self.name} has no process")
+        return container_socket(self.pid, service)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

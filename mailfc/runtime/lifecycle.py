@@ -4,7 +4,7 @@
     await runtime.open()                     # checks, bridge, netns pool
     await runtime.recover()                  # once at start-up, see recovery.py
     inst = await runtime.ensure("example.org", "imap")
-    # connect to inst.address, inst.port("imap") (or port("imap", proxy=True))
+    # connect to the unix socket inst.socket("lmtp") (host root only)
     await runtime.touch(inst)                # session activity, for idle timeouts
     await runtime.update(inst, cpu_quota_us=150_000, memory_bytes=512 << 20)
     runtime.stats(inst)                      # CgroupStats
@@ -19,8 +19,8 @@ bounded by the spec's max_instances).
 
 A start: claim address and slot in the CMDB (row 'starting') -> take a netns
 from the pool -> render /etc and config.json -> address the netns -> runc run
--> the service port in LISTEN state (polled in the kernel's socket table of the
-container, see readiness.py) -> row 'running'.  The whole start
+-> the service's unix socket listening (polled in the kernel's socket table of
+the container, see readiness.py) -> row 'running'.  The whole start
 is bounded by settings.start_timeout; on any failure everything made so far is
 removed again, the row is marked stopped with the reason, and the caller gets
 StartFailed (or AddressExhausted / CapacityExhausted / UnknownDomain).
@@ -48,7 +48,7 @@ from mailfc.runtime.bundle import Limits, build_spec, ensure_rootfs, write_spec
 from mailfc.runtime.errors import NotRunning, RuntimeUnavailable, StartFailed
 from mailfc.runtime.images import (
     IMAGES,
-    PORTS,
+    SOCKETS,
     Image,
     check_installed,
     host_users,
@@ -213,7 +213,7 @@ class Runtime:
                 pid = await self.backend.run(name, bundle, log_file)
                 self.starts += 1
                 await wait_listen_socket(
-                    pid, PORTS[service], time.monotonic() + self.settings.start_timeout,
+                    pid, SOCKETS[service], time.monotonic() + self.settings.start_timeout,
                     interval=self.settings.ready_poll_interval)
                 ready = await cmdb.mark_running(self.db, row["id"], pid)
         except BaseException as error:
@@ -264,7 +264,8 @@ class Runtime:
                           spec["pids_limit"]),
             hostname=context["hostname"],
             annotations={"mailfc.domain": domain, "mailfc.image": image.name,
-                         "mailfc.slot": str(slot), "mailfc.instance": str(instance_id)}))
+                         "mailfc.slot": str(slot), "mailfc.instance": str(instance_id)},
+            id_base=settings.id_base))
         return bundle
 
     async def _discard(self, name: str, endpoint: Endpoint | None, instance_id: int | None,

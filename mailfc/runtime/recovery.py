@@ -7,7 +7,7 @@ once at start-up (before serving), recover() reconciles, by name only
 
     runc container running + live CMDB row of this host     -> adopted: row
          'running' with the current pid (a row still 'starting' is adopted
-         only if the port accepts within a second)
+         only if its socket listens within a second)
     a live row whose container was 'draining'                -> stopped now
     runc container without a live row, or not running        -> removed
     live row without a running container                    -> row 'stopped'
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mailfc.runtime import cgroups, cmdb, storage
-from mailfc.runtime.images import PORTS
+from mailfc.runtime.images import SOCKETS
 from mailfc.runtime.instance import Instance
 from mailfc.runtime.readiness import wait_listen_socket
 
@@ -63,7 +63,7 @@ async def recover(runtime: Runtime) -> RecoveryReport:
             "running", "starting")
         if keep and row is not None and row["state"] == "starting":
             try:
-                await wait_listen_socket(container.pid, PORTS[row["service"]],
+                await wait_listen_socket(container.pid, SOCKETS[row["service"]],
                                          time.monotonic() + ADOPT_READY_TIMEOUT)
             except (TimeoutError, ProcessLookupError):
                 keep = False

@@ -8,8 +8,13 @@ Fields (default)
     state_dir (/var/lib/mailfc)        bundles, runc state, per-domain queues under
                                         <state_dir>/runtime
     mail_root (<state_dir>/mail)       maildirs: <mail_root>/<domain>/<localpart>/Maildir
-    socket_dir (<state_dir>/sockets)   mounted at /run/mailfc in every container:
-                                        the milter and hook server sockets live there
+    socket_dir (<state_dir>/private/sockets)
+                                        mounted read-only at /run/mailfc in every
+                                        container: the milter, hook server, SASL and
+                                        Filter-Out sockets live there.  Its parent must
+                                        be a directory only root may enter (0700), so no
+                                        other local user reaches a socket in it
+                                        (storage.prepare_socket_dir)
     bridge (mailfc0), subnet (10.77.0.0/16)
                                         host bridge; it takes the subnet's first address,
                                         containers the others
@@ -23,16 +28,14 @@ Fields (default)
     start_timeout (5.0 s), stop_timeout (5.0 s)
     ready_poll_interval (0.002 s)      how often readiness looks for the listening socket
     netns_pool_size (2)                pre-made netns+veth pairs (domain independent)
-    dispatcher_address (None)          the one address Postfix and Dovecot trust for
-                                        XCLIENT, PROXY and password-less logins; None: the
-                                        bridge address, which is the source of every
-                                        connection the host makes into a container
-    relay_host ("[<bridge address>]:10026")
-                                        Postfix relayhost: Filter-Out as seen from inside
-    milter_socket (milter.sock), hook_socket (hooks.sock)
-                                        names inside socket_dir
+    milter_socket (milter.sock), hook_socket (hooks.sock),
+    filter_out_socket (filter-out.sock) names inside socket_dir; Postfix relays all
+                                        mail by LMTP to Filter-Out's
     dovecot_hook_plugin (mailfc_hooks) loaded by Dovecot when its .so is installed
-    vmail_uid/vmail_gid (5000)         owner of the maildirs
+    vmail_uid/vmail_gid (5000)         owner of the maildirs (inside the containers)
+    id_base (0x70000000)               uid/gid N inside a container is id_base + N on
+                                        the host (a user namespace); 0: none, root
+                                        inside is the host's root
     nfs_safe (True)                    Dovecot dotlock/fsync/no-mmap settings
     nameservers (())                   resolv.conf inside the containers
     runc (runc)                        the runc binary (Debian package runc)
@@ -48,6 +51,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mailfc.config import CONTAINER_ID_BASE, unix_socket_name
 
 if TYPE_CHECKING:
     from mailfc.config import Config
@@ -67,14 +72,13 @@ class RuntimeSettings:
     stop_timeout: float = 5.0
     ready_poll_interval: float = 0.002
     netns_pool_size: int = 2
-    dispatcher_address: str | None = None
-    relay_host: str | None = None
-    filter_out_port: int = 10026
     milter_socket: str = "milter.sock"
     hook_socket: str = "hooks.sock"
+    filter_out_socket: str = "filter-out.sock"
     dovecot_hook_plugin: str = "mailfc_hooks"
     vmail_uid: int = 5000
     vmail_gid: int = 5000
+    id_base: int = CONTAINER_ID_BASE
     nfs_safe: bool = True
     nameservers: tuple[str, ...] = ()
     runc: str = "runc"
@@ -100,13 +104,9 @@ class RuntimeSettings:
     def bridge_address(self) -> ipaddress.IPv4Address:
         return self.network.network_address + 1
 
-    @property
-    def trusted_address(self) -> str:
-        return self.dispatcher_address or str(self.bridge_address)
-
-    @property
-    def relay(self) -> str:
-        return self.relay_host or f"[{self.bridge_address}]:{self.filter_out_port}"
+    def outside_id(self, inside: int) -> int:
+        """The host's uid/gid for uid/gid `inside` of a container."""
+        return self.id_base + inside
 
     @property
     def mail_dir(self) -> Path:
@@ -114,7 +114,7 @@ class RuntimeSettings:
 
     @property
     def sockets(self) -> Path:
-        return self.socket_dir or self.state_dir / "sockets"
+        return self.socket_dir or self.state_dir / "private" / "sockets"
 
     @property
     def runtime_dir(self) -> Path:
@@ -160,9 +160,9 @@ def from_config(config: Config, **overrides: Any) -> RuntimeSettings:
         "start_timeout": config.runtime.start_timeout_s,
         "stop_timeout": config.runtime.stop_timeout_s,
         "name_prefix": config.runtime.name_prefix,
+        "id_base": config.runtime.container_id_base,
     }
-    # Filter-Out listens on the host; containers reach it through the bridge address.
-    _host, port = config.listen.filter_out.rsplit(":", 1)
-    values["filter_out_port"] = int(port)
+    # Filter-Out listens on a socket in the socket directory the containers mount.
+    values["filter_out_socket"] = unix_socket_name(config.listen.filter_out)
     values.update(overrides)
     return RuntimeSettings(**values)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import ssl
+import stat
+from pathlib import Path
 
+from cryptography import x509
+
+from mailfc.config import load_config
 from tests.cli.conftest import Mailfc
 
 
@@ -25,6 +31,52 @@ def test_hosts(mailfc: Mailfc) -> None:
     mailfc.fails("host", "add", "mx3", "--dispatcher", "10.1.0.3", "--subnet", "10.79.0.1/16",
                  says="invalid container subnet")
     mailfc.fails("host", "drain", "nowhere", says="unknown host")
+
+
+def test_host_add_issues_cluster_credentials(mailfc: Mailfc, tmp_path: Path) -> None:
+    """`host add` writes the new host's credentials: the cluster CA certificate and
+    a certificate for it that the CA signed and that a dispatcher of this
+    cluster accepts, its key readable by root only; and it says where they go."""
+    target = tmp_path / "mx5-credentials"
+    result = mailfc.ok("host", "add", "mx5", "--dispatcher", "10.1.0.5", "--subnet",
+                       "10.80.0.0/16", "--credentials", str(target))
+    ca, cert, key = target / "ca.pem", target / "cert.pem", target / "key.pem"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for path in (ca, cert, key):
+        assert str(path) in result.out, result.out
+    for key_name in ("[cluster]", "ca_file", "cert_file", "key_file"):
+        assert key_name in result.out
+
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())
+    authority = x509.load_pem_x509_certificate(ca.read_bytes())
+    issued.verify_directly_issued_by(authority)
+    names = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["10.1.0.5"]
+    assert names.get_values_for_type(x509.DNSName) == ["mx5"]
+    # The CA is this (the first) host's: the one its own dispatcher trusts.
+    state = Path(load_config(mailfc.config_file).paths.state_dir)
+    assert ca.read_bytes() == (state / "cluster" / "ca.pem").read_bytes()
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.load_cert_chain(cert, key)
+
+    as_json = json.loads(mailfc.ok("host", "add", "mx6", "--dispatcher", "10.1.0.6",
+                                   "--subnet", "10.81.0.0/16", "--json").out)
+    default = state / "cluster" / "hosts" / "mx6"
+    assert as_json["credentials"]["cert_file"] == str(default / "cert.pem")
+    assert (default / "key.pem").exists()
+
+
+def test_host_add_into_an_unwritable_directory_fails_cleanly(mailfc: Mailfc,
+                                                             tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    mailfc.fails("host", "add", "mx7", "--dispatcher", "10.1.0.7", "--subnet",
+                 "10.82.0.0/16", "--credentials", str(blocker / "mx7"),
+                 says="cannot write the credentials for mx7")
+    # No host without its credentials.
+    hosts = {h["name"] for h in json.loads(mailfc.ok("host", "list", "--json").out)}
+    assert "mx7" not in hosts
 
 
 def test_limits(mailfc: Mailfc) -> None:

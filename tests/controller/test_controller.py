@@ -27,7 +27,7 @@ from mailfc.runtime.lifecycle import Runtime
 from tests.conftest import require_binary
 from tests.routers.conftest import PASSWORD, client_tls
 
-LMTP_PORT, IMAP_PORT, IMAPS_PORT = 20024, 20143, 20993
+IMAP_PORT, IMAPS_PORT = 20143, 20993
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,7 @@ async def platform(state_dir: Path, cmdb: asyncpg.Pool,
         "database": {"dsn": embedded_cluster(mailfc_config).dsn},
         "host": {"name": "controller-host"},
         "network": {"bridge": "mfcc0", "subnet": "10.93.0.0/24"},
-        "listen": {"lmtp_router": f"127.0.0.1:{LMTP_PORT}",
-                   "imap_router": f"127.0.0.1:{IMAP_PORT}",
+        "listen": {"imap_router": f"127.0.0.1:{IMAP_PORT}",
                    "imap_router_tls": f"127.0.0.1:{IMAPS_PORT}"},
         "dispatcher": {"lmtp_port": 20124, "imap_port": 20243, "smtp_port": 20587},
         "runtime": {"name_prefix": "mfcc"},
@@ -112,8 +111,10 @@ async def until(condition: Callable[[], object], controller: Controller,
     raise AssertionError("condition not reached within the time allowed")
 
 
-def deliver(address: str) -> dict[str, tuple[int, bytes]]:
-    with smtplib.LMTP("127.0.0.1", LMTP_PORT, timeout=30) as client:
+def deliver(platform: Platform, address: str) -> dict[str, tuple[int, bytes]]:
+    # The LMTP Router's default socket (listen.lmtp_router, mailfc.hops).
+    socket = platform.config.hops_dir / "lmtp-router.sock"
+    with smtplib.LMTP(str(socket), timeout=30) as client:
         return client.sendmail("x@remote.example", [address], b"Subject: c\r\n\r\nhi\r\n")
 
 
@@ -128,7 +129,7 @@ async def test_idle_container_stops_and_restarts_on_next_session(platform: Platf
     pool, runtime, controller = platform.pool, runtime_of(platform), controller_of(platform)
     assert pool is not None
     await set_spec(pool, "idle.example", idle_timeout_s=1)
-    assert await asyncio.to_thread(deliver, "user@idle.example") == {}
+    assert await asyncio.to_thread(deliver, platform, "user@idle.example") == {}
     assert len(await runtime.instances("idle.example")) == 1
 
     async def stopped() -> bool:
@@ -138,7 +139,7 @@ async def test_idle_container_stops_and_restarts_on_next_session(platform: Platf
     stops = await events_of(pool, "idle.example", "stop")
     assert stops and "idle" in stops[-1]["reason"]
     # The next session starts it again.
-    assert await asyncio.to_thread(deliver, "user@idle.example") == {}
+    assert await asyncio.to_thread(deliver, platform, "user@idle.example") == {}
     assert len(await runtime.instances("idle.example")) == 1
 
 

@@ -35,8 +35,11 @@ from tests.dkim import opendkim_signing
 
 HOST = "gateway-host"
 SMTP_PORT = 18025
-FILTER_PORT = 18026
-LMTP_PORT = 18024
+# The internal hops' sockets (mailfc.hops), names of their own in the session's state
+# directory; their former loopback ports, where nothing may answer now.
+FILTER_IN = "unix:mfcg-filter-in.sock"
+LMTP_ROUTER = "unix:mfcg-lmtp-router.sock"
+FORMER_HOP_PORTS = (18026, 18024)
 DKIM_PORT = 18891
 DOMAINS = ("g1.example", "g2.example", "gbroken.example")
 ACCOUNTS = ("bob@g1.example", "carol@g1.example", "dave@g2.example", "erin@gbroken.example")
@@ -48,8 +51,8 @@ def gateway_data(state_dir: Path, **sections: dict[str, Any]) -> dict[str, dict[
         "host": {"name": HOST},
         "network": {"bridge": "mfcg0", "subnet": "10.89.0.0/24"},
         "runtime": {"name_prefix": "mfcg", "start_timeout_s": 5.0},
-        "listen": {"smtp_in": f"127.0.0.1:{SMTP_PORT}", "filter_in": f"127.0.0.1:{FILTER_PORT}",
-                   "lmtp_router": f"127.0.0.1:{LMTP_PORT}",
+        "listen": {"smtp_in": f"127.0.0.1:{SMTP_PORT}", "filter_in": FILTER_IN,
+                   "lmtp_router": LMTP_ROUTER,
                    "imap_router": "127.0.0.1:18143", "imap_router_tls": "127.0.0.1:18993",
                    "submission": "127.0.0.1:18587", "submissions": "127.0.0.1:18465",
                    "milter": "127.0.0.1:18030", "hook_server": "127.0.0.1:18031"},

@@ -230,7 +230,7 @@ async def small_disk_smtp_in(state_dir: Path, cmdb: asyncpg.Pool
     await asyncio.to_thread(subprocess.run, ["mount", "-t", "tmpfs", "-o", "size=2m",
                                              "mfcg-spool", str(spool)], check=True)
     data = gateway_data(state_dir, listen={"smtp_in": f"127.0.0.1:{DISK_PORT}",
-                                           "filter_in": "127.0.0.1:18046"},
+                                           "filter_in": "unix:mfcg-nowhere.sock"},
                         spool={"directory": str(spool), "min_free_bytes": 0})
     config = parse_config(data, "disk full")
     service = SmtpInService(config, cmdb, server_context(config))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import cast
+
+import pytest
 
 from mailfc.gateways.listener import CyclingListener, cycle
 
@@ -22,17 +26,22 @@ class Echo(asyncio.Protocol):
         transport.close()
 
 
-async def test_cycle_refuses_no_connection() -> None:
+@pytest.mark.parametrize("form", ["tcp", "unix"])
+async def test_cycle_refuses_no_connection(form: str, tmp_path: Path) -> None:
     generation = [1]
+    path = tmp_path / "echo.sock" if form == "unix" else None
     listener = CyclingListener("echo", "127.0.0.1", PORT,
-                               lambda owner: Echo(owner, generation[0]))
+                               lambda owner: Echo(owner, generation[0]), path=path)
     await listener.start()
     seen: list[bytes] = []
     failures: list[Exception] = []
 
     async def client() -> None:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+            if path is not None:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
             seen.append(await reader.readline())
             writer.close()
         except OSError as error:
@@ -67,3 +76,24 @@ async def test_cycle_refuses_no_connection() -> None:
     assert failures == []
     assert len(seen) == attempts
     assert b"1\n" in seen and b"2\n" in seen and seen[-1] == b"2\n"
+    if path is not None:
+        # The old listener, stopping, left its successor's socket in place; the
+        # successor, stopped, removed it; no temporary name was left behind.
+        assert not path.exists() and os.listdir(tmp_path) == []
+
+
+async def test_a_stopping_listener_leaves_its_successors_socket(tmp_path: Path) -> None:
+    """A new process binds the path anew (by rename); the old one then stops."""
+    path = tmp_path / "hop.sock"
+    old = CyclingListener("old", "", 0, lambda owner: Echo(owner, 1), path=path)
+    new = CyclingListener("new", "", 0, lambda owner: Echo(owner, 2), path=path)
+    await old.start()
+    await new.start()
+    await old.stop(1.0)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        assert await reader.readline() == b"2\n"
+        writer.close()
+    finally:
+        await new.stop(1.0)
+    assert not path.exists()

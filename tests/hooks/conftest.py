@@ -144,8 +144,10 @@ async def hooks_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Hooks
     # Placement must choose this test's host for the test domains.
     await provision(cmdb)
     await cmdb.execute("UPDATE domains SET host_id = NULL WHERE name = ANY($1)", list(DOMAINS))
-    sockets = state_dir / "hooks-test-sockets"
-    sockets.mkdir(exist_ok=True)
+    # The socket directory sits in a directory only root may enter (as the runtime
+    # requires); Platform.start() makes it.
+    sockets = state_dir / "hooks-test-private" / "sockets"
+    sockets.parent.mkdir(mode=0o700, exist_ok=True)
     config = hooks_config(state_dir, sockets / "hooks.sock")
     platform = Platform(config, ("hook-server", "dispatcher", "imap-router"),
                         runtime_overrides={"socket_dir": sockets})

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from mailfc.config import Config, parse_config
+from mailfc.config import CONTAINER_ID_BASE, Config, parse_config
 from mailfc.db import accounts, domains
 from mailfc.passwords import hash_password
 from mailfc.policy.engine import LimitEngine
@@ -105,6 +105,7 @@ async def running_milter(pool: asyncpg.Pool, socket: Path, *, lease_s: float = 6
     recorder = Recorder(pool, component="milter-test", flush_interval_s=flush_interval_s,
                         holder=engine.holder)
     server = MilterServer(engine, recorder, host=HOST, socket=socket,
+                          container_id_base=CONTAINER_ID_BASE,
                           failure=failure or FailurePolicy(), refusal_delay_s=refusal_delay_s)
     await engine.start()
     await recorder.start()
@@ -117,10 +118,18 @@ async def running_milter(pool: asyncpg.Pool, socket: Path, *, lease_s: float = 6
         await recorder.stop(5.0)
 
 
+def socket_dir(state_dir: Path) -> Path:
+    """The socket directory the Postfix containers mount, in a directory only root may
+    enter (made so here, whichever of milter and runtime comes first)."""
+    private = state_dir / "mfcm-private"
+    private.mkdir(mode=0o700, exist_ok=True)
+    return private / "sockets"
+
+
 @pytest.fixture
 async def milter(policy_db: asyncpg.Pool, state_dir: Path) -> AsyncIterator[MilterUnderTest]:
-    """A milter in this process on <state_dir>/mfcm-sockets/milter.sock (Postfix's socket)."""
-    async with running_milter(policy_db, state_dir / "mfcm-sockets" / "milter.sock") as m:
+    """A milter in this process on the socket directory's milter.sock (Postfix's socket)."""
+    async with running_milter(policy_db, socket_dir(state_dir) / "milter.sock") as m:
         yield m
 
 
@@ -143,7 +152,7 @@ def milter_config(state_dir: Path) -> Config:
         "paths": {"state_dir": str(state_dir)},
         "host": {"name": HOST},
         "network": {"bridge": "mfcm0", "subnet": SUBNET},
-        "milter": {"socket": str(state_dir / "mfcm-sockets" / "milter.sock")},
+        "milter": {"socket": str(socket_dir(state_dir) / "milter.sock")},
         "runtime": {"start_timeout_s": 10.0},
     }, "milter tests")
 
@@ -169,8 +178,7 @@ async def postfix_host(state_dir: Path, cmdb: asyncpg.Pool) -> AsyncIterator[Pos
         " VALUES ($1, '127.0.0.1', $2) ON CONFLICT (name) DO UPDATE SET state = 'active'",
         HOST, SUBNET)
     runtime = Runtime(from_config(config, name_prefix="mfcm",
-                                  socket_dir=state_dir / "mfcm-sockets"), cmdb)
-    (state_dir / "mfcm-sockets").mkdir(exist_ok=True)
+                                  socket_dir=socket_dir(state_dir)), cmdb)
     await runtime.open()
     await runtime.recover()
     try:

@@ -1,4 +1,8 @@
-"""Clients the Postfix tests use: smtplib with XCLIENT (as the SMTP Router will), swaks."""
+"""Clients the Postfix tests use: smtplib with XCLIENT (as the SMTP Router will), swaks.
+
+Both talk to the container's Postfix on its dispatcher socket (Instance.socket()),
+the only way in.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from tests.conftest import require_binary
+from tests.conftest import UnixSMTP, require_binary
 
 
 @dataclass
@@ -24,8 +28,8 @@ class Attempt:
         return self.data is not None and self.data[0] == 250
 
 
-def open_session(address: str, account: str, client_ip: str = "192.0.2.7") -> smtplib.SMTP:
-    smtp = smtplib.SMTP(address, 25, timeout=30)
+def open_session(path: str, account: str, client_ip: str = "192.0.2.7") -> smtplib.SMTP:
+    smtp = UnixSMTP(path, timeout=30)
     try:
         smtp.ehlo("client.example")
         code, text = smtp.docmd("XCLIENT",
@@ -73,16 +77,16 @@ def transaction(smtp: smtplib.SMTP, sender: str, recipients: list[str], *,
     return attempt
 
 
-def send_one(address: str, account: str, recipients: list[str], **kwargs: object) -> Attempt:
-    smtp = open_session(address, account)
+def send_one(path: str, account: str, recipients: list[str], **kwargs: object) -> Attempt:
+    smtp = open_session(path, account)
     try:
         return transaction(smtp, account, recipients, **kwargs)  # type: ignore[arg-type]
     finally:
         finish(smtp)
 
 
-def swaks(address: str, *args: str) -> str:
+def swaks(path: str, *args: str) -> str:
     binary = require_binary("swaks", "swaks")
-    result = subprocess.run([binary, "--server", address, "--port", "25", *args],
+    result = subprocess.run([binary, "--socket", path, *args],
                             capture_output=True, text=True, timeout=60)
     return result.stdout + result.stderr

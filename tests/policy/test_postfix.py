@@ -44,7 +44,7 @@ async def test_every_stage_is_recorded(postfix_host: PostfixHost, milter: Milter
                                        policy_db: asyncpg.Pool) -> None:
     postfix = await postfix_host.postfix("m1.example")
     out = await asyncio.to_thread(
-        swaks, str(postfix.address), "--ehlo", "client.example",
+        swaks, postfix.socket(), "--ehlo", "client.example",
         "--xclient-login", "bob@m1.example", "--xclient-addr", "192.0.2.9",
         "--xclient-name", "nine.client.example",
         "--from", "bob@m1.example", "--to", "ann@m1.example,joe@m1.example",
@@ -78,9 +78,9 @@ async def test_twenty_parallel_senders_against_three_slots(
         postfix_host: PostfixHost, milter: MilterUnderTest, policy_db: asyncpg.Pool) -> None:
     await set_limit(policy_db, "bob@m2.example", "concurrent_sends", 3)
     postfix = await postfix_host.postfix("m2.example")
-    address = str(postfix.address)
+    path = postfix.socket()
     attempts: list[Attempt] = await asyncio.gather(*(
-        asyncio.to_thread(send_one, address, "bob@m2.example", ["ann@m2.example"], hold_s=0.6)
+        asyncio.to_thread(send_one, path, "bob@m2.example", ["ann@m2.example"], hold_s=0.6)
         for _ in range(20)))
     accepted = [a for a in attempts if a.accepted]
     refused = [a for a in attempts if a.mail[0] != 250]
@@ -114,7 +114,7 @@ async def test_rate_limit_refuses_the_eleventh(postfix_host: PostfixHost,
     postfix = await postfix_host.postfix("m2.example")
 
     def eleven() -> list[Attempt]:
-        smtp = open_session(str(postfix.address), "carol@m2.example")
+        smtp = open_session(postfix.socket(), "carol@m2.example")
         try:
             return [transaction(smtp, "carol@m2.example", ["ann@m2.example"])
                     for _ in range(11)]
@@ -126,7 +126,7 @@ async def test_rate_limit_refuses_the_eleventh(postfix_host: PostfixHost,
     assert code == 451 and text.startswith("4.7.1 account carol@m2.example reached its limit"
                                            " of 10 messages per 1m (10 used); try again in")
     # Another account of the same domain has its own default allowance.
-    assert (await asyncio.to_thread(send_one, str(postfix.address), "bob@m2.example",
+    assert (await asyncio.to_thread(send_one, postfix.socket(), "bob@m2.example",
                                     ["ann@m2.example"])).accepted
     await flushed(milter)
     event = await policy_db.fetchrow("SELECT * FROM smtp_events WHERE stage = 'mail'"
@@ -141,7 +141,7 @@ async def test_shadow_mode_passes_and_records(postfix_host: PostfixHost,
     await set_limit(policy_db, "bob@m3.example", "messages", 2, window_s=60, mode="shadow")
     await set_limit(policy_db, "bob@m3.example", "recipients_per_message", 1, mode="shadow")
     postfix = await postfix_host.postfix("m3.example")
-    attempts = [await asyncio.to_thread(send_one, str(postfix.address), "bob@m3.example",
+    attempts = [await asyncio.to_thread(send_one, postfix.socket(), "bob@m3.example",
                                         ["ann@m3.example", "joe@m3.example"])
                 for _ in range(4)]
     assert all(a.accepted for a in attempts)
@@ -164,9 +164,9 @@ async def test_shadow_mode_passes_and_records(postfix_host: PostfixHost,
 async def test_a_limit_changed_while_postfix_runs_applies_at_once(
         postfix_host: PostfixHost, milter: MilterUnderTest, policy_db: asyncpg.Pool) -> None:
     postfix = await postfix_host.postfix("m3.example")
-    address = str(postfix.address)
+    path = postfix.socket()
     await set_limit(policy_db, "carol@m3.example", "messages", 0, window_s=3600)
-    smtp = await asyncio.to_thread(open_session, address, "carol@m3.example")
+    smtp = await asyncio.to_thread(open_session, path, "carol@m3.example")
     try:
         first = await asyncio.to_thread(transaction, smtp, "carol@m3.example",
                                         ["ann@m3.example"])
@@ -191,7 +191,7 @@ async def test_admin_block_is_permanent(postfix_host: PostfixHost, milter: Milte
     await policy_db.execute("INSERT INTO blocks (kind, value, reason)"
                             " VALUES ('account', 'bob@m4.example', 'compromised')")
     postfix = await postfix_host.postfix("m4.example")
-    attempt = await asyncio.to_thread(send_one, str(postfix.address), "bob@m4.example",
+    attempt = await asyncio.to_thread(send_one, postfix.socket(), "bob@m4.example",
                                       ["ann@m4.example"])
     assert attempt.mail[0] == 550
     assert attempt.mail[1] == ("5.7.1 blocked by the administrator (account bob@m4.example):"

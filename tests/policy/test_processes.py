@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.policy.conftest import HOST, PostfixHost, set_limit, wait_for
+from tests.policy.conftest import HOST, PostfixHost, set_limit, socket_dir, wait_for
 from tests.policy.mta import MtaClient, reply_text
 from tests.policy.smtp_client import finish, open_session, transaction
 
@@ -65,12 +65,12 @@ async def test_two_processes_share_a_limit_and_kill_9_returns_slots(
     account = "carol@m4.example"
     await set_limit(policy_db, account, "concurrent_sends", 3)
     postfix = await postfix_host.postfix("m4.example")
-    sockets = state_dir / "mfcm-sockets"
+    sockets = socket_dir(state_dir)
     other_socket = state_dir / "mfcm-other" / "milter.sock"
     async with milter_process(state_dir, sockets / "milter.sock") as first, \
             milter_process(state_dir, other_socket):
         # Two transactions held open through Postfix -> process 1.
-        sessions = [await asyncio.to_thread(open_session, str(postfix.address), account)
+        sessions = [await asyncio.to_thread(open_session, postfix.socket(), account)
                     for _ in range(2)]
         clients: list[MtaClient] = []
         try:
@@ -83,7 +83,7 @@ async def test_two_processes_share_a_limit_and_kill_9_returns_slots(
             assert replies[:2] == ["c", "451 4.7.1 account carol@m4.example has 3 messages in"
                                    " transit (limit 3 at once); try again when one has finished"]
             # And process 1 now refuses a third Postfix transaction too.
-            third = await asyncio.to_thread(open_session, str(postfix.address), account)
+            third = await asyncio.to_thread(open_session, postfix.socket(), account)
             refused = await asyncio.to_thread(transaction, third, account, ["ann@m4.example"])
             assert refused.mail[0] == 451
             await asyncio.to_thread(finish, third)

@@ -26,7 +26,9 @@ from tests.conftest import PlatformHost, require_binary
 
 HOST = "router-host"
 PASSWORD = "router-test-password"
-LMTP_PORT = 11024
+# The LMTP Router's socket in the hops' directory (mailfc.hops), a name of its own
+# in the test session's state directory.
+LMTP_ROUTER = "unix:router-tests-lmtp.sock"
 IMAP_PORT = 11143
 IMAPS_PORT = 11993
 SUBMISSION_PORT = 11587
@@ -39,7 +41,7 @@ def router_config(state_dir: Path, **sections: dict[str, object]) -> Config:
         "paths": {"state_dir": str(state_dir)},
         "host": {"name": HOST},
         "network": {"bridge": "mfcr0", "subnet": "10.87.0.0/24"},
-        "listen": {"lmtp_router": f"127.0.0.1:{LMTP_PORT}",
+        "listen": {"lmtp_router": LMTP_ROUTER,
                    "imap_router": f"127.0.0.1:{IMAP_PORT}",
                    "imap_router_tls": f"127.0.0.1:{IMAPS_PORT}",
                    "submission": f"127.0.0.1:{SUBMISSION_PORT}",
@@ -54,6 +56,10 @@ def router_config(state_dir: Path, **sections: dict[str, object]) -> Config:
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return parse_config(data, "router tests")
+
+
+def lmtp_socket(config: Config) -> Path:
+    return config.hops_dir / LMTP_ROUTER.removeprefix("unix:")
 
 
 class RouterHost(PlatformHost):

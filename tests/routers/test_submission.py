@@ -175,3 +175,43 @@ async def test_sessions_beyond_the_domains_concurrent_sends_limit_wait_for_a_slo
         async with router_host.pool.acquire() as db:
             await limits.unset_limit(db, "a.example", "concurrent_sends")
         await asyncio.sleep(SEND_LIMITS_REFRESH_S + 0.2)
+
+
+async def test_client_xclient_and_xforward_are_refused_and_change_nothing(
+        router_host: RouterHost) -> None:
+    """A client that speaks the router's own words (XCLIENT, XFORWARD) to pose as
+    another account or address gets 5xx, before and after AUTH, on 587 and 465;
+    the messages it then sends are recorded with its real account and address."""
+    since = await router_host.pool.fetchval("SELECT now()")
+    claims = ("XCLIENT LOGIN=dave@b.example ADDR=192.0.2.66 NAME=forged.example",
+              "XFORWARD ADDR=192.0.2.67 NAME=forged.example HELO=forged.example",
+              "ETRN a.example")
+
+    def pose(implicit_tls: bool) -> list[tuple[int, bytes]]:
+        client: smtplib.SMTP
+        if implicit_tls:
+            client = smtplib.SMTP_SSL("127.0.0.1", SUBMISSIONS_PORT, timeout=60,
+                                      context=client_tls())
+        else:
+            client = smtplib.SMTP("127.0.0.1", SUBMISSION_PORT, timeout=60)
+        with client:
+            replies = [client.docmd(*claim.split(" ", 1)) for claim in claims[:2]]
+            if not implicit_tls:
+                client.starttls(context=client_tls())
+            client.login("bob@a.example", PASSWORD)
+            replies += [client.docmd(*claim.split(" ", 1)) for claim in claims]
+            client.sendmail("bob@a.example", ["someone@remote.example"],
+                            "From: bob@a.example\r\nSubject: posing\r\n\r\nhello\r\n")
+            return replies
+
+    for implicit_tls in (False, True):
+        replies = await asyncio.to_thread(pose, implicit_tls)
+        assert [code for code, _ in replies] == [550, 550, 550, 550, 502], replies
+    recorded = ("SELECT m.account, host(s.client_ip) AS ip FROM smtp_messages m"
+                " JOIN smtp_sessions s ON s.id = m.session_id"
+                " WHERE s.component = 'postfix' AND m.started_at >= $1")
+    deadline = time.monotonic() + 10
+    while len(rows := await router_host.pool.fetch(recorded, since)) < 2:
+        assert time.monotonic() < deadline, f"recorded: {rows}"
+        await asyncio.sleep(0.2)
+    assert {(row["account"], row["ip"]) for row in rows} == {("bob@a.example", "127.0.0.1")}

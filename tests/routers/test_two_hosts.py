@@ -4,15 +4,23 @@ Host A is the test's own platform (tests/routers/conftest.py).  Host B is a
 real `mailfc up --services dispatcher` process in a network namespace the test
 creates (entered with nsenter), reachable over a veth pair, sharing the CMDB and the mail root
 as a second machine would.  Domain c.example is placed on host B.
+
+Host B is added the way an operator would: `mailfc host add host-b` on host A
+writes its cluster credentials, and host B's configuration points at them, so
+host A's routers reach it over mutual TLS.  A third party on host A's address
+without such a credential (plain TCP; TLS with a certificate of another CA)
+gets nothing from host B's dispatcher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import imaplib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,15 +31,24 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from mailfc import cluster
 from mailfc.db import accounts, domains
 from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
-from tests.routers.conftest import DISPATCHER_IMAP_PORT, IMAP_PORT, PASSWORD, RouterHost, client_tls
+from mailfc.protocols import proxy
+from tests.routers.conftest import (
+    DISPATCHER_IMAP_PORT,
+    IMAP_PORT,
+    PASSWORD,
+    RouterHost,
+    client_tls,
+)
 from tests.routers.test_lmtp_router import delivered, lmtp_transaction, message
 
 NETNS = "mfch-b"
 VETH_A, VETH_B = "mfchA", "mfchB"
 ADDRESS_A, ADDRESS_B = "10.84.0.1", "10.84.0.2"
+DISPATCHER_LMTP_PORT = 12024
 
 
 def ip(*args: str) -> None:
@@ -74,6 +91,29 @@ def wait_listening(address: str, port: int, process: subprocess.Popen[bytes],
     raise AssertionError(f"host B's dispatcher did not listen on {address}:{port}")
 
 
+def add_host_b(router_host: RouterHost, credentials: Path) -> None:
+    """`mailfc host add host-b` on host A, as an operator would run it."""
+    config = credentials.parent / "host-a.toml"
+    ports = router_host.config.dispatcher
+    config.write_text(f"""
+[paths]
+state_dir = "{router_host.config.state_dir}"
+[host]
+name = "{router_host.config.host_name}"
+[dispatcher]
+lmtp_port = {ports.lmtp_port}
+imap_port = {ports.imap_port}
+smtp_port = {ports.smtp_port}
+""")
+    done = subprocess.run(
+        [sys.executable, "-m", "mailfc", "--config", str(config), "host", "add", "host-b",
+         "--dispatcher", ADDRESS_B, "--subnet", "10.85.0.0/24",
+         "--credentials", str(credentials)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "cert_file" in done.stdout, done.stdout
+
+
 def start_host_b(config: Path) -> subprocess.Popen[bytes]:
     with (config.parent / "host-b.log").open("wb") as log:
         return subprocess.Popen(
@@ -99,6 +139,8 @@ async def host_b(router_host: RouterHost, host_b_network: None) -> AsyncIterator
     state = Path(router_host.config.state_dir) / "host-b"
     state.mkdir(exist_ok=True)
     state.chmod(0o711)
+    credentials = state / "credentials"
+    await asyncio.to_thread(add_host_b, router_host, credentials)
     dsn = embedded_cluster(router_host.config).dsn
     config = state / "mailfc.toml"
     config.write_text(f"""
@@ -109,12 +151,16 @@ mail_root = "{router_host.mail_root}"
 dsn = "{dsn}"
 [host]
 name = "host-b"
+[cluster]
+ca_file = "{credentials / 'ca.pem'}"
+cert_file = "{credentials / 'cert.pem'}"
+key_file = "{credentials / 'key.pem'}"
 [network]
 bridge = "mfcb1"
 subnet = "10.85.0.0/24"
 [dispatcher]
 address = "{ADDRESS_B}"
-lmtp_port = 12024
+lmtp_port = {DISPATCHER_LMTP_PORT}
 imap_port = {DISPATCHER_IMAP_PORT}
 smtp_port = 12587
 allowed_clients = ["{ADDRESS_A}/32"]
@@ -146,7 +192,8 @@ async def test_each_domain_is_served_by_its_own_host(router_host: RouterHost,
                                                      host_b: str) -> None:
     subject = f"two hosts {uuid.uuid4()}"
     _, data = await asyncio.to_thread(
-        lmtp_transaction, ["frank@c.example", "bob@a.example"], message(subject))
+        lmtp_transaction, router_host, ["frank@c.example", "bob@a.example"],
+        message(subject))
     log = await asyncio.to_thread(
         Path(router_host.config.state_dir, "host-b", "host-b.log").read_text)
     assert [code for code, _ in data] == [250, 250], log[-3000:]
@@ -172,3 +219,50 @@ async def test_each_domain_is_served_by_its_own_host(router_host: RouterHost,
         return found[0]
 
     assert (await asyncio.to_thread(read)).strip()
+
+
+def attempt(port: int, context: ssl.SSLContext | None) -> bytes:
+    """What host B's dispatcher answers a PROXY header and a LOGIN sent from host
+    A's address (which dispatcher.allowed_clients lets through) by a client
+    without a certificate of the cluster; ssl.SSLError when TLS refuses it."""
+    header = proxy.encode("192.0.2.9", 40000, ADDRESS_B, 143, authority="c.example")
+    raw = socket.create_connection((ADDRESS_B, port), timeout=10,
+                                   source_address=(ADDRESS_A, 0))
+    data = b""
+    # A reset is a refusal too: what counts is that nothing usable came back.
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError), \
+            (context.wrap_socket(raw, server_hostname=ADDRESS_B) if context else raw) as conn:
+        conn.settimeout(10)
+        conn.sendall(header + b'a LOGIN "frank@c.example" "-"\r\n')
+        while chunk := conn.recv(4096):
+            data += chunk
+    return data
+
+
+def foreign_context(directory: Path, trusted_ca: Path) -> ssl.SSLContext:
+    """A client that trusts host B's CA but holds a certificate of another CA."""
+    directory.mkdir(exist_ok=True)
+    cluster.new_ca(directory / "ca.pem", directory / "ca.key")
+    cluster.issue(directory / "ca.pem", directory / "ca.key", "intruder", ADDRESS_A,
+                  directory / "cert.pem", directory / "key.pem")
+    context = ssl.create_default_context(cafile=str(trusted_ca))
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+async def test_a_host_without_credentials_gets_nothing(router_host: RouterHost,
+                                                       host_b: str) -> None:
+    state = Path(router_host.config.state_dir, "host-b")
+    foreign = foreign_context(state / "foreign", state / "credentials" / "ca.pem")
+    anonymous = ssl.create_default_context(cafile=str(state / "credentials" / "ca.pem"))
+    for port in (DISPATCHER_LMTP_PORT, DISPATCHER_IMAP_PORT):
+        # Plain TCP: the dispatcher expects a TLS handshake and closes without a word
+        # in clear (at most a TLS alert, record type 0x15).
+        plain = await asyncio.to_thread(attempt, port, None)
+        assert plain[:1] in (b"", b"\x15"), plain[:80]
+        for context in (foreign, anonymous):
+            try:
+                answer = await asyncio.to_thread(attempt, port, context)
+            except ssl.SSLError:
+                continue    # refused in the handshake (certificate required, unknown CA)
+            assert answer == b"", answer[:80]

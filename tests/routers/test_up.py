@@ -23,7 +23,7 @@ from mailfc.db.pool import embedded_cluster
 from mailfc.passwords import hash_password
 from tests.routers.conftest import PASSWORD, client_tls
 
-LMTP_PORT, IMAP_PORT, IMAPS_PORT = 19024, 19143, 19993
+IMAP_PORT, IMAPS_PORT = 19143, 19993
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float,
@@ -74,17 +74,13 @@ name = "up-host"
 bridge = "mfcu0"
 subnet = "10.90.0.0/24"
 [listen]
-lmtp_router = "127.0.0.1:{LMTP_PORT}"
 imap_router = "127.0.0.1:{IMAP_PORT}"
 imap_router_tls = "127.0.0.1:{IMAPS_PORT}"
 milter = "127.0.0.1:19030"
 hook_server = "127.0.0.1:19031"
 smtp_in = "127.0.0.1:19025"
-filter_in = "127.0.0.1:19026"
 submission = "127.0.0.1:19588"
 submissions = "127.0.0.1:19465"
-smtp_out = "127.0.0.1:19027"
-filter_out = "bridge:19028"
 [dispatcher]
 lmtp_port = 19124
 imap_port = 19243
@@ -113,7 +109,9 @@ name_prefix = "mfcu"
 async def test_up_serves_lmtp_and_imap_and_stops_on_sigterm(
         platform_up: subprocess.Popen[bytes], cmdb: asyncpg.Pool, state_dir: Path) -> None:
     def deliver() -> dict[str, tuple[int, bytes]]:
-        with smtplib.LMTP("127.0.0.1", LMTP_PORT, timeout=30) as client:
+        # The LMTP Router's default socket (listen.lmtp_router, mailfc.hops).
+        socket = state_dir / "up" / "private" / "hops" / "lmtp-router.sock"
+        with smtplib.LMTP(str(socket), timeout=30) as client:
             return client.sendmail("someone@remote.example", ["gina@up.example"],
                                    b"Subject: via mailfc up\r\n\r\nhello\r\n")
 

@@ -63,9 +63,9 @@ async def broken_runtime(settings: RuntimeSettings, cmdb: asyncpg.Pool, tmp_path
     main_cf.write_text(main_cf.read_text().replace(
         "queue_directory = /var/spool/postfix", "queue_directory = /nonexistent/queue"))
     dovecot_conf = tmp_path / "containers/dovecot/etc/dovecot/dovecot.conf.j2"
-    dovecot_conf.write_text(dovecot_conf.read_text()
-                            .replace("port = {{ ports.imap }}", "port = 1143")
-                            .replace("port = {{ ports.lmtp }}", "port = 1024"))
+    # Dovecot runs, but its sockets are not where the runtime waits for them.
+    dovecot_conf.write_text(dovecot_conf.read_text().replace(
+        "base_dir = {{ base_dir }}", "base_dir = /run/elsewhere"))
     broken = Runtime(settings.replace(images_dir=tmp_path / "containers", start_timeout=1.5,
                                       netns_pool_size=0), cmdb)
     await broken.open()

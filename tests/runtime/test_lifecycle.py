@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import imaplib
 import smtplib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,9 +11,10 @@ import asyncpg
 import pytest
 
 from mailfc.errors import InvalidInput
-from mailfc.runtime import PORTS, Runtime, RuntimeSettings, UnknownDomain
+from mailfc.runtime import Runtime, RuntimeSettings, UnknownDomain
 from mailfc.runtime.network import NETNS_DIR
 from mailfc.runtime.readiness import read_banner
+from tests.conftest import UnixSMTP, handed_over_imap
 from tests.runtime.conftest import cgroup_file
 
 pytestmark = pytest.mark.integration
@@ -38,10 +38,14 @@ async def test_postfix_and_dovecot_start_and_greet(runtime: Runtime,
     assert (smtp.image, imap.image) == ("postfix", "dovecot")
     assert lmtp.name == imap.name, "lmtp and imap share one Dovecot"
     assert smtp.address != imap.address
-    assert (await read_banner(str(smtp.address), smtp.port())).startswith(
-        f"220 mail.{domain} ESMTP".encode())
-    assert (await read_banner(str(imap.address), imap.port("imap"))).startswith(b"* OK ")
-    assert (await read_banner(str(lmtp.address), lmtp.port("lmtp"))).startswith(b"220 ")
+    assert (await read_banner(smtp.socket())).startswith(f"220 mail.{domain} ESMTP".encode())
+    assert (await read_banner(lmtp.socket("lmtp"))).startswith(b"220 ")
+    assert imap.pid is not None
+    client = await handed_over_imap(imap.pid, f"bob@{domain}")
+    try:
+        assert (await asyncio.to_thread(client.noop))[0] == "OK"
+    finally:
+        await asyncio.to_thread(client.logout)
     rows = await runtime.db.fetch(
         "SELECT name, state, host(address) AS address FROM container_instances"
         " WHERE name = ANY($1::text[])", [smtp.name, imap.name])
@@ -53,17 +57,20 @@ async def test_lmtp_delivery_then_imap_fetch(runtime: Runtime, settings: Runtime
                                              new_domain: NewDomain) -> None:
     domain = await new_domain()
     instance = await runtime.ensure(domain, "lmtp")
-    address = str(instance.address)
+    assert instance.pid is not None
 
-    def deliver_and_read() -> bytes:
-        with smtplib.LMTP(address, instance.port("lmtp"), timeout=10) as lmtp:
+    def deliver() -> None:
+        with smtplib.LMTP(instance.socket("lmtp"), timeout=10) as lmtp:
             refused = lmtp.sendmail("alice@remote.example", [f"bob@{domain}"],
                                     _message(domain, 1))
             assert refused == {}
-        imap = imaplib.IMAP4(address, instance.port("imap"), timeout=10)
+
+    await asyncio.to_thread(deliver)
+    # The session is handed over as the dispatcher does it: no password.
+    imap = await handed_over_imap(instance.pid, f"bob@{domain}")
+
+    def read() -> bytes:
         try:
-            # The dispatcher's address (the bridge) logs in without the password.
-            assert imap.login(f"bob@{domain}", "checked-by-the-router")[0] == "OK"
             status, data = imap.select("INBOX")
             assert status == "OK" and data[0] == b"1"
             status, fetched = imap.fetch("1", "(RFC822)")
@@ -74,13 +81,13 @@ async def test_lmtp_delivery_then_imap_fetch(runtime: Runtime, settings: Runtime
         finally:
             imap.logout()
 
-    body = await asyncio.to_thread(deliver_and_read)
+    body = await asyncio.to_thread(read)
     assert b"Subject: runtime test 1" in body
     new = settings.mail_dir / domain / "bob" / "Maildir" / "new"
     files = list(new.iterdir()) or list((new.parent / "cur").iterdir())
     assert len(files) == 1
     assert (files[0].stat().st_uid, files[0].stat().st_gid) == (
-        settings.vmail_uid, settings.vmail_gid)
+        settings.outside_id(settings.vmail_uid), settings.outside_id(settings.vmail_gid))
 
 
 async def test_cgroup_limits_follow_the_spec_and_update_live(
@@ -183,8 +190,7 @@ async def test_concurrent_starts_of_many_domains_get_distinct_addresses(
     domains = [await new_domain() for _ in range(6)]
     instances = await asyncio.gather(*(runtime.ensure(d, "smtp") for d in domains))
     assert len({i.address for i in instances}) == len(domains)
-    banners = await asyncio.gather(*(read_banner(str(i.address), PORTS["smtp"])
-                                     for i in instances))
+    banners = await asyncio.gather(*(read_banner(i.socket()) for i in instances))
     assert all(b.startswith(b"220 ") for b in banners)
 
 
@@ -218,44 +224,23 @@ def _queue_intact(queue: Path) -> bool:
     return (queue / "pid" / "master.pid").exists() and (queue / "deferred").is_dir()
 
 
-async def test_only_the_dispatcher_address_is_trusted(
-        runtime: Runtime, settings: RuntimeSettings, cmdb: asyncpg.Pool,
-        new_domain: NewDomain) -> None:
-    trusted_domain, other_domain = await new_domain(), await new_domain()
-    # A second runtime whose containers trust some other address than the host's.
-    distrustful = Runtime(settings.replace(dispatcher_address="10.78.0.254",
-                                           netns_pool_size=0), cmdb)
-    await distrustful.open(fill_pool=False)
-    try:
-        trusted = (await runtime.ensure(trusted_domain, "smtp"),
-                   await runtime.ensure(trusted_domain, "imap"))
-        other = (await distrustful.ensure(other_domain, "smtp"),
-                 await distrustful.ensure(other_domain, "imap"))
+async def test_only_the_dispatchers_socket_is_trusted(
+        runtime: Runtime, new_domain: NewDomain) -> None:
+    """XCLIENT on the socket only root reaches; no password opens Dovecot."""
+    domain = await new_domain()
+    smtp = await runtime.ensure(domain, "smtp")
+    imap = await runtime.ensure(domain, "imap")
 
-        def check(smtp_address: str, imap_address: str, domain: str) -> tuple[bool, bool]:
-            with smtplib.SMTP(smtp_address, PORTS["smtp"], timeout=10) as client:
-                client.ehlo("dispatcher.test")
-                xclient = client.has_extn("xclient")
-            imap = imaplib.IMAP4(imap_address, PORTS["imap"], timeout=10)
-            try:
-                imap.login(f"bob@{domain}", "no password")
-                logged_in = True
-            except imaplib.IMAP4.error:
-                logged_in = False
-            finally:
-                imap.logout()
-            return xclient, logged_in
+    def xclient_offered() -> bool:
+        with UnixSMTP(smtp.socket(), timeout=10) as client:
+            client.ehlo("dispatcher.test")
+            return client.has_extn("xclient")
 
-        assert await asyncio.to_thread(
-            check, str(trusted[0].address), str(trusted[1].address), trusted_domain) == (
-            True, True)
-        assert await asyncio.to_thread(
-            check, str(other[0].address), str(other[1].address), other_domain) == (
-            False, False)
-        for instance in other:
-            await distrustful.stop(instance, drain_timeout=2.0)
-    finally:
-        await distrustful.close()
+    assert await asyncio.to_thread(xclient_offered)
+    # Dovecot's one passdb refuses every user, whatever the password.
+    code, out = await runtime.backend.exec(
+        imap.name, ["/usr/bin/doveadm", "auth", "test", f"bob@{domain}", "any password"])
+    assert code != 0 and "auth failed" in out.lower(), out
 
 
 async def test_idle_and_lifetime_bookkeeping(runtime: Runtime, cmdb: asyncpg.Pool,

@@ -123,11 +123,11 @@ async def sending_host(state_dir: Path, cmdb: asyncpg.Pool, mailfc_config: Confi
             "host": {"name": "sending-host"},
             "network": {"bridge": "mfcs0", "subnet": "10.95.0.0/24"},
             "runtime": {"name_prefix": "mfcs"},
-            "listen": {"lmtp_router": "127.0.0.1:21024", "imap_router": "127.0.0.1:21143",
+            # The internal hops (LMTP Router, SMTP-Out) on their default unix sockets.
+            "listen": {"imap_router": "127.0.0.1:21143",
                        "imap_router_tls": "127.0.0.1:21993",
                        "submission": f"127.0.0.1:{SUBMISSION_PORT}",
                        "submissions": f"127.0.0.1:{SUBMISSIONS_PORT}",
-                       "filter_out": "bridge:21026", "smtp_out": "127.0.0.1:21027",
                        "milter": "127.0.0.1:21030", "hook_server": "127.0.0.1:21031"},
             "dispatcher": {"lmtp_port": 21124, "imap_port": 21243, "smtp_port": 21587 + 100},
             "submission": {"auth_failure_delay_s": 0.1},

@@ -159,14 +159,14 @@ async def test_over_the_concurrent_send_limit_only_that_account_waits(
 
 async def test_postfix_relays_only_for_sessions_the_router_vouched_for(
         sending_host: SendingHost) -> None:
-    """Straight at the domain's Postfix (as the dispatcher's address): a client address
+    """Straight at the domain's Postfix (on the dispatcher's socket): a client address
     from outside relays only with XCLIENT LOGIN, and AUTH there always fails."""
     runtime = sending_host.platform.runtime
     assert runtime is not None
     instance = await runtime.ensure("s.example", "smtp")
 
     async def session(login: bool) -> list[int]:
-        reader, writer = await asyncio.open_connection(str(instance.address), 25)
+        reader, writer = await asyncio.open_unix_connection(instance.socket())
         codes = []
 
         async def command(line: str) -> None:

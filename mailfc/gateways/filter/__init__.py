@@ -1,8 +1,11 @@
 """The filter gateway: Filter-In (inbound, before the LMTP Router) and later Filter-Out.
 
 LISTENER
-    listen.filter_in (127.0.0.1:10025), LMTP (RFC 2033) with XFORWARD (NAME ADDR PROTO
-    HELO IDENT) so the checks see the original client; for the gateways only (loopback).
+    listen.filter_in ("unix:filter-in.sock": <state_dir>/private/hops/filter-in.sock),
+    LMTP (RFC 2033) with XFORWARD (NAME ADDR PROTO HELO IDENT) so the checks see the
+    original client.  XFORWARD is believed because only SMTP-In can connect: an internal
+    hop (mailfc.hops) lets in root and this service's user only (SO_PEERCRED), or, as
+    "host:port", peers with the cluster's certificate (mutual TLS).
 
 CHAIN ([filter_in])
     checks (["eicar", "headers"]; "dnsbl" with dnsbl_zones), then each of milters

@@ -12,7 +12,8 @@ SESSION
     is answered `250 2.0.0 OK: queued as <id>` only once it is fsync'd in the spool.
 
 NEXT HOP
-    The spool (gateways/spool) delivers to Filter-In (listen.filter_in) over LMTP with
+    The spool (gateways/spool) delivers to Filter-In (listen.filter_in, by default the
+    unix socket <state_dir>/private/hops/filter-in.sock; mailfc.hops) over LMTP with
     XFORWARD naming the original client, per recipient domain, round-robin, with retries.
 
 SECURITY

@@ -9,7 +9,8 @@ import ssl
 
 import asyncpg
 
-from mailfc.config import Config, connect_address, split_hostport
+from mailfc import hops
+from mailfc.config import Config, split_hostport
 from mailfc.db.directory import Directory
 from mailfc.gateways.listener import CyclingListener, cycle
 from mailfc.gateways.lmtp_hop import LmtpHop
@@ -34,8 +35,7 @@ class SmtpInService:
         self.engine = LimitEngine.from_config(pool, config)
         self.recorder = Recorder.from_config(pool, config, self.name,
                                              holder=self.engine.holder)
-        hop_host, hop_port = connect_address(config.listen.filter_in)
-        self.hop = LmtpHop(hop_host, hop_port, helo=config.host_name,
+        self.hop = LmtpHop(hops.address(config, config.listen.filter_in), helo=config.host_name,
                            timeout=config.spool.delivery_timeout_s)
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory, "smtp-in"),
                            self._deliver, config.spool, hostname=config.host_name)

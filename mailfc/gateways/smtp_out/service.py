@@ -1,11 +1,18 @@
 """SMTP-Out as a resident service: LMTP intake from Filter-Out, durable spool, delivery.
 
 INTAKE
-    listen.smtp_out (127.0.0.1:10027), LMTP from Filter-Out: every syntactically
-    valid recipient is accepted (the sender's domain Postfix and the milter have
-    decided already); at DATA the message is made durable in the spool
-    (<state_dir>/spool/smtp-out) and each recipient gets `250 2.0.0 queued as
-    <id>`, or `452 4.3.1` when the disk is full.
+    listen.smtp_out ("unix:smtp-out.sock": <state_dir>/private/hops/smtp-out.sock),
+    LMTP from Filter-Out: every syntactically valid recipient is accepted (the
+    sender's domain Postfix and the milter have decided already); at DATA the
+    message is made durable in the spool (<state_dir>/spool/smtp-out) and each
+    recipient gets `250 2.0.0 queued as <id>`, or `452 4.3.1` when the disk is full.
+
+SECURITY
+    The intake relays to anywhere, so only Filter-Out may reach it: it is an internal
+    hop (mailfc.hops), whose unix socket lets in root and this service's user only
+    (SO_PEERCRED, checked before the greeting); as "host:port", only a peer with the
+    cluster's certificate (mutual TLS).  Hosted recipients go to the LMTP Router
+    (listen.lmtp_router) the same way.
 
 DELIVERY (mailfc.gateways.spool: per-domain queues, round-robin, retries, DSNs)
     a hosted recipient domain  -> the LMTP Router (the inbound path)
@@ -18,15 +25,15 @@ DELIVERY (mailfc.gateways.spool: per-domain queues, round-robin, retries, DSNs)
 
 from __future__ import annotations
 
-import asyncio
 import email.policy
 import logging
 from email.parser import BytesHeaderParser
 
 import asyncpg
 
+from mailfc import hops
 from mailfc.addresses import normalize_address
-from mailfc.config import Config, connect_address, split_hostport
+from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
 from mailfc.gateways.lmtp_hop import LmtpHop
@@ -85,14 +92,18 @@ class SmtpOutService:
         self.remote = RemoteDelivery(
             Router(parse_routes(settings.routes), timeout=settings.dns_timeout_s),
             helo=config.host_name, timeout=settings.timeout_s)
-        router_host, router_port = connect_address(config.listen.lmtp_router)
-        self.inbound = LmtpHop(router_host, router_port, helo=config.host_name,
+        self.inbound = LmtpHop(hops.address(config, config.listen.lmtp_router),
+                               helo=config.host_name,
                                timeout=config.lmtp_router.delivery_timeout_s
                                + config.runtime.start_timeout_s)
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory,
                                            "smtp-out"),
                            self._deliver, config.spool, hostname=config.host_name)
-        self._server: asyncio.Server | None = None
+        self.lmtp = LmtpServer(SmtpOutHandler(self), hostname=config.host_name,
+                               ident="mailfc SMTP-Out",
+                               data_size_limit=settings.max_message_size)
+        self.listener = hops.listener(config, self.name, config.listen.smtp_out,
+                                      self.lmtp.tracked_by)
 
     async def _deliver(self, envelope: SpoolEnvelope, recipients: list[str],
                        message: bytes) -> dict[str, Reply]:
@@ -124,17 +135,9 @@ class SmtpOutService:
 
     async def start(self) -> None:
         await self.spool.start()
-        host, port = split_hostport(self.config.listen.smtp_out)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            LmtpServer(SmtpOutHandler(self), hostname=self.config.host_name,
-                       ident="mailfc SMTP-Out",
-                       data_size_limit=self.config.smtp_out.max_message_size),
-            host, port, reuse_address=True, reuse_port=True)
+        await self.listener.start()
 
     async def stop(self, drain_timeout: float) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        await self.listener.stop(drain_timeout)
         await self.spool.stop(drain_timeout)
         await self.inbound.close()

@@ -26,12 +26,22 @@ ADMISSION
     open sessions count in the share).  Recorded as rule pressure:heavy_commands.
 
 SECURITY
-    The socket is mode 0660, group hooks.socket_gid (the uid/gid the containers' imap
-    processes run as, the runtime's vmail_gid): only they and root can connect.  Input is
+    The socket is mode 0660, group hooks.socket_gid (the gid the containers' imap
+    processes run as, the runtime's vmail_gid, shifted by runtime.container_id_base
+    as their user namespace maps it): only they and root can connect.  Input is
     bounded (protocol.MAX_LINE); garbage, unknown words and oversized lines are answered
     with ERROR and logged (the first few per connection), never fatal for the server or
     the connection.  Nothing from the plugin is executed or used as a path; names end up
     only in parameterised SQL.
+    Root inside a domain's container can connect as well and name any user, so each
+    connection's peer is identified from the kernel's credentials (mailfc.peers:
+    SO_PEERCRED, the peer's cgroup, the CMDB).  A domain's container reports sessions of
+    that domain's users only: a SESSION naming any other user is answered with ERROR
+    like other bad input, nothing is recorded or counted for it, and the plugin's other
+    sessions go on (the plugin logs the ERROR and, without a SESSION reply, lets that
+    session run by its failure policy after hooks.timeout_ms).  Root on this host is
+    trusted as before.  Anyone else is disconnected before HELLO with a warning saying
+    who and why (refused_peers counts them).
 
 CONFIGURATION ([hooks])
     socket (""), socket_gid (5000), timeout_ms (500), failure ("open"), on_db_error
@@ -49,7 +59,7 @@ from pathlib import Path
 
 import asyncpg
 
-from mailfc import netio
+from mailfc import netio, peers
 from mailfc.config import Config
 from mailfc.fairness import Admission
 from mailfc.policy.engine import LimitEngine, PolicyUnavailable, Subject
@@ -73,8 +83,10 @@ class HookServer:
     def __init__(self, engine: LimitEngine, recorder: Recorder, pool: asyncpg.Pool, *,
                  host: str, socket: Path, socket_gid: int | None = 5000,
                  policy: HookPolicy | None = None, limits_poll_s: float = 1.0,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None,
+                 peer_identity: peers.Peers | None = None) -> None:
         self.engine = engine
+        self.peer_identity = peer_identity or peers.Peers(pool)
         # The inode of the socket this server bound (None: not listening).
         self._inode: int | None = None
         self.recorder = recorder
@@ -93,6 +105,7 @@ class HookServer:
         self.connections: dict[asyncio.Task[None], tuple[HookConnection,
                                                          asyncio.StreamWriter]] = {}
         self.protocol_errors = 0
+        self.refused_peers = 0
         self._background: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._limits_version: tuple[object, ...] | None = None
@@ -152,11 +165,24 @@ class HookServer:
     # -- one plugin connection ------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = await self.peer_identity.identify(writer)
+        if self.server is None or not self.server.is_serving():
+            writer.close()      # stopped while the peer was looked at
+            return
+        if peer.kind != peers.CONTAINER and not peer.host_root:
+            self.refused_peers += 1
+            log.warning("hook server: closing a connection from %s: only a domain's"
+                        " container or root on this host may report sessions", peer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
         task = asyncio.current_task()
         assert task is not None
         connection = HookConnection(self.engine, self.recorder, host=self.host,
                                     policy=self.policy, background=self._keep,
-                                    admission=self.admission)
+                                    admission=self.admission,
+                                    peer=peer if peer.kind == peers.CONTAINER else None)
         self.connections[task] = (connection, writer)
         splitter = protocol.LineSplitter()
         errors = 0
@@ -259,7 +285,8 @@ class HookService:
                                              holder=self.engine.holder)
         self.server = HookServer(
             self.engine, self.recorder, pool, host=config.host_name,
-            socket=socket or socket_path(config), socket_gid=hooks.socket_gid,
+            socket=socket or socket_path(config),
+            socket_gid=config.runtime.outside_id(hooks.socket_gid),
             policy=policy, limits_poll_s=hooks.limits_poll_s,
             admission=Admission(target=hooks.pressure_target, min_rate=hooks.pressure_min_rate,
                                 max_wait_s=policy.longest_wait_s))

@@ -7,7 +7,9 @@ REQUESTS -> RECORDS AND DECISIONS
     SESSION  imap_sessions row (account = the Dovecot user, domain from it, client
              address as the IMAP Router passed it in its PROXY header, host).  Decision:
              admin blocks (account, domain, IP) and the imap_sessions concurrency limit;
-             the lease is held until END.  Refused: `NO [LIMIT] ...` (a block:
+             the lease is held until END.  A user not of the domain of the plugin's
+             container (the server's peer, mailfc.peers) is a ProtocolError (ERROR),
+             before anything is recorded.  Refused: `NO [LIMIT] ...` (a block:
              `NO [CONTACTADMIN] ...`), the row gets the verdict and ends at once.  A
              resumed session (announced again after a reconnect) is recorded and takes a
              lease but is never refused.  The reply's watch list comes from the kinds of
@@ -39,6 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mailfc.fairness import Admission
+from mailfc.peers import Peer
 from mailfc.policy.engine import (
     ACCEPT,
     ENFORCE,
@@ -126,8 +129,11 @@ class HookConnection:
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
                  policy: HookPolicy, background: Callable[[asyncio.Task[None]], None],
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, peer: Peer | None = None) -> None:
         self.engine = engine
+        # The domain container of the imap process (mailfc.peers): its sessions are
+        # only of that domain's users.  None: root on this host, trusted.
+        self.peer = peer
         self.admission = admission
         self.recorder = recorder
         self.host = host
@@ -147,6 +153,12 @@ class HookConnection:
         sid = request.number("sid")
         user = request.text("user").strip().lower()
         domain = user.rpartition("@")[2] if "@" in user else None
+        if self.peer is not None and domain != self.peer.domain:
+            # Refused before anything is recorded or counted; the CMD, DONE and END
+            # of this sid then find no session (orphans).
+            raise protocol.ProtocolError(
+                f"SESSION {sid}: user {user[:80]!r} is not of {self.peer.domain},"
+                f" the domain of {self.peer}")
         client_ip = request.text("client_ip") or None
         resumed = request.number("resumed") == 1
         subject = Subject.of(domain, user if domain else None, client_ip)

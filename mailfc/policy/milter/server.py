@@ -20,11 +20,26 @@ WHY NOT python-libmilter
     message, and runs every connection on one event loop with the shared asyncpg pool.
 
 SECURITY
-    The socket is mode 0660 with group milter.socket_group (postfix): only the
-    containers' Postfix (and root) may connect.  Input is bounded (codec.MAX_PACKET);
+    The socket is mode 0660 with group milter.socket_group (postfix, as the
+    containers' user namespace shifts it: runtime.container_id_base + its gid):
+    only the containers' Postfix (and root) may connect.  Input is bounded (codec.MAX_PACKET);
     a connection that sends anything else than the protocol is logged and closed, the
     server keeps serving every other connection.  Nothing the MTA sends is executed or
     used as a path; addresses and header values end up only in parameterised SQL.
+    Root inside a domain's container can connect as well and send anything, so each
+    connection's peer is identified from the kernel's credentials (mailfc.peers:
+    SO_PEERCRED, the peer's cgroup, the CMDB):
+        a domain's container   its sessions are that domain's; a {daemon_name} naming
+                               another domain is ignored (a warning names both), and
+                               so is an {auth_authen} of another domain's account
+        root on this host      trusted as before: {daemon_name} names the domain
+                               (miltertest, MTAs run outside containers)
+        anyone else            the connection is closed before the negotiation (a
+                               warning says who and why; refused_peers counts them):
+                               other users, a peer that exited at once, a container
+                               the CMDB does not know or cannot name right now
+    A TCP peer (milter.tcp, off by default) carries no credential: whoever reaches
+    listen.milter is trusted like root, so only trusted MTAs may reach that address.
 
 CONFIGURATION
     [milter] socket, socket_group (postfix), tcp (false), idle_timeout_s (900)
@@ -45,7 +60,7 @@ from pathlib import Path
 
 import asyncpg
 
-from mailfc import netio
+from mailfc import netio, peers
 from mailfc.config import Config, split_hostport
 from mailfc.policy.engine import LimitEngine
 from mailfc.policy.milter import codec
@@ -67,20 +82,27 @@ class MilterServer:
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
                  socket: Path | None = None, tcp: tuple[str, int] | None = None,
-                 socket_group: str = "postfix", failure: FailurePolicy = DEFAULT_FAILURE,
-                 idle_timeout_s: float = 900.0, refusal_delay_s: float = 0.0) -> None:
+                 socket_group: str = "postfix", container_id_base: int = 0,
+                 failure: FailurePolicy = DEFAULT_FAILURE,
+                 idle_timeout_s: float = 900.0, refusal_delay_s: float = 0.0,
+                 peer_identity: peers.Peers | None = None) -> None:
         self.engine = engine
+        self.peer_identity = peer_identity or peers.Peers(engine.pool)
         self.refusal_delay_s = refusal_delay_s
         self.recorder = recorder
         self.host = host
         self.socket = socket
         self.tcp = tcp
         self.socket_group = socket_group
+        # The containers' Postfix runs in a user namespace: its postfix group is
+        # the host's postfix gid shifted by the base (mailfc.runtime.bundle).
+        self.container_id_base = container_id_base
         self.failure = failure
         self.idle_timeout_s = idle_timeout_s
         self.servers: list[asyncio.Server] = []
         self.connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self.protocol_errors = 0
+        self.refused_peers = 0
 
     async def start(self) -> None:
         if self.socket is not None:
@@ -105,7 +127,7 @@ class MilterServer:
         except KeyError:
             raise RuntimeError(f"milter.socket_group {self.socket_group!r} does not exist on "
                                "this host: apt-get install postfix, or set it empty") from None
-        os.chown(path, -1, gid)
+        os.chown(path, -1, self.container_id_base + gid)
         path.chmod(0o660)
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
@@ -131,8 +153,30 @@ class MilterServer:
         task = asyncio.current_task()
         assert task is not None
         self.connections[task] = writer
-        session = MilterSession(self.engine, self.recorder, host=self.host,
-                                failure=self.failure, refusal_delay_s=self.refusal_delay_s)
+        try:
+            peer = await self.peer_identity.identify(writer)
+            if self._admits(peer):
+                await self._converse(reader, writer, MilterSession(
+                    self.engine, self.recorder, host=self.host, failure=self.failure,
+                    refusal_delay_s=self.refusal_delay_s,
+                    peer=peer if peer.kind == peers.CONTAINER else None))
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self.connections.pop(task, None)
+
+    def _admits(self, peer: peers.Peer) -> bool:
+        """SECURITY: a domain's container, root on this host, or (milter.tcp) a TCP peer."""
+        if peer.kind in (peers.CONTAINER, peers.REMOTE) or peer.host_root:
+            return True
+        self.refused_peers += 1
+        log.warning("milter: closing a connection from %s: only a domain's container or"
+                    " root on this host may use the milter", peer)
+        return False
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        session: MilterSession) -> None:
         decoder = codec.Decoder()
         try:
             while not session.closed:
@@ -158,10 +202,6 @@ class MilterServer:
         finally:
             with contextlib.suppress(Exception):
                 await session.close()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            self.connections.pop(task, None)
 
 
 class MilterService:
@@ -179,6 +219,7 @@ class MilterService:
             socket=socket or socket_path(config),
             tcp=split_hostport(config.listen.milter) if config.milter.tcp else None,
             socket_group=config.milter.socket_group,
+            container_id_base=config.runtime.container_id_base,
             failure=FailurePolicy(policy.on_db_error_submission, policy.on_db_error_inbound),
             idle_timeout_s=config.milter.idle_timeout_s,
             refusal_delay_s=policy.refusal_delay_s)

@@ -9,10 +9,13 @@ NEGOTIATION
         DATA, unknown commands                          not sent (SMFIP_NODATA, NOUNKNOWN)
 
     Macros asked for: connect `{daemon_name} j {client_addr} {client_name}`, MAIL
-    `{auth_authen} {auth_type} i`, end of message `i`.  The domain is {daemon_name}
-    (the per-domain Postfix sets milter_macro_daemon_name to its domain), falling back
-    to the domain of the authenticated account.  The queue id comes from `i` at end
-    of message: Postfix has none yet at MAIL.
+    `{auth_authen} {auth_type} i`, end of message `i`.  The domain is the one of the
+    container the MTA runs in (the server identifies the peer, mailfc.peers); a
+    {daemon_name} or an {auth_authen} of another domain is ignored with a warning.  An
+    MTA trusted by the server (root on this host, TCP) names its domain with
+    {daemon_name} (the per-domain Postfix sets milter_macro_daemon_name to its domain),
+    falling back to the domain of the authenticated account.  The queue id comes from
+    `i` at end of message: Postfix has none yet at MAIL.
 
 STAGES -> RECORDS
     connect       smtp_sessions row (client address and name as Postfix got them from
@@ -52,6 +55,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
+from mailfc.peers import Peer
 from mailfc.policy.engine import (
     ACCEPT,
     REJECT,
@@ -111,8 +115,11 @@ class MilterSession:
 
     def __init__(self, engine: LimitEngine, recorder: Recorder, *, host: str,
                  failure: FailurePolicy = DEFAULT_FAILURE, component: str = "postfix",
-                 refusal_delay_s: float = 0.0) -> None:
+                 refusal_delay_s: float = 0.0, peer: Peer | None = None) -> None:
         self.engine = engine
+        # The domain container the MTA runs in (mailfc.peers); None: a trusted MTA
+        # (root on this host, milter.tcp), whose {daemon_name} names the domain.
+        self.peer = peer
         self.refusal_delay_s = refusal_delay_s
         self.recorder = recorder
         self.host = host
@@ -196,8 +203,7 @@ class MilterSession:
             # A second CONNECT without QUIT (Postfix after XCLIENT): a new client.
             self._finish_session()
         self.client_ip = info.address if info.family in ("4", "6") else None
-        daemon = self.macros.get("daemon_name", "")
-        self.domain = daemon.lower() if daemon and "." in daemon else None
+        self.domain = self._domain()
         self.account = None
         self.worst = None
         self.session = self.recorder.new(
@@ -215,9 +221,9 @@ class MilterSession:
         assert self.session is not None
         if self.txn is not None:
             await self._abort()      # MAIL without an abort first: the old one is over
-        account = self.macros.get("auth_authen") or None
+        account = self._account()
         if account:
-            self.account = account.lower()
+            self.account = account
             if self.domain is None and "@" in self.account:
                 self.domain = self.account.rpartition("@")[2]
             self.recorder.update(self.session, account=self.account, domain=self.domain)
@@ -322,6 +328,26 @@ class MilterSession:
         self._finish_session()
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _domain(self) -> str | None:
+        daemon = self.macros.get("daemon_name", "").lower()
+        claimed = daemon if "." in daemon else None
+        if self.peer is None:
+            return claimed
+        if claimed is not None and claimed != self.peer.domain:
+            log.warning("milter: %s names {daemon_name} %s: ignored, the session is %s's",
+                        self.peer, claimed, self.peer.domain)
+        return self.peer.domain
+
+    def _account(self) -> str | None:
+        account = (self.macros.get("auth_authen") or "").lower() or None
+        if account and self.peer is not None and (
+                account.rpartition("@")[2] != self.peer.domain):
+            # The routers hand a login only to its own domain's Postfix.
+            log.warning("milter: %s names {auth_authen} %s, not of %s: ignored",
+                        self.peer, account, self.peer.domain)
+            return None
+        return account
 
     async def _close_transaction(self, verdict: str, reason: str | None,
                                  ended: object = None) -> None:
