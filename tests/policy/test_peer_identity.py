@@ -71,6 +71,8 @@ try:
     send(b"E")
     replies.append(reply())
     send(b"Q")
+except (BrokenPipeError, ConnectionResetError):
+    replies.append("closed")    # hung up before we had sent it all
 except OSError as error:
     replies.append(type(error).__name__)
 print(json.dumps(replies))
