@@ -315,7 +315,7 @@ class RuntimeSection(Section):
 class MilterSection(Section):
     """The mailfc milter (mailfc.policy.milter), attached to every per-domain Postfix."""
 
-    # Empty: <state_dir>/sockets/milter.sock, the socket mounted into every Postfix container.
+    # Empty: <state_dir>/private/sockets/milter.sock, mounted into every Postfix container.
     socket: str = ""
     # Group allowed to connect (the containers' Postfix runs as the host's postfix user);
     # the socket is mode 0660.  Empty: mode 0666.
@@ -467,7 +467,7 @@ class FilterSection(Section):
 class HooksSection(Section):
     """The IMAP hook server (mailfc.policy.hooks) and its Dovecot plugin."""
 
-    # Empty: <state_dir>/sockets/hooks.sock, the socket every Dovecot container sees
+    # Empty: <state_dir>/private/sockets/hooks.sock, the socket every Dovecot container sees
     # at /run/mailfc/hooks.sock.
     socket: str = ""
     # Group of the socket (mode 0660): the gid the containers' imap processes run as
@@ -545,6 +545,12 @@ class Config(Section):
     @property
     def state_dir(self) -> Path:
         return Path(self.paths.state_dir)
+
+    @property
+    def container_sockets_dir(self) -> Path:
+        """The shared services' sockets the domain containers mount read-only
+        (milter, hook server, Filter-Out, SASL; mailfc.runtime.storage)."""
+        return self.state_dir / "private" / "sockets"
 
     @property
     def hops_dir(self) -> Path:

@@ -3,8 +3,8 @@
     <mail_root>/<domain>/                       -> /srv/mail (vmail, 0770)
     <state_dir>/private/ (root, 0700)
         sockets/ (root, 0711)                   -> /run/mailfc, read-only
-    <state_dir>/sockets -> private/sockets      where the milter and the hook server
-                                                 put their sockets by default
+    <state_dir>/sockets -> private/sockets      for configurations that name the
+                                                 directory's former place
     <state_dir>/runtime/domains/ (root, 0700)
     <state_dir>/runtime/domains/<domain>/postfix-<slot>/spool -> /var/spool/postfix
     <state_dir>/runtime/domains/<domain>/postfix-<slot>/data  -> /var/lib/postfix

@@ -1,7 +1,7 @@
 """The hook server: an asyncio unix server for the Dovecot plugin of every per-domain Dovecot.
 
 LISTENER
-    hooks.socket (default <state_dir>/sockets/hooks.sock): the directory the runtime
+    hooks.socket (default <state_dir>/private/sockets/hooks.sock): the directory the runtime
     mounts at /run/mailfc in every container, where the rendered dovecot.conf points
     the plugin (mailfc_hooks_socket = /run/mailfc/hooks.sock).
 
@@ -74,7 +74,7 @@ LOGGED_ERRORS_PER_CONNECTION = 5
 
 def socket_path(config: Config) -> Path:
     return Path(config.hooks.socket) if config.hooks.socket else (
-        config.state_dir / "sockets" / "hooks.sock")
+        config.container_sockets_dir / "hooks.sock")
 
 
 class HookServer:

@@ -1,7 +1,7 @@
 """The milter service: an asyncio server speaking the milter protocol to every Postfix.
 
 LISTENERS
-    milter.socket (default <state_dir>/sockets/milter.sock): a unix socket in the
+    milter.socket (default <state_dir>/private/sockets/milter.sock): a unix socket in the
     directory the runtime mounts at /run/mailfc in every Postfix container.  With
     milter.tcp = true also listen.milter (127.0.0.1:10030) for MTAs elsewhere.
 
@@ -74,7 +74,7 @@ READ_SIZE = 1 << 16
 
 def socket_path(config: Config) -> Path:
     return Path(config.milter.socket) if config.milter.socket else (
-        config.state_dir / "sockets" / "milter.sock")
+        config.container_sockets_dir / "milter.sock")
 
 
 class MilterServer:
