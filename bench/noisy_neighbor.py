@@ -157,7 +157,7 @@ def config(state_dir: Path) -> Config:
         "host": {"name": "bench-nn"},
         "network": {"bridge": "mfcn0", "subnet": "10.96.0.0/24"},
         "runtime": {"name_prefix": "mfcn"},
-        # The internal hops (LMTP Router, Filter-In, SMTP-Out) on their default unix
+        # The internal hops (LMTP Router, SMTP-Out) on their default unix
         # sockets in <state_dir>/private/hops (mailfc.hops).
         "listen": {"imap_router": "127.0.0.1:22143",
                    "imap_router_tls": f"127.0.0.1:{IMAPS}",

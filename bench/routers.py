@@ -55,7 +55,7 @@ def bench_config(state_dir: Path) -> Config:
         "paths": {"state_dir": str(state_dir)},
         "host": {"name": "bench-host"},
         "network": {"bridge": "mfcb0", "subnet": "10.83.0.0/24"},
-        # The internal hops (LMTP Router, Filter-In, SMTP-Out) on their default unix
+        # The internal hops (LMTP Router, SMTP-Out) on their default unix
         # sockets in <state_dir>/private/hops (mailfc.hops).
         "listen": {"imap_router": f"127.0.0.1:{ROUTER_IMAP}",
                    "imap_router_tls": "127.0.0.1:13993", "smtp_in": f"127.0.0.1:{SMTP_IN}",

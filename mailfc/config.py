@@ -99,14 +99,13 @@ class DatabaseSection(Section):
 # The internal hops: "unix:<name>" (a socket in Config.hops_dir, root and the
 # service's own user only) or "host:port" (mutual TLS with the cluster's
 # certificates, for a hop on another host); see mailfc.hops.
-HOP_LISTENERS = ("filter_in", "smtp_out", "lmtp_router")
+HOP_LISTENERS = ("smtp_out", "lmtp_router")
 
 
 class ListenSection(Section):
     """Where each resident service listens, as "host:port" (or "unix:<name>")."""
 
     smtp_in: str = "0.0.0.0:25"
-    filter_in: str = "unix:filter-in.sock"
     # "unix:<name>": a socket of that name in the socket directory every Postfix
     # container mounts (<state_dir>/private/sockets), where the domains' Postfix
     # reach Filter-Out and no other local user can.
@@ -247,7 +246,6 @@ class LmtpRouterSection(Section):
     # Deliveries in flight towards one domain's container; other domains'
     # deliveries never wait behind them.
     per_domain_concurrency: int = 8
-    max_message_size: int = 52_428_800
     # A delivery to a domain's dispatcher gives up after this (451 for that domain).
     delivery_timeout_s: float = 60.0
 
@@ -291,6 +289,11 @@ class RuntimeSection(Section):
     # on every host that shares the mail root (the maildirs' owners), and away
     # from the ranges /etc/subuid gives users.  0: no user namespace.
     container_id_base: int = CONTAINER_ID_BASE
+    # A domain's Postfix retries deferred mail after this many seconds (its
+    # minimal_backoff_time and queue_run_delay; maximal_backoff_time is 6 times it),
+    # not Postfix's 300 s: every deferral there is a failure of mailfc's own next
+    # hop (Filter-Out), which is back within seconds.
+    postfix_retry_s: PositiveInt = 10
 
     @field_validator("name_prefix")
     @classmethod
@@ -364,7 +367,6 @@ class RecorderSection(Section):
 class SmtpInSection(Section):
     """SMTP-In (mailfc.gateways.smtp_in): the MX of every hosted domain."""
 
-    max_message_size: int = 52_428_800
     max_recipients: int = 100
     # 8-bit bytes in a message whose MAIL FROM did not say BODY=8BITMIME get 554 5.6.0.
     require_8bitmime: bool = True
@@ -378,9 +380,10 @@ class SmtpInSection(Section):
 
 
 class SpoolSection(Section):
-    """The durable spool of SMTP-In (mailfc.gateways.spool)."""
+    """The durable spools of SMTP-In and SMTP-Out (mailfc.gateways.spool)."""
 
-    # Empty: <state_dir>/spool/smtp-in.
+    # Where the spools live: <directory>/smtp-in and <directory>/smtp-out (each service
+    # its own, so one never delivers the other's mail); empty: <state_dir>/spool.
     directory: str = ""
     # Below this much free space new messages get 452 4.3.1.
     min_free_bytes: int = 104_857_600
@@ -396,6 +399,21 @@ class SpoolSection(Section):
     # How often the spool looks for messages other processes queued and for
     # requests of `mailfc queue retry|delete`.
     scan_interval_s: float = 1.0
+    # A bounce (or other null-sender mail) that fails for good: "quarantine" keeps
+    # it in <spool>/quarantine (see `mailfc queue quarantine`); an address (the
+    # platform's postmaster) gets it as a new message, quarantined if that fails too.
+    undeliverable_bounces: str = "quarantine"
+
+    @field_validator("undeliverable_bounces")
+    @classmethod
+    def _is_target(cls, value: str) -> str:
+        value = value.strip()
+        local, at, domain = value.rpartition("@")
+        if value != "quarantine" and not (at and local and "." in domain
+                                          and not any(c in value for c in " <>\r\n")):
+            raise ValueError(f"{value!r}: expected \"quarantine\" or an address such as"
+                             " postmaster@example.org")
+        return value
 
 
 class SmtpOutSection(Section):
@@ -406,7 +424,6 @@ class SmtpOutSection(Section):
     # One SMTP conversation (connect, each command, DATA) gives up after this.
     timeout_s: float = 60.0
     dns_timeout_s: float = 10.0
-    max_message_size: int = 52_428_800
 
     @field_validator("routes")
     @classmethod
@@ -419,7 +436,8 @@ class SmtpOutSection(Section):
 
 
 class FilterSection(Section):
-    """A filter gateway (mailfc.gateways.filter): one chain of checks per direction."""
+    """A filter chain (mailfc.gateways.filter): [filter_in] runs inside SMTP-In at end
+    of data, [filter_out] in Filter-Out."""
 
     # Built-in checks in order: "eicar", "headers", "dnsbl".
     checks: list[str] = ["eicar", "headers"]
@@ -430,12 +448,12 @@ class FilterSection(Section):
     milter_timeout_s: float = 30.0
     # A milter that cannot be reached: "tempfail" (451 4.7.1) or "accept".
     milter_default_action: str = "tempfail"
-    # Empty: the LMTP Router (listen.lmtp_router).  Else a listen value of the
-    # next hop: "unix:<name>" (in the hops' directory) or "host:port" (mutual TLS).
+    # Filter-Out's next hop (not used in [filter_in]: SMTP-In's spool delivers to
+    # listen.lmtp_router).  Empty: SMTP-Out's intake (listen.smtp_out).  Else a listen
+    # value: "unix:<name>" (in the hops' directory) or "host:port" (mutual TLS).
     next_hop: str = ""
     # Empty: <state_dir>/quarantine.
     quarantine_dir: str = ""
-    max_message_size: int = 52_428_800
 
     @field_validator("checks")
     @classmethod
@@ -518,8 +536,58 @@ class HooksSection(Section):
         return value
 
 
+class MessagesSection(Section):
+    """What every hop allows of a message (issue: one size limit, bounded memory)."""
+
+    # The one size limit: what SMTP-In, submission, Filter-Out, SMTP-Out's intake and
+    # the LMTP Router announce in SIZE and enforce (552 5.3.4), and what the domains'
+    # Postfix (message_size_limit) and Dovecot (lmtp) are rendered with.
+    size_limit: int = 52_428_800
+    # Where a message past its first 64 KiB waits while a hop handles it (unlinked
+    # files); empty: <state_dir>/tmp/messages.  Keep it on a disk, not on tmpfs.
+    temporary_dir: str = ""
+
+    @field_validator("size_limit")
+    @classmethod
+    def _is_size(cls, value: int) -> int:
+        if value < 65536:
+            raise ValueError("expected at least 65536 bytes")
+        return value
+
+
+class JournalSection(Section):
+    """The delivered journals (mailfc.gateways.journal) of the LMTP Router and of
+    SMTP-Out's intake: a retry of a message they already took after its reply was
+    lost is answered from the journal instead of being delivered again."""
+
+    # An entry lives at least this long (and at most twice as long): it must cover
+    # the time from a lost reply to the sender's next successful retry, i.e. an outage
+    # of the hop plus the sender's longest backoff (spool.retry_max_s, Postfix's
+    # maximal_backoff_time).  Past it a retry is delivered again (a duplicate).
+    keep_s: float = 172_800.0
+    # At most this many entries in memory (about 120 bytes each); a busier host rotates
+    # sooner than keep_s and logs that it did.
+    max_entries: int = 500_000
+
+    @field_validator("keep_s")
+    @classmethod
+    def _is_keep(cls, value: float) -> float:
+        if value < 60:
+            raise ValueError("expected at least 60 seconds")
+        return value
+
+    @field_validator("max_entries")
+    @classmethod
+    def _is_cap(cls, value: int) -> int:
+        if value < 1000:
+            raise ValueError("expected at least 1000 entries")
+        return value
+
+
 class Config(Section):
     paths: PathsSection = PathsSection()
+    messages: MessagesSection = MessagesSection()
+    journal: JournalSection = JournalSection()
     database: DatabaseSection = DatabaseSection()
     listen: ListenSection = ListenSection()
     dispatcher: DispatcherSection = DispatcherSection()
@@ -554,13 +622,33 @@ class Config(Section):
 
     @property
     def hops_dir(self) -> Path:
-        """The internal hops' unix sockets (listen.filter_in, smtp_out, lmtp_router as
+        """The internal hops' unix sockets (listen.smtp_out, lmtp_router as
         "unix:<name>"): a directory only root enters, which no container mounts."""
         return self.state_dir / "private" / "hops"
 
     def dispatcher_socket(self, service: str) -> Path:
         """The dispatcher's unix socket for routers on its own host (root only)."""
         return self.state_dir / "dispatcher" / f"{service}.sock"
+
+    @property
+    def hop_size_limit(self) -> int:
+        """What internal hops (Filter-Out, SMTP-Out's intake, the LMTP Router) take: the
+        size limit plus room for the trace headers the hops before them add, so a
+        message a client was given 250 for is never refused on its way for its size
+        (the domains' Postfix gets the same allowance: main.cf.j2)."""
+        limit = self.messages.size_limit
+        return limit + limit // 64 + 65536
+
+    @property
+    def message_dir(self) -> Path:
+        """Where hops keep messages too big for memory while handling them."""
+        return (Path(self.messages.temporary_dir) if self.messages.temporary_dir
+                else self.state_dir / "tmp" / "messages")
+
+    @property
+    def journal_dir(self) -> Path:
+        """The delivered journals of the hops (mailfc.gateways.journal)."""
+        return self.state_dir / "journal"
 
     @property
     def mail_root(self) -> Path:

@@ -6,12 +6,14 @@ NAME
 DESCRIPTION
     Mail passes from service to service over LMTP (mailfc.protocols.smtp_server):
 
-        SMTP-In's spool --> Filter-In (listen.filter_in) --> LMTP Router (listen.lmtp_router)
+        SMTP-In's spool --> LMTP Router (listen.lmtp_router)
+        SMTP-In's spool (a bounce to a sender elsewhere) --> SMTP-Out's intake
         Filter-Out --> SMTP-Out's intake (listen.smtp_out) --> LMTP Router (hosted)
 
     Whoever may use such a hop skips what comes before it: the LMTP Router delivers into
-    any mailbox past every filter, Filter-In trusts SMTP-In's XFORWARD and checks, and
-    SMTP-Out's intake relays to any remote MX.  So a hop authenticates its peer with a
+    any mailbox past every check (SMTP-In ran the [filter_in] chain before its 250) and
+    trusts the XFORWARD IDENT its journal is keyed by, and SMTP-Out's intake relays to
+    any remote MX.  So a hop authenticates its peer with a
     credential, never with an address:
 
     "unix:<name>"   the socket <name> in Config.hops_dir (<state_dir>/private/hops,
@@ -36,9 +38,8 @@ SECURITY
     to TCP, nor from TLS to plain.
 
 CONFIGURATION
-    listen.filter_in ("unix:filter-in.sock"), listen.lmtp_router ("unix:lmtp-router.sock"),
-    listen.smtp_out ("unix:smtp-out.sock"); filter_in.next_hop and filter_out.next_hop
-    ("": listen.lmtp_router and listen.smtp_out); [cluster] for the TCP form.
+    listen.lmtp_router ("unix:lmtp-router.sock"), listen.smtp_out ("unix:smtp-out.sock");
+    filter_out.next_hop ("": listen.smtp_out); [cluster] for the TCP form.
 """
 
 from __future__ import annotations

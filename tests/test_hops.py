@@ -115,7 +115,7 @@ def test_hop_listen_values_and_their_sockets(tmp_path: Path) -> None:
     assert listener.path == router.path and listener.admit is peers.root_or_own_user
     assert (tmp_path / "private" / "hops").stat().st_mode & 0o777 == 0o700
     with pytest.raises(Exception, match="unix:<socket name>"):
-        parse_config({"listen": {"filter_in": "unix:../elsewhere.sock"}}, "test")
+        parse_config({"listen": {"smtp_out": "unix:../elsewhere.sock"}}, "test")
 
 
 class Accepting:

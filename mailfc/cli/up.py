@@ -1,9 +1,10 @@
 """`mailfc up`: run the whole platform on this machine until SIGTERM or Ctrl-C.
 
 Without --services, the resident services run as a few supervised processes
-(mailfc.controller.supervisor); with --services, exactly those run in this one
-process (how the supervisor starts its children, and how a second machine runs
-only a dispatcher or only routers).
+(mailfc.controller.supervisor), and the embedded PostgreSQL (no database.dsn) is
+supervised with them: started again, with backoff, when its postmaster is gone.
+With --services, exactly those run in this one process (how the supervisor starts
+its children, and how a second machine runs only a dispatcher or only routers).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from mailfc import eventloop
 from mailfc.cli.common import pass_config
 from mailfc.config import Config
 from mailfc.controller.platform import SERVICE_NAMES, Platform
-from mailfc.controller.supervisor import Supervisor
+from mailfc.controller.supervisor import DatabaseWatch, Supervisor
+from mailfc.db.pool import embedded_cluster
 
 
 @click.command("up")
@@ -51,8 +53,12 @@ def group(ctx: click.Context, config: Config, verbose: bool, services: str | Non
 
 
 async def _supervise(config: Config, config_path: str | None, verbose: bool) -> None:
+    # The embedded PostgreSQL is supervised too (an external one is not ours).
+    database = DatabaseWatch(embedded_cluster(config), config.host_name) \
+        if config.uses_embedded_database else None
     supervisor = Supervisor(config_path, verbose,
-                            resident_lifetime_s=config.controller.resident_lifetime_s)
+                            resident_lifetime_s=config.controller.resident_lifetime_s,
+                            database=database)
     stopping = eventloop.stop_requested()
     try:
         await supervisor.start()

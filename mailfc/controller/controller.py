@@ -27,10 +27,32 @@ HOSTS
     Another host whose heartbeat is older than host_down_after_s is marked
     down; its domains are placed elsewhere at their next session.
 
+VANISHED CONTAINERS
+    A container the CMDB calls running whose init is gone (killed, crashed, the
+    OOM killer) is cleaned up at the start of the next round (event "gone"): its
+    row is closed, the dispatcher looks again, the domain's next session starts
+    it afresh, and a dead Postfix's queue is looked at in the same round (see
+    below).  A container that dies during a round (`runc update` answering
+    "container not running", its cgroup gone) is treated the same way where it
+    fails; the rest of the round goes on.
+
+DEFERRED MAIL
+    Every controller.deferred_retry_s (and at once after a Postfix vanished)
+    each domain's persistent Postfix queue is looked at; a domain with mail
+    there and no Postfix running here gets one started (event "retry_queue"),
+    whose queue manager retries it.  Counted as mail: the finished queue files
+    in deferred/, active/, hold/ and incoming/.  Not mail: what a Postfix killed
+    while receiving leaves in incoming/, an empty file or one never marked
+    finished (mode 0600, no owner-execute bit); such a file, older than
+    LEFTOVER_AGE_S and held open by no process, is removed (event
+    "queue_cleanup"), so it neither counts as queued mail forever nor starts
+    the domain's Postfix every round.
+
 Every decision is an event row (mailfc.controller.events) with its reason
-and measurements.  A failing step is logged and retried next round; the
-controller never stops a container that has open sessions, except when the
-container's lifetime has passed and it has been draining for drain_grace_s.
+and measurements.  A failing step is logged and retried next round, and never
+keeps the other steps of the round from running; the controller never stops
+a container that has open sessions, except when the container's lifetime has
+passed and it has been draining for drain_grace_s.
 """
 
 from __future__ import annotations
@@ -38,9 +60,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -51,6 +76,7 @@ from mailfc.dispatcher.server import Dispatcher
 from mailfc.runtime.errors import CapacityExhausted
 from mailfc.runtime.instance import Instance
 from mailfc.runtime.lifecycle import Runtime
+from mailfc.runtime.readiness import process_alive
 
 log = logging.getLogger("mailfc.controller")
 
@@ -100,21 +126,80 @@ class Controller:
                                     (time.monotonic() - started)))
 
     async def round(self) -> None:
-        """One look at everything; public so tests can drive it step by step."""
+        """One look at everything; public so tests can drive it step by step.
+
+        Each step is guarded: one that fails is logged and tried again next round,
+        and the steps after it still run."""
         self.rounds += 1
-        await self.lifecycle()
+        await self._step("looking for vanished containers", self.reap_vanished())
+        await self._step("stopping idle containers", self.lifecycle())
         instances = [i for i in await self.runtime.instances() if i.state == "running"]
         specs = await self._specs(instances)
         for instance in instances:
-            await self.scale_vertically(instance, specs[(instance.domain_id, instance.service)])
-        await self.scale_horizontally(instances, specs)
-        await self.watch_hosts()
+            spec = specs.get((instance.domain_id, instance.service))
+            if spec is not None:
+                await self._step("scaling up/down", self.scale_vertically(instance, spec),
+                                 instance)
+        await self._step("scaling out/in", self.scale_horizontally(instances, specs))
+        await self._step("watching hosts", self.watch_hosts())
         if time.monotonic() >= self._next_adaptive:
             self._next_adaptive = time.monotonic() + self.settings.adaptive_interval_s
-            await self.adapt_limits()
+            await self._step("adapting limits", self.adapt_limits())
         if time.monotonic() >= self._next_retry:
             self._next_retry = time.monotonic() + self.settings.deferred_retry_s
-            await self.retry_deferred()
+            await self._step("retrying deferred mail", self.retry_deferred())
+
+    async def _step(self, what: str, step: Awaitable[None],
+                    instance: Instance | None = None) -> None:
+        """Run one step of a round; a failure stays in it.  A failure that comes from
+        `instance` having died under the step (runc: "container not running")
+        marks it gone."""
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if instance is not None and await self._vanished(instance, ask_runc=True):
+                await self._gone(instance, f"it died while {what} ({error})")
+                return
+            log.warning("controller: %s%s failed: %s; trying again next round", what,
+                        f" {instance.name}" if instance else "", error)
+
+    # -- vanished containers ------------------------------------------------------------
+
+    async def reap_vanished(self) -> None:
+        """Clean up live rows of containers whose init is gone (VANISHED CONTAINERS)."""
+        for instance in await self.runtime.instances():
+            if instance.state in ("running", "draining") and \
+                    await self._vanished(instance, ask_runc=False):
+                await self._gone(instance, "its container's processes are gone")
+
+    async def _vanished(self, instance: Instance, *, ask_runc: bool) -> bool:
+        if not instance.pid or not process_alive(instance.pid):
+            return True
+        if not ask_runc:
+            return False
+        try:
+            state = await self.runtime.backend.state(instance.name)
+        except Exception:
+            return False    # no better answer now; the next round looks again
+        return state is None or state.status != "running"
+
+    async def _gone(self, instance: Instance, why: str) -> None:
+        self.dispatcher.forget(instance.domain)
+        try:
+            # Nothing to drain: stop() finds the container stopped and removes it.
+            await self.runtime.stop(instance, drain_timeout=0.0, reason=f"vanished: {why}")
+        except Exception as error:
+            log.warning("cleaning up vanished container %s failed: %s; trying again next"
+                        " round", instance.name, error)
+            return
+        self._cpu.pop(instance.name, None)
+        self._last_throttled.pop(instance.name, None)
+        await self._event("gone", f"{why}: cleaned up, the domain's next session starts"
+                          " it again", instance, pid=instance.pid)
+        if instance.service == "smtp":
+            self._next_retry = 0.0  # its queue may hold mail: look this round
 
     async def _event(self, kind: str, reason: str, instance: Instance | None = None,
                      domain: str | None = None, **detail: Any) -> None:
@@ -141,13 +226,15 @@ class Controller:
                                   " no new sessions, stops when they end", instance,
                                   open_sessions=sessions)
                 continue
-            await self._stop(instance, f"{why} timeout reached" if why == "idle"
-                             else "lifetime over, no session open", reason_kind=why)
+            await self._step("stopping", self._stop(
+                instance, f"{why} timeout reached" if why == "idle"
+                else "lifetime over, no session open", reason_kind=why), instance)
         for instance in await self.runtime.instances():
             if instance.state == "draining" and \
                     not self.dispatcher.open_sessions.get(instance.name):
-                await self._stop(instance, "drained: its last session ended",
-                                 reason_kind="drained")
+                await self._step("stopping", self._stop(
+                    instance, "drained: its last session ended", reason_kind="drained"),
+                    instance)
 
     async def _stop(self, instance: Instance, reason: str, reason_kind: str) -> None:
         self.dispatcher.forget(instance.domain)
@@ -235,6 +322,10 @@ class Controller:
                 except CapacityExhausted as error:
                     log.info("cannot scale out %s: %s", domain, error)
                     continue
+                except Exception as error:  # StartFailed, the database: next round
+                    log.warning("scaling out %s failed: %s; trying again next round",
+                                domain, error)
+                    continue
                 self.dispatcher.forget(domain)
                 self._quiet_since.pop((domain, service), None)
                 await self._event("scale_out", f"{sum(sessions)} sessions on {len(members)}"
@@ -262,7 +353,12 @@ class Controller:
         """Start the Postfix of every domain whose persistent queue holds mail but
         which has no live instance here, so the mail is retried, not forgotten."""
         live = {i.domain for i in await self.runtime.instances(service="smtp")}
-        for domain, queued in await asyncio.to_thread(queued_mail, self.runtime):
+        census = await asyncio.to_thread(queue_census, self.runtime.settings.domains_dir)
+        for domain, removed in census.removed.items():
+            await self._event("queue_cleanup", f"removed {len(removed)} unfinished queue"
+                              " file(s) a killed Postfix left in incoming/", domain=domain,
+                              files=removed[:20])
+        for domain, queued in census.queued.items():
             if domain in live:
                 continue
             try:
@@ -325,21 +421,83 @@ class Controller:
 
 
 QUEUE_DIRECTORIES = ("deferred", "active", "incoming", "hold")
+# An unfinished file in incoming/ this much older than its last write is a
+# leftover of a killed Postfix (a live cleanup(8) holds its file open anyway).
+LEFTOVER_AGE_S = 60.0
 
 
-def queued_mail(runtime: Runtime) -> list[tuple[str, int]]:
-    """(domain, messages) for each domain with files in its Postfix queues."""
-    found = []
-    for domain_dir in sorted(runtime.settings.domains_dir.glob("*")):
+@dataclass
+class QueueCensus:
+    queued: dict[str, int] = field(default_factory=dict)          # domain -> messages
+    removed: dict[str, list[str]] = field(default_factory=dict)   # domain -> leftovers
+
+
+def queue_census(domains_dir: Path, now: float | None = None) -> QueueCensus:
+    """The messages in each domain's Postfix queues, leftovers of a killed Postfix
+    not counted (and removed when old and held open by no process)."""
+    now = time.time() if now is None else now
+    census = QueueCensus()
+    candidates: list[tuple[str, Path, os.stat_result]] = []
+    for domain_dir in sorted(domains_dir.glob("*")):
         count = 0
         for spool in domain_dir.glob("postfix-*/spool"):
             for name in QUEUE_DIRECTORIES:
                 queue = spool / name
-                if queue.is_dir():
-                    count += sum(1 for path in queue.rglob("*") if path.is_file())
+                if not queue.is_dir():
+                    continue
+                for path in queue.rglob("*"):
+                    try:
+                        info = path.lstat()
+                    except OSError:
+                        continue    # gone meanwhile: Postfix moved it on
+                    if not stat.S_ISREG(info.st_mode):
+                        continue
+                    if _finished(name, info):
+                        count += 1
+                    elif name == "incoming" and now - info.st_mtime > LEFTOVER_AGE_S:
+                        candidates.append((domain_dir.name, path, info))
         if count:
-            found.append((domain_dir.name, count))
-    return found
+            census.queued[domain_dir.name] = count
+    if candidates:
+        held = open_files()
+        for domain, path, info in candidates:
+            if (info.st_dev, info.st_ino) in held:
+                continue    # a live cleanup(8) is still writing it
+            try:
+                path.unlink()
+            except OSError as error:
+                log.warning("cannot remove the queue leftover %s: %s", path, error)
+                continue
+            census.removed.setdefault(domain, []).append(path.name)
+    return census
+
+
+def _finished(queue: str, info: os.stat_result) -> bool:
+    """A queue file Postfix will deliver: not empty, and in incoming/ marked done
+    (cleanup(8) sets the owner-execute bit when the file is complete)."""
+    if info.st_size == 0:
+        return False
+    return queue != "incoming" or bool(info.st_mode & stat.S_IXUSR)
+
+
+def open_files() -> set[tuple[int, int]]:
+    """(device, inode) of every file some process on this machine holds open."""
+    held: set[tuple[int, int]] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        directory = f"/proc/{pid}/fd"
+        try:
+            descriptors = os.listdir(directory)
+        except OSError:
+            continue
+        for fd in descriptors:
+            try:
+                info = os.stat(f"{directory}/{fd}")
+            except OSError:
+                continue
+            held.add((info.st_dev, info.st_ino))
+    return held
 
 
 def host_headroom() -> float:

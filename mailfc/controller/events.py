@@ -1,7 +1,9 @@
 """Events: every decision the controller takes, as a row with its reason.
 
     kind        start, stop, drain, scale_up, scale_down, scale_out, scale_in,
-                limit_change, host_down
+                limit_change, host_down, retry_queue, gone (a container died by
+                itself), queue_cleanup (a killed Postfix's leftovers removed),
+                db_restart (`mailfc up` started the embedded PostgreSQL again)
     reason      words an admin can read ("idle for 300 s", "throttled in 45% of
                 CPU periods")
     detail      the measurements behind it (JSON)
@@ -17,7 +19,7 @@ from typing import Any
 import asyncpg
 
 KINDS = ("start", "stop", "drain", "scale_up", "scale_down", "scale_out", "scale_in",
-         "limit_change", "host_down", "retry_queue")
+         "limit_change", "host_down", "retry_queue", "gone", "queue_cleanup", "db_restart")
 
 
 async def record(db: asyncpg.Pool | asyncpg.Connection, kind: str, reason: str, *,

@@ -58,8 +58,7 @@ class Service(Protocol):
 # Services with a socket in the directory every container mounts.
 SOCKET_USERS = {"milter", "hook-server", "dispatcher", "filter-out"}
 SERVICE_NAMES = ("milter", "hook-server", "dispatcher", "controller", "lmtp-router",
-                 "imap-router", "submission-router", "filter-in", "smtp-in", "smtp-out",
-                 "filter-out")
+                 "imap-router", "submission-router", "smtp-in", "smtp-out", "filter-out")
 
 
 class Platform:
@@ -165,18 +164,16 @@ class Platform:
         if "submission-router" in self.wanted:
             services.append(SubmissionRouter(self.config, directory,
                                              server_context(self.config)))
-        # The inbound gateways after the LMTP Router: each next hop listens first.
-        if "filter-in" in self.wanted:
-            services.append(FilterService(self.config, self.pool))
+        # SMTP-In after the LMTP Router, its spool's next hop (the [filter_in] chain
+        # runs inside SMTP-In, before its 250).
         if "smtp-in" in self.wanted:
             services.append(SmtpInService(self.config, self.pool, server_context(self.config)))
         # Outbound: SMTP-Out listens before Filter-Out, its next hop.
         if "smtp-out" in self.wanted:
             services.append(SmtpOutService(self.config, self.pool))
         if "filter-out" in self.wanted:
-            services.append(FilterService(
-                self.config, self.pool, name="filter-out", section=self.config.filter_out,
-                socket=self._filter_out_socket(), next_hop=self.config.listen.smtp_out))
+            services.append(FilterService(self.config, self.pool,
+                                          socket=self._filter_out_socket()))
         return services
 
     def _runtime_settings(self) -> RuntimeSettings:

@@ -11,8 +11,8 @@ domain) behind it in a shared loop, and the machine's cores are all used:
     outbound    smtp-out, filter-out
     routers     lmtp-router, imap-router
     submission  submission-router
-    filter      filter-in                   (a process of its own: SMTP-In alone fills
-    inbound     smtp-in                      a core when the MX is busy)
+    inbound     smtp-in                     (with the [filter_in] chain: a process of its
+                                             own, it fills a core when the MX is busy)
 
 A flood of one domain's submissions then loads the submission, milter and
 outbound processes, while another domain's IMAP commands pass the routers,
@@ -22,6 +22,17 @@ They start in this order, each once the previous one reports that it is up
 (the next hop listens before its clients start); they stop in reverse order on
 SIGTERM or Ctrl-C.  A child that dies is started again after RESTART_DELAY_S;
 one that fails while starting stops the whole platform with its error.
+
+THE DATABASE.  With the embedded PostgreSQL (no database.dsn) the supervisor
+also watches its postmaster, every DB_CHECK_S (the pid in postmaster.pid,
+looked up in /proc).  When it is gone (killed, crashed, the OOM killer) the
+cluster is started again at once, then after DB_BACKOFF_S between failed
+attempts (a start fails while the old server's processes still hold its
+shared memory, for a moment after a kill -9); each restart is an event
+("db_restart", `mailfc events`) and a log line.  Meanwhile the services answer
+what needs the database with a temporary failure (451, NO [UNAVAILABLE]);
+their pools connect again by themselves.  An external database (database.dsn)
+is its administrator's to supervise.
 
 CYCLING.  Every controller.resident_lifetime_s each group but "host" is
 replaced: a new process starts and takes over the listening sockets
@@ -41,9 +52,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
-from mailfc.errors import ConfigError
+import asyncpg
+
+from mailfc.controller import events
+from mailfc.db.embedded import EmbeddedCluster
+from mailfc.errors import ConfigError, DatabaseError
 
 log = logging.getLogger("mailfc.supervisor")
 
@@ -54,12 +70,13 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("outbound", ("smtp-out", "filter-out")),
     ("routers", ("lmtp-router", "imap-router")),
     ("submission", ("submission-router",)),
-    ("filter", ("filter-in",)),
     ("inbound", ("smtp-in",)),
 )
 READY_MARK = "mailfc is up"
 START_TIMEOUT_S = 120.0
 RESTART_DELAY_S = 1.0
+DB_CHECK_S = 1.0
+DB_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 @dataclass
@@ -75,13 +92,78 @@ class Child:
 NOT_CYCLED = ("host",)
 
 
+class DatabaseWatch:
+    """The embedded PostgreSQL, started again when its postmaster is gone (THE
+    DATABASE in the module's header)."""
+
+    def __init__(self, cluster: EmbeddedCluster, host: str,
+                 check_s: float = DB_CHECK_S) -> None:
+        self.cluster = cluster
+        self.host = host
+        self.check_s = check_s
+        self.restarts = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
+        down_since: float | None = None
+        lost_pid: int | None = None
+        while not stop.is_set():
+            wait = DB_BACKOFF_S[min(failures, len(DB_BACKOFF_S)) - 1] if failures \
+                else self.check_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            if stop.is_set():
+                return
+            if await asyncio.to_thread(self.cluster.postmaster_alive):
+                failures, down_since = 0, None
+                continue
+            if down_since is None:
+                down_since = time.monotonic()
+                lost_pid = self.cluster.postmaster_pid()
+                log.error("the embedded PostgreSQL is down (postmaster pid %s gone);"
+                          " starting it again", lost_pid or "?")
+            try:
+                started = await asyncio.to_thread(self.cluster.ensure_running)
+            except (DatabaseError, OSError) as error:
+                failures += 1
+                log.error("the embedded PostgreSQL did not start (attempt %d): %s; trying"
+                          " again in %g s", failures, error,
+                          DB_BACKOFF_S[min(failures, len(DB_BACKOFF_S)) - 1])
+                continue
+            if not started:
+                continue    # someone else (a command, a child) started it meanwhile
+            down_s = time.monotonic() - down_since
+            attempts, failures, down_since = failures + 1, 0, None
+            self.restarts += 1
+            reason = (f"its postmaster (pid {lost_pid or '?'}) was gone: started again after"
+                      f" {down_s:.1f} s ({attempts} attempt(s))")
+            log.warning("the embedded PostgreSQL is up again: %s", reason)
+            await self._record(reason, {"lost_pid": lost_pid, "attempts": attempts,
+                                        "down_s": round(down_s, 1),
+                                        "pid": self.cluster.postmaster_pid()})
+
+    async def _record(self, reason: str, detail: dict[str, object]) -> None:
+        try:
+            connection = await asyncpg.connect(self.cluster.dsn, timeout=10)
+            try:
+                await events.record(connection, "db_restart", reason, host=self.host,
+                                    detail=detail)
+            finally:
+                await connection.close()
+        except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+            log.warning("the db_restart event was not recorded: %s", error)
+
+
 class Supervisor:
     def __init__(self, config_path: str | None, verbose: bool,
-                 resident_lifetime_s: float = 0.0) -> None:
+                 resident_lifetime_s: float = 0.0, *,
+                 database: DatabaseWatch | None = None,
+                 groups: tuple[tuple[str, tuple[str, ...]], ...] = GROUPS) -> None:
         self.config_path = config_path
         self.verbose = verbose
         self.resident_lifetime_s = resident_lifetime_s
-        self.children = [Child(name, services) for name, services in GROUPS]
+        self.database = database
+        self.children = [Child(name, services) for name, services in groups]
         self.stopping = False
         self.cycles = 0
         # Processes being replaced by a cycle: stop() ends them too, should it come
@@ -174,14 +256,17 @@ class Supervisor:
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Restart children that die, until `stop` is set; cycle them on schedule."""
-        cycler = asyncio.create_task(self._cycle_forever()) \
-            if self.resident_lifetime_s > 0 else None
+        helpers = []
+        if self.resident_lifetime_s > 0:
+            helpers.append(asyncio.create_task(self._cycle_forever()))
+        if self.database is not None:
+            helpers.append(asyncio.create_task(self.database.run(stop)))
         try:
             await self._watch(stop)
         finally:
-            if cycler is not None:
-                cycler.cancel()
-                await asyncio.gather(cycler, return_exceptions=True)
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -10,6 +10,12 @@ system's PostgreSQL binaries (Debian package `postgresql`):
 It is created and started on demand by any command that needs the database
 (`ensure_running`), and stopped by `mailfc db stop`.  A lock file serializes
 concurrent starters, so two commands started at once share one cluster.
+While `mailfc up` runs, its supervisor looks at the postmaster every second
+(`postmaster_alive`: the pid in postmaster.pid, read from /proc, no subprocess)
+and starts the cluster again when it is gone (mailfc.controller.supervisor):
+stop `mailfc up` before `mailfc db stop`, or the cluster comes back.  A killed
+postmaster left a zombie (a machine whose init reaps late) counts as gone: its
+stale lock files are removed once no old server process holds its shared memory.
 
 SECURITY: PostgreSQL refuses to run as root, so the cluster runs as an
 unprivileged user.  Authentication is `trust` on the unix socket only; the
@@ -79,16 +85,70 @@ class EmbeddedCluster:
         result = self._run(["pg_ctl", "status", "-D", str(self.data_dir)], check=False)
         return result.returncode == 0
 
-    def ensure_running(self) -> None:
-        """Create the cluster if it does not exist and start it if it is down."""
+    def postmaster_pid(self) -> int | None:
+        """The pid postmaster.pid names (also after a crash); None without the file."""
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+        except OSError:
+            return None
+        return int(first) if first.strip().isdigit() else None
+
+    def postmaster_state(self) -> str:
+        """"running", "zombie" (killed, not yet reaped by its parent), "gone" (the
+        pid file names no process) or "none" (no pid file: stopped)."""
+        pid = self.postmaster_pid()
+        if pid is None:
+            return "none"
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return "gone"
+        state = stat.rpartition(") ")[2][:1]
+        return "zombie" if state in ("Z", "X") else "running"
+
+    def postmaster_alive(self) -> bool:
+        """True while the postmaster runs (cheap: /proc, no pg_ctl)."""
+        return self.postmaster_state() == "running"
+
+    def ensure_running(self) -> bool:
+        """Create the cluster if it does not exist and start it if it is down;
+        True when this call started it."""
         self.root.mkdir(parents=True, exist_ok=True)
         lock_path = self.root / "cluster.lock"
         with lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not self.is_initialized():
                 self._initdb()
-            if not self.is_running():
-                self._start()
+            if self.is_running():
+                if self.postmaster_state() != "zombie":
+                    return False
+                self._clear_zombie_locks()
+            self._start()
+            return True
+
+    def _clear_zombie_locks(self) -> None:
+        """A killed postmaster whose parent has not reaped it (a machine whose init
+        reaps late) still "runs" for pg_ctl and for a new postmaster's lock file
+        check, which would refuse to start: its lock files go, once no process of
+        the old server holds its shared memory any more (what PostgreSQL's own
+        check protects)."""
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            lines = pid_file.read_text().splitlines()
+        except OSError:
+            return
+        shm_id = lines[6].split()[-1] if len(lines) > 6 and lines[6].split() else ""
+        if shm_id.isdigit() and _shm_attached(int(shm_id)):
+            raise DatabaseError("the killed PostgreSQL's processes still hold its shared "
+                                "memory; it starts once they have exited")
+        socket_lock = self.socket_dir / f".s.PGSQL.{PG_PORT}.lock"
+        try:
+            same = socket_lock.read_text().split("\n", 1)[0].strip() == lines[0].strip()
+        except OSError:
+            same = False
+        if same:
+            socket_lock.unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
 
     def stop(self) -> bool:
         """Stop the cluster; False if it was not running."""
@@ -219,6 +279,20 @@ def find_pg_binary(name: str) -> str:
     if found:
         return found
     raise DatabaseError(f"{name} not found: apt-get install postgresql")
+
+
+def _shm_attached(shm_id: int) -> bool:
+    """True while some process is attached to System V shared memory `shm_id`."""
+    try:
+        with open("/proc/sysvipc/shm") as table:
+            header = next(table).split()
+            for line in table:
+                fields = dict(zip(header, line.split(), strict=False))
+                if fields.get("shmid") == str(shm_id):
+                    return int(fields.get("nattch", "0")) > 0
+    except (OSError, StopIteration, ValueError):
+        return False
+    return False
 
 
 def _tail(path: Path, lines: int = 5) -> str:

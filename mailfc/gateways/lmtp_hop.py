@@ -1,14 +1,17 @@
 """The next hop of a gateway over LMTP: pooled sessions, one Reply per recipient.
 
-SMTP-In's spool hands messages to Filter-In this way, and Filter-In hands them on to
-the LMTP Router.  A session is kept open for the next message (greeting and LHLO cost
-as much as a small message); a kept session that went stale before the message was
-sent is replaced once, so that never turns into a failure.
+SMTP-In's spool hands messages to the LMTP Router (a bounce to a sender elsewhere to
+SMTP-Out's intake) this way, and Filter-Out hands them on to SMTP-Out's intake.  The
+message (bytes or a mailfc.messages Source) is sent in chunks as it is read.  A session
+is kept open for the next message (greeting and LHLO cost as much as a small message);
+a kept session that went stale before the message was sent is replaced once, so that
+never turns into a failure.
 
 XFORWARD (Postfix's extension: ADDR, NAME, HELO, PROTO, IDENT, each xtext-encoded) tells
-the filter who the original client was, since the filter's own peer is SMTP-In.  It is
-sent only when the server announced it in its LHLO reply, pipelined with the
-transaction when the server has PIPELINING (mailfc.protocols.lmtp).
+the next hop who the original client was and, with IDENT, which message this is (its
+journal recognises a retry by it).  It is sent only when the server announced it in
+its LHLO reply, pipelined with the transaction when the server has PIPELINING
+(mailfc.protocols.lmtp).
 
 The hop is reached at a mailfc.hops.HopAddress: its unix socket (the listener checks
 who connects), or host:port with mutual TLS for a hop on another host.
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 
 from mailfc.hops import HopAddress
+from mailfc.messages import Source
 from mailfc.protocols.lmtp import LmtpClient, LmtpError, Reply, xtext
 
 IDLE_KEEP = 16
@@ -37,7 +41,7 @@ class LmtpHop:
         self.connect_timeout = connect_timeout
         self._idle: list[tuple[LmtpClient, bool]] = []
 
-    async def deliver(self, sender: str, recipients: list[str], message: bytes, *,
+    async def deliver(self, sender: str, recipients: list[str], message: bytes | Source, *,
                       mail_options: list[str] | None = None,
                       xforward: dict[str, str] | None = None) -> dict[str, Reply]:
         while self._idle:
@@ -57,7 +61,7 @@ class LmtpHop:
                                        mail_options, xforward)
 
     async def _transaction(self, client: LmtpClient, xforward_ok: bool, sender: str,
-                           recipients: list[str], message: bytes,
+                           recipients: list[str], message: bytes | Source,
                            mail_options: list[str] | None,
                            xforward: dict[str, str] | None) -> dict[str, Reply]:
         preamble = []

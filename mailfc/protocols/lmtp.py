@@ -20,7 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from mailfc.messages import CHUNK, BytesSource, Source, as_source
+
+BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class LmtpError(Exception):
@@ -75,14 +81,78 @@ def xtext(value: str) -> str:
         for byte in value.encode("utf-8", "replace"))
 
 
+def xtext_decode(value: str) -> str:
+    """The inverse of xtext(): +HH back to its byte; anything else as it is."""
+    if "+" not in value:
+        return value
+    out = bytearray()
+    index = 0
+    while index < len(value):
+        hexdigits = value[index + 1:index + 3]
+        if value[index] == "+" and len(hexdigits) == 2 \
+                and all(c in "0123456789ABCDEFabcdef" for c in hexdigits):
+            out.append(int(hexdigits, 16))
+            index += 3
+        else:
+            out += value[index].encode("utf-8")
+            index += 1
+    return out.decode("utf-8", "replace")
+
+
+# Postfix's XFORWARD (XFORWARD_README): what a proxy tells the next hop of the
+# original client and of the message (IDENT: the sender's queue id).
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO", "IDENT")
+XFORWARD_EXTENSION = "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)
+
+
+def xforward_attributes(argument: str) -> dict[str, str] | None:
+    """An XFORWARD command's attributes, decoded; None when one is not a known
+    attribute.  Values Postfix sends for "not known" ([UNAVAILABLE], [TEMPUNAVAIL])
+    are left out."""
+    attributes: dict[str, str] = {}
+    for item in argument.split():
+        name, sep, value = item.partition("=")
+        if not sep or name.upper() not in XFORWARD_ATTRIBUTES:
+            return None
+        decoded = xtext_decode(value)
+        if decoded not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+            attributes[name.upper()] = decoded
+    return attributes
+
+
 def dot_stuff(message: bytes) -> bytes:
     """The DATA payload: CRLF line ends, leading dots doubled, final `.` line."""
-    text = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    if not text.endswith(b"\r\n"):
-        text += b"\r\n"
-    lines = text.split(b"\r\n")
-    stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
-    return stuffed + b".\r\n"
+    return b"".join(dot_stuffed(BytesSource(message)))
+
+
+def dot_stuffed(message: Source, chunk: int = CHUNK) -> Iterator[bytes]:
+    """The DATA payload of a message read chunk by chunk (never whole in memory): bare
+    LF made CRLF, leading dots doubled, the final `.` line."""
+    carry = b""
+    line_start = True
+    ended = False
+    for piece in message.chunks(chunk):
+        data = carry + piece
+        # A CR at the end may start a CRLF the next chunk ends: decide it then.
+        if data.endswith(b"\r"):
+            data, carry = data[:-1], b"\r"
+        else:
+            carry = b""
+        if not data:
+            continue
+        if data.count(b"\n") != data.count(b"\r\n"):
+            # Bare LFs (rare: the look-behind costs ~10 ms per MB, counting nothing).
+            data = BARE_LF.sub(b"\r\n", data)
+        data = data.replace(b"\r\n.", b"\r\n..")
+        if line_start and data.startswith(b"."):
+            data = b"." + data
+        line_start = ended = data.endswith(b"\r\n")
+        yield data
+    if carry:
+        yield carry + b"\n"
+    elif not ended:
+        yield b"\r\n"
+    yield b".\r\n"
 
 
 def _check_preamble(line: str, reply: Reply) -> None:
@@ -141,7 +211,7 @@ class LmtpClient:
         self.pipelining = reply.ok and "PIPELINING" in reply.text.upper().split()
         return reply
 
-    async def deliver(self, sender: str, recipients: list[str], message: bytes,
+    async def deliver(self, sender: str, recipients: list[str], message: bytes | Source,
                       mail_options: list[str] | None = None,
                       preamble: list[str] | None = None) -> dict[str, Reply]:
         """One transaction on a ready session; a Reply for every recipient.
@@ -150,14 +220,14 @@ class LmtpClient:
         LmtpError (nothing sent; the session is not reusable).
         """
         try:
-            return await self._transaction(sender, recipients, message, mail_options,
-                                           preamble or [])
+            return await self._transaction(sender, recipients, as_source(message),
+                                           mail_options, preamble or [])
         except LmtpError as error:
             if not self.data_sent:
                 error.message_sent = False
             raise
 
-    async def _transaction(self, sender: str, recipients: list[str], message: bytes,
+    async def _transaction(self, sender: str, recipients: list[str], message: Source,
                            mail_options: list[str] | None,
                            preamble: list[str]) -> dict[str, Reply]:
         self.data_sent = False
@@ -189,17 +259,27 @@ class LmtpClient:
             return results
         return await self._message(message, accepted, results)
 
-    async def _message(self, message: bytes, accepted: list[str],
+    async def _message(self, message: Source, accepted: list[str],
                        results: dict[str, Reply]) -> dict[str, Reply]:
-        """After 354: the message, then one reply per accepted recipient."""
+        """After 354: the message chunk by chunk (waiting for the peer to take each,
+        so memory stays bounded), then one reply per accepted recipient."""
         self.data_sent = True
-        self.writer.write(dot_stuff(message))
+        for data in dot_stuffed(message):
+            self.writer.write(data)
+            if self.writer.transport.get_write_buffer_size() > CHUNK:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await self.writer.drain()
+                except (ConnectionError, OSError) as error:
+                    raise LmtpError(f"connection lost: {error}") from None
+                except TimeoutError:
+                    raise LmtpError(f"message not taken within {self.timeout:.0f}s") from None
         for recipient in accepted:
             results[recipient] = await self._reply("DATA")
         return results
 
     async def _pipelined(self, preamble: list[str], mail: str, recipients: list[str],
-                         message: bytes) -> dict[str, Reply]:
+                         message: Source) -> dict[str, Reply]:
         commands = [*preamble, mail, *(f"RCPT TO:<{recipient}>" for recipient in recipients),
                     "DATA"]
         await self._send("".join(c + "\r\n" for c in commands))

@@ -27,8 +27,27 @@ AFTER AUTH
         AUTH, STARTTLS again  -> 503 5.5.1
         XCLIENT, XFORWARD     -> 550 5.7.0: a client never speaks for the router
         anything else (BDAT, VRFY, ETRN, ...) -> 502 5.5.2, not passed on
-    DATA content streams through untouched up to the final dot.
     Domain's container not available: 451 4.3.0 for the AUTH (try again later).
+
+DATA
+    The message goes on to Postfix as it arrives, in chunks of at most 64 KiB: the
+    router never holds a line or the message, so a 300 KB line or a 50 MB message
+    costs it no more memory than a short one.  The message ends where Postfix will
+    see its end, a "." line ended by CRLF or a bare LF (mailfc/routers/data_relay.py);
+    the router sends the dot line there (with CRLF) and passes Postfix's reply on.
+    SIZE: EHLO announces messages.size_limit, and the router enforces it on the
+    client's bytes; the domain's Postfix is rendered with a message_size_limit
+    that leaves room for its queue file's own overhead (main.cf), so it takes
+    whatever the router passed.  MAIL with SIZE= over it: 552 5.3.4, not passed on.
+    A message that grows past it: the transaction with Postfix is broken off (no
+    final dot: Postfix keeps nothing), the rest is read and dropped, and the client
+    hears 552 5.3.4 at its final dot; the session goes on (the next command gets a
+    new session with Postfix).
+    Postfix lost (its container died, the dispatcher went away) during the message:
+    the rest is read and dropped and the client hears 421 4.4.2 at its final dot
+    (the message was not sent; a client tries again); between commands: 421 4.4.2
+    at once.  Either way the session ends.  The client silent for idle_timeout_s:
+    421 4.4.2, and Postfix's half of the message is dropped.
 
 SESSIONS PER DOMAIN
     A domain with an enforced concurrent_sends limit (domain scope) gets at most
@@ -50,7 +69,7 @@ CONFIGURATION
     submission.auth_failure_delay_s (1), max_failures_per_ip (10),
     max_failures_per_account (5), failure_window_s (300), login_timeout_s (60),
     idle_timeout_s (300), pressure_target (0.15), pressure_min_rate (1),
-    pressure_max_wait_s (30).
+    pressure_max_wait_s (30); messages.size_limit (52428800).
 """
 
 from __future__ import annotations
@@ -75,6 +94,7 @@ from mailfc.fairness import Admission, PerKeyLimit
 from mailfc.policy.snapshot import Snapshot
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
+from mailfc.routers.data_relay import EndOfData
 from mailfc.routers.listeners import LoginRouter, connect_dispatcher, peer_and_local
 from mailfc.routers.throttle import delay_failure
 
@@ -108,7 +128,14 @@ R_NOT_PERMITTED = "550 5.7.0 {verb} is not permitted"
 R_BYE = "221 2.0.0 Bye"
 R_LINE_TOO_LONG = "500 5.5.6 Line too long"
 R_TIMEOUT = "421 4.4.2 {host} Timeout, closing connection"
-R_LOST = "421 4.3.0 Connection to the mail server lost, closing"
+R_LOST = ("421 4.4.2 {host} Connection to the mail server of {domain} lost; what was not"
+          " answered with 250 was not sent, try again")
+R_TOO_BIG = "552 5.3.4 Message size exceeds the limit of {limit} bytes"
+R_REOPEN_FAILED = "421 4.3.0 The mail server for {domain} is not available, try again later"
+# A read of the message from the client, and what may wait unsent towards Postfix
+# before the router waits for it (memory per session stays about twice this).
+DATA_CHUNK = 65536
+BACKEND_HIGH_WATER = 4 * DATA_CHUNK
 
 
 class BackendUnavailable(Exception):
@@ -181,19 +208,43 @@ class SubmissionSession:
         self.failures = 0
         # The domain's session slot (SESSIONS PER DOMAIN), held until the session ends.
         self.slot = contextlib.AsyncExitStack()
+        self.size_limit = router.config.messages.size_limit
+        # What the client sent after a message's final dot (pipelined commands),
+        # read before anything more from the connection.
+        self.pending = bytearray()
+        self.backend: Backend | None = None
 
     async def send(self, line: str) -> None:
         self.writer.write(line.encode() + b"\r\n")
         await self.writer.drain()
 
     async def read_line(self, wait_s: float) -> bytes:
+        head = b""
+        if self.pending:
+            end = self.pending.find(b"\n")
+            if end >= 0:
+                line = bytes(self.pending[:end + 1])
+                del self.pending[:end + 1]
+                if len(line) > MAX_LINE:
+                    raise InvalidInput("line too long")
+                return line
+            head = bytes(self.pending)
+            self.pending.clear()
         try:
-            line = await asyncio.wait_for(self.reader.readuntil(b"\n"), wait_s)
+            line = head + await asyncio.wait_for(self.reader.readuntil(b"\n"), wait_s)
         except asyncio.LimitOverrunError:
             raise InvalidInput("line too long") from None
         if len(line) > MAX_LINE:
             raise InvalidInput("line too long")
         return line
+
+    async def read_some(self, wait_s: float) -> bytes:
+        """What the client sent next, at most DATA_CHUNK bytes; b"" when it is gone."""
+        if self.pending:
+            data = bytes(self.pending)
+            self.pending.clear()
+            return data
+        return await asyncio.wait_for(self.reader.read(DATA_CHUNK), wait_s)
 
     async def read_command(self, wait_s: float) -> tuple[bytes, str, str] | None:
         """The next command as (line, VERB, argument); None when the session ends
@@ -212,7 +263,8 @@ class SubmissionSession:
         return raw, verb.upper(), argument
 
     def capabilities(self) -> list[str]:
-        words = [self.host, "PIPELINING", "SIZE 52428800", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        words = [self.host, "PIPELINING", f"SIZE {self.size_limit}", "8BITMIME",
+                 "ENHANCEDSTATUSCODES"]
         if not self.tls:
             words.append("STARTTLS")
         else:
@@ -411,6 +463,7 @@ class SubmissionSession:
 
     async def relay(self, account: Account, backend: Backend) -> None:
         senders = await self.router.directory.sender_addresses(account.address)
+        self.backend = backend
         try:
             while True:
                 command = await self.read_command(self.settings.idle_timeout_s)
@@ -433,17 +486,52 @@ class SubmissionSession:
                         await self.send(R_BAD_SENDER.format(sender=sender or "",
                                                             user=account.address))
                         continue
-                reply = await self.forward(backend, raw)
+                    declared = _declared_size(argument)
+                    if declared is not None and declared > self.size_limit:
+                        await self.send(R_TOO_BIG.format(limit=self.size_limit))
+                        continue
+                if self.backend is None:
+                    # The last message went over the size limit and its Postfix
+                    # session was broken off: the next transaction gets a new one.
+                    if verb == "QUIT":
+                        await self.send(R_BYE)
+                        return
+                    if verb in ("RSET", "NOOP"):
+                        await self.send("250 2.0.0 OK")
+                        continue
+                    if not await self.reopen(account):
+                        return
+                assert self.backend is not None
+                reply = await self.forward(self.backend, raw)
                 if verb == "DATA" and reply.code == 354:
-                    reply = await self.stream_data(backend)
+                    data_reply = await self.stream_data(self.backend, account)
+                    if data_reply is None:
+                        return
+                    reply = data_reply
                 if verb == "QUIT" or reply.code == 421:
                     return
-        except (LmtpError, ConnectionError, TimeoutError, asyncio.IncompleteReadError) as error:
-            log.info("submission session of %s: backend lost: %s", account.address, error)
+        except (LmtpError, ConnectionError, TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, RuntimeError) as error:
+            # RuntimeError: a write to a transport that is already closed (uvloop).
+            log.info("submission session of %s: backend lost: %s", account.address,
+                     error or type(error).__name__)
             with contextlib.suppress(Exception):
-                await self.send(R_LOST)
+                await self.send(R_LOST.format(host=self.host, domain=account.domain))
         finally:
-            await netio.close(backend.writer)
+            if self.backend is not None:
+                await netio.close(self.backend.writer)
+                self.backend = None
+
+    async def reopen(self, account: Account) -> bool:
+        try:
+            self.backend = await self.open_backend(account)
+        except (BackendUnavailable, MailfcError, OSError, TimeoutError, LmtpError,
+                asyncio.IncompleteReadError) as error:
+            log.info("submission session of %s: no new session with its Postfix: %s",
+                     account.address, error)
+            await self.send(R_REOPEN_FAILED.format(domain=account.domain))
+            return False
+        return True
 
     async def forward(self, backend: Backend, raw: bytes) -> Reply:
         backend.writer.write(raw if raw.endswith(b"\r\n") else raw.rstrip(b"\n") + b"\r\n")
@@ -464,17 +552,84 @@ class SubmissionSession:
             raise LmtpError(f"malformed reply {last[:80]!r}")
         return Reply(int(last[:3]), last[4:].strip())
 
-    async def stream_data(self, backend: Backend) -> Reply:
-        """Message lines from the client to Postfix, up to the final dot."""
+    async def stream_data(self, backend: Backend, account: Account) -> Reply | None:
+        """The message from the client to Postfix, chunk by chunk, up to its final dot
+        (DATA in the header); Postfix's reply, or the router's own.  None: the session
+        is over (the client went away or was silent too long)."""
+        end = EndOfData()
+        size = 0
+        lost: str | None = None     # why Postfix is gone, if it is
+        over = False
         while True:
-            line = await asyncio.wait_for(self.reader.readuntil(b"\n"),
-                                          self.settings.idle_timeout_s)
-            backend.writer.write(line)
-            if backend.writer.transport.get_write_buffer_size() > 1 << 20:
-                await backend.writer.drain()  # back-pressure from a slow Postfix
-            if line in (b".\r\n", b".\n"):
-                await backend.writer.drain()
+            try:
+                chunk = await self.read_some(self.settings.idle_timeout_s)
+            except TimeoutError:
+                await self.abandon(backend)
+                with contextlib.suppress(Exception):
+                    await self.send(R_TIMEOUT.format(host=self.host))
+                return None
+            if not chunk:
+                await self.abandon(backend)   # no final dot: Postfix keeps nothing
+                return None
+            content, rest = end.feed(chunk)
+            size += len(content)
+            if size > self.size_limit and not over:
+                over = True
+                await self.abandon(backend)
+            if content and not over and lost is None:
+                lost = await self._pass_on(backend, content)
+            if rest is not None:
+                self.pending[:0] = rest
+                break
+        if over:
+            log.info("submission session of %s: message over %d bytes refused",
+                     account.address, self.size_limit)
+            await self.send(R_TOO_BIG.format(limit=self.size_limit))
+            return Reply(552, "")
+        if lost is None:
+            lost = await self._pass_on(backend, b".\r\n", flush=True)
+        if lost is None:
+            try:
                 return await self.pass_reply(backend)
+            except (LmtpError, ConnectionError, TimeoutError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError, RuntimeError) as error:
+                lost = str(error) or type(error).__name__
+        log.info("submission session of %s: its Postfix was lost during a message: %s",
+                 account.address, lost)
+        await self.send(R_LOST.format(host=self.host, domain=account.domain))
+        return Reply(421, "")
+
+    @staticmethod
+    async def _pass_on(backend: Backend, data: bytes, *, flush: bool = False) -> str | None:
+        """Write to Postfix, waiting while it has more than BACKEND_HIGH_WATER unread;
+        None, or why Postfix is gone."""
+        transport = backend.writer.transport
+        if transport.is_closing():
+            return "connection closed"
+        try:
+            backend.writer.write(data)
+            if flush or transport.get_write_buffer_size() > BACKEND_HIGH_WATER:
+                await asyncio.wait_for(backend.writer.drain(), BACKEND_TIMEOUT_S)
+        except (ConnectionError, RuntimeError, OSError, TimeoutError) as error:
+            return str(error) or type(error).__name__
+        return None
+
+    async def abandon(self, backend: Backend) -> None:
+        """Break the session with Postfix off in the middle of a message (it keeps
+        nothing without the final dot)."""
+        if self.backend is backend:
+            self.backend = None
+        backend.writer.transport.abort()
+        await netio.close(backend.writer)
+
+
+def _declared_size(argument: str) -> int | None:
+    """MAIL's SIZE=n parameter; None when absent or not a number."""
+    for word in argument.split()[1:]:
+        name, _, value = word.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
 
 
 def _mail_from(argument: str) -> str | None:

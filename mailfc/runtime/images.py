@@ -226,6 +226,10 @@ def template_context(image: Image, domain: str, settings: RuntimeSettings) -> di
         "nfs_safe": settings.nfs_safe,
         "base_dir": DOVECOT_BASE_DIR,
         "imap_capability": DOVECOT_IMAP_CAPABILITY,
+        # The one size limit (messages.size_limit), and how soon deferred mail is
+        # retried (runtime.postfix_retry_s): see main.cf.
+        "message_size_limit": settings.message_size_limit,
+        "postfix_retry_s": settings.postfix_retry_s,
     }
 
 

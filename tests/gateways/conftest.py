@@ -1,11 +1,13 @@
-"""Fixtures for the gateway tests: SMTP-In as a real process, Filter-In, LMTP Router, Dovecot.
+"""Fixtures for the gateway tests: SMTP-In as a real process, LMTP Router, Dovecot.
 
 Everything of these tests is their own: bridge mfcg0, subnet 10.89.0.0/24, container
 prefix mfcg, host row gateway-host, ports 18xxx, spool <state_dir>/mfcg-spool, domains
 g1.example, g2.example and gbroken.example (whose Dovecot can never start).  SMTP-In
 runs as `mailfc up --services smtp-in` in a process of its own (so a test can kill -9
-it); the dispatcher, LMTP Router and Filter-In run in the test process.  OpenDKIM (Debian
-package) signs as a milter of Filter-In.
+it); the dispatcher and LMTP Router run in the test process.  SMTP-In runs the
+[filter_in] chain at end of data with two milters: OpenDKIM (Debian package), which
+signs, and tests.gateways.milter.TestMilter (in the test process), which refuses or
+changes what a test's Subject asks for.
 """
 
 from __future__ import annotations
@@ -28,19 +30,21 @@ import pytest
 from mailfc.config import Config, parse_config
 from mailfc.controller.platform import Platform
 from mailfc.db import accounts, domains
-from mailfc.gateways.filter import FilterService
 from mailfc.passwords import hash_password
+from mailfc.routers.lmtp import LmtpRouter
 from tests.conftest import require_binary
 from tests.dkim import opendkim_signing
+from tests.gateways.milter import TestMilter
 
 HOST = "gateway-host"
 SMTP_PORT = 18025
-# The internal hops' sockets (mailfc.hops), names of their own in the session's state
-# directory; their former loopback ports, where nothing may answer now.
-FILTER_IN = "unix:mfcg-filter-in.sock"
+# The internal hop's socket (mailfc.hops), a name of its own in the session's state
+# directory; the former loopback ports of Filter-In and the router, where nothing may
+# answer now.
 LMTP_ROUTER = "unix:mfcg-lmtp-router.sock"
 FORMER_HOP_PORTS = (18026, 18024)
 DKIM_PORT = 18891
+MILTER_PORT = 18892
 DOMAINS = ("g1.example", "g2.example", "gbroken.example")
 ACCOUNTS = ("bob@g1.example", "carol@g1.example", "dave@g2.example", "erin@gbroken.example")
 
@@ -51,8 +55,7 @@ def gateway_data(state_dir: Path, **sections: dict[str, Any]) -> dict[str, dict[
         "host": {"name": HOST},
         "network": {"bridge": "mfcg0", "subnet": "10.89.0.0/24"},
         "runtime": {"name_prefix": "mfcg", "start_timeout_s": 5.0},
-        "listen": {"smtp_in": f"127.0.0.1:{SMTP_PORT}", "filter_in": FILTER_IN,
-                   "lmtp_router": LMTP_ROUTER,
+        "listen": {"smtp_in": f"127.0.0.1:{SMTP_PORT}", "lmtp_router": LMTP_ROUTER,
                    "imap_router": "127.0.0.1:18143", "imap_router_tls": "127.0.0.1:18993",
                    "submission": "127.0.0.1:18587", "submissions": "127.0.0.1:18465",
                    "milter": "127.0.0.1:18030", "hook_server": "127.0.0.1:18031"},
@@ -60,7 +63,8 @@ def gateway_data(state_dir: Path, **sections: dict[str, Any]) -> dict[str, dict[
                        "smtp_port": 18687, "allowed_clients": ["127.0.0.0/8", "10.0.0.0/8"]},
         "spool": {"directory": str(state_dir / "mfcg-spool"), "retry_base_s": 0.5,
                   "retry_max_s": 2.0, "scan_interval_s": 0.2, "min_free_bytes": 1 << 20},
-        "filter_in": {"milters": [f"inet:127.0.0.1:{DKIM_PORT}"], "milter_timeout_s": 10.0,
+        "filter_in": {"milters": [f"inet:127.0.0.1:{DKIM_PORT}",
+                                  f"inet:127.0.0.1:{MILTER_PORT}"], "milter_timeout_s": 10.0,
                       "quarantine_dir": str(state_dir / "mfcg-quarantine")},
         "recorder": {"flush_interval_s": 0.05},
     }
@@ -125,12 +129,13 @@ class Gateways:
         return self.platform.config
 
     @property
-    def filter(self) -> FilterService:
-        return next(s for s in self.platform.services if isinstance(s, FilterService))
+    def router(self) -> LmtpRouter:
+        """The spool's next hop."""
+        return next(s for s in self.platform.services if isinstance(s, LmtpRouter))
 
     @property
     def spool_dir(self) -> Path:
-        return Path(self.config.spool.directory)
+        return Path(self.config.spool.directory) / "smtp-in"
 
     def start_smtp_in(self) -> None:
         log = self.state_dir / f"mfcg-smtp-in-{len(self.logs)}.log"
@@ -183,15 +188,25 @@ def opendkim(state_dir: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-async def gateways(state_dir: Path, cmdb: asyncpg.Pool, opendkim: Path
-                   ) -> AsyncIterator[Gateways]:
+async def test_milter() -> AsyncIterator[TestMilter]:
+    milter = TestMilter(MILTER_PORT)
+    await milter.start()
+    try:
+        yield milter
+    finally:
+        await milter.stop()
+
+
+@pytest.fixture(scope="session")
+async def gateways(state_dir: Path, cmdb: asyncpg.Pool, opendkim: Path,
+                   test_milter: TestMilter) -> AsyncIterator[Gateways]:
     require_binary("runc", "runc")
     require_binary("dovecot", "dovecot-lmtpd")
     await provision(cmdb)
     data = gateway_data(state_dir)
     config_file = write_toml(state_dir / "mfcg.toml", data)
     platform = Platform(parse_config(data, "gateway tests"),
-                        ("dispatcher", "lmtp-router", "filter-in"))
+                        ("dispatcher", "lmtp-router"))
     await platform.start()
     await cmdb.execute("UPDATE domains SET host_id = (SELECT id FROM hosts WHERE name = $1)"
                        " WHERE name = ANY($2)", HOST, list(DOMAINS))

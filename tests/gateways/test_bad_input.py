@@ -230,7 +230,7 @@ async def small_disk_smtp_in(state_dir: Path, cmdb: asyncpg.Pool
     await asyncio.to_thread(subprocess.run, ["mount", "-t", "tmpfs", "-o", "size=2m",
                                              "mfcg-spool", str(spool)], check=True)
     data = gateway_data(state_dir, listen={"smtp_in": f"127.0.0.1:{DISK_PORT}",
-                                           "filter_in": "unix:mfcg-nowhere.sock"},
+                                           "lmtp_router": "unix:mfcg-nowhere.sock"},
                         spool={"directory": str(spool), "min_free_bytes": 0})
     config = parse_config(data, "disk full")
     service = SmtpInService(config, cmdb, server_context(config))
@@ -250,13 +250,13 @@ async def test_disk_full_answers_452_and_leaves_nothing(
         c.transaction()
         assert c.command("DATA").startswith("354")
         line = b"x" * 998 + b"\r\n"
-        c.send(b"Subject: big\r\n\r\n" + line * 3000 + b".\r\n")
+        c.send(b"From: ann@remote.example\r\nSubject: big\r\n\r\n" + line * 3000 + b".\r\n")
         return c.reply()
 
     reply = await asyncio.to_thread(lambda: conversation_on(DISK_PORT, steps))
     assert reply.startswith("452 4.3.1")
-    assert list((spool / "tmp").iterdir()) == []
-    assert list((spool / "queue").iterdir()) == []
+    assert list((spool / "smtp-in" / "tmp").iterdir()) == []
+    assert list((spool / "smtp-in" / "queue").iterdir()) == []
 
 
 def conversation_on(port: int, steps: object) -> str:

@@ -1,8 +1,8 @@
-"""A local user cannot use Filter-In or the LMTP Router to skip SMTP-In's checks.
+"""A local user cannot use the LMTP Router to skip SMTP-In's checks.
 
-As `nobody`, against the running gateways' internal hops (mailfc.hops): their unix
-sockets, the loopback ports they had before and the former defaults.  Every attempt
-is refused before a greeting, and nothing reaches the mailbox.
+As `nobody`, against the running gateways' internal hop (mailfc.hops): its unix
+socket, the loopback ports it and the former Filter-In had before and the former
+defaults.  Every attempt is refused before a greeting, and nothing reaches the mailbox.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from tests.intruder import intrude, kept_out
 FORMER_DEFAULT_PORTS = (10025, 10027, 24)
 
 
-async def test_nobody_cannot_hand_mail_to_filter_in_or_the_lmtp_router(
-        gateways: Gateways) -> None:
+async def test_nobody_cannot_hand_mail_to_the_lmtp_router(gateways: Gateways) -> None:
     config = gateways.config
-    sockets = [config.hops_dir / value.removeprefix("unix:")
-               for value in (config.listen.filter_in, config.listen.lmtp_router)]
+    sockets = [config.hops_dir / config.listen.lmtp_router.removeprefix("unix:")]
     assert all(path.is_socket() for path in sockets), sockets
+    # Filter-In is gone: nothing is left of its socket.
+    assert not (config.hops_dir / "mfcg-filter-in.sock").exists()
     targets = [f"unix:{path}" for path in sockets] + [
         f"127.0.0.1:{port}" for port in (*FORMER_HOP_PORTS, *FORMER_DEFAULT_PORTS)]
     marker = f"intruder-{uuid.uuid4()}"

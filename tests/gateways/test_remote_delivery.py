@@ -1,10 +1,14 @@
-"""SMTP-Out's remote delivery against real SMTP servers on loopback (aiosmtpd)."""
+"""SMTP-Out's remote delivery against real SMTP servers on loopback (aiosmtpd, and a
+streaming sink in a process of its own for large messages)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +18,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from mailfc.config import Config
 from mailfc.gateways.smtp_out.remote import RemoteDelivery
 from mailfc.gateways.smtp_out.routes import Hop, NoRoute, Router, parse_routes
-from mailfc.tls import server_context
+from mailfc.messages import FileSlice
+from mailfc.tls import certificate_paths, server_context
+from tests.gateways.stream_sink import PeakMemory, big_message, received, running_sink
 
 
 class Sink:
@@ -24,6 +30,7 @@ class Sink:
         self.received: list[tuple[str, list[str], bytes]] = []
         self.rcpt_replies: dict[str, str] = {}
         self.data_reply = "250 2.0.0 queued"
+        self.mail_options: list[list[str]] = []
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
@@ -36,6 +43,7 @@ class Sink:
         if self.data_reply.startswith("250"):
             self.received.append((envelope.mail_from or "", list(envelope.rcpt_tos),
                                   envelope.original_content or b""))
+            self.mail_options.append(list(envelope.mail_options))
         return self.data_reply
 
 
@@ -129,3 +137,47 @@ async def test_null_mx_is_permanent(monkeypatch: Any) -> None:
     monkeypatch.setattr(router.resolver, "resolve", resolve)
     with pytest.raises(NoRoute):
         await router.hops("nomail.example")
+
+
+async def test_announces_size_and_keeps_the_message_intact(sink: tuple[Sink, int]) -> None:
+    handler, port = sink
+    message = (b"From: a@hosted.example\r\nSubject: dots\r\n\r\n.leading dot\r\n"
+               b"..two dots\r\n.\r\nlast line without end")
+    replies = await delivery(port).deliver("a@hosted.example", ["x@remote.example"],
+                                           message, ("BODY=8BITMIME",))
+    assert replies["x@remote.example"].code == 250
+    # The message arrives as sent (its last line ended), SIZE and BODY announced.
+    assert handler.received[0][2] == message + b"\r\n"
+    assert f"SIZE={len(message)}" in handler.mail_options[0]
+    assert "BODY=8BITMIME" in handler.mail_options[0]
+
+
+@pytest.fixture
+def stream_sink(mailfc_config: Config, tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """The streaming sink (tests/gateways/stream_sink.py), with STARTTLS."""
+    server_context(mailfc_config)       # generates the certificate when missing
+    with running_sink(tmp_path, *certificate_paths(mailfc_config)) as sink:
+        yield sink
+
+
+async def test_streams_a_large_message_in_bounded_memory(stream_sink: tuple[Path, int],
+                                                         tmp_path: Path) -> None:
+    """20 MB from a file to the remote MX over TLS: intact, and this process's peak
+    memory rises by far less than the message."""
+    output, port = stream_sink
+    path = tmp_path / "big.eml"
+    digest, _ = await asyncio.to_thread(big_message, path, 20 << 20, str(uuid.uuid4()))
+    size = path.stat().st_size
+    with PeakMemory() as memory:
+        started = time.monotonic()
+        replies = await delivery(port, timeout=30).deliver(
+            "a@hosted.example", ["x@remote.example"], FileSlice(path, 0, size))
+        elapsed = time.monotonic() - started
+    assert replies["x@remote.example"].code == 250, replies
+    [record] = received(output)
+    assert record["sha256"] == digest and record["size"] == size
+    assert record["tls"] is True
+    assert f"SIZE={size}" in record["options"]
+    print(f"20 MB to the remote MX in {elapsed:.2f} s, peak memory"
+          f" +{memory.grown_bytes >> 10} KiB")
+    assert memory.grown_bytes < 16 << 20, (memory.grown_bytes, elapsed)

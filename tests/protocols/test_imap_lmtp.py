@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
+from mailfc.messages import BytesSource
 from mailfc.protocols import imap, lmtp
 
 
@@ -43,6 +45,30 @@ def test_quote() -> None:
 def test_dot_stuffing() -> None:
     assert lmtp.dot_stuff(b"a\n.b\n..c") == b"a\r\n..b\r\n...c\r\n.\r\n"
     assert lmtp.dot_stuff(b"x\r\n") == b"x\r\n.\r\n"
+
+
+def whole_message_stuffing(message: bytes) -> bytes:
+    """Dot-stuffing of a whole message at once: what the streamed version must equal."""
+    text = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    lines = text.split(b"\r\n")
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line
+                         for line in lines) + b".\r\n"
+
+
+def test_streamed_dot_stuffing_matches_whole_message_stuffing() -> None:
+    """Whatever the chunk size (one byte included), CR, LF and dots split across chunks
+    come out as if the message had been stuffed whole."""
+    rng = random.Random(7)
+    alphabet = [b"a", b".", b"\r", b"\n", b"\r\n"]
+    for _ in range(3000):
+        message = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        if message.endswith(b"\r"):
+            message += b"\n"
+        for chunk in (1, 2, 3, 7, 64):
+            streamed = b"".join(lmtp.dot_stuffed(BytesSource(message), chunk))
+            assert streamed == whole_message_stuffing(message), (message, chunk)
 
 
 async def test_multiline_reply() -> None:

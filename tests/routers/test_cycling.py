@@ -64,7 +64,7 @@ async def test_routers_are_replaced_without_refusing_a_connection(
     own.mkdir(exist_ok=True)
     own.chmod(0o711)
     config = own / "mailfc.toml"
-    # The internal hops (LMTP Router, Filter-In, SMTP-Out) on their default unix sockets.
+    # The internal hops (LMTP Router, SMTP-Out) on their default unix sockets.
     ports = {name: BASE + index for index, name in enumerate((
         "imap_router", "imap_router_tls", "submission", "submissions", "smtp_in",
         "milter", "hook_server"))}

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import smtplib
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
 
 from mailfc.db import limits
 from mailfc.fairness import Bucket
 from mailfc.routers.submission import SEND_LIMITS_REFRESH_S, SubmissionRouter
+from mailfc.runtime.readiness import process_alive
 from tests.conftest import require_binary
 from tests.routers.conftest import (
     PASSWORD,
@@ -24,7 +29,8 @@ from tests.routers.conftest import (
 
 
 def submit(user: str, password: str, sender: str, subject: str,
-           recipients: tuple[str, ...] = ("someone@remote.example",)) -> dict[str, object]:
+           recipients: tuple[str, ...] = ("someone@remote.example",)
+           ) -> dict[str, tuple[int, bytes]]:
     with smtplib.SMTP("127.0.0.1", SUBMISSION_PORT, timeout=60) as client:
         client.starttls(context=client_tls())
         client.login(user, password)
@@ -215,3 +221,221 @@ async def test_client_xclient_and_xforward_are_refused_and_change_nothing(
         assert time.monotonic() < deadline, f"recorded: {rows}"
         await asyncio.sleep(0.2)
     assert {(row["account"], row["ip"]) for row in rows} == {("bob@a.example", "127.0.0.1")}
+
+
+# -- DATA: streamed in bounded chunks, one size limit, a lost backend answered ----------
+
+LINE = b"x" * 998 + b"\r\n"
+
+
+def body_chunks(size: int, marker: bytes) -> Iterator[bytes]:
+    """A message of exactly `size` bytes (header, CRLF lines, `marker` last), made
+    as it is sent: the client never holds it whole either."""
+    head = b"From: bob@a.example\r\nSubject: big\r\n\r\n"
+    tail = marker + b"\r\n"
+    yield head
+    left = size - len(head) - len(tail)
+    block = LINE * 64
+    while left >= len(block):
+        yield block
+        left -= len(block)
+    lines, rest = divmod(left, len(LINE))
+    yield LINE * lines
+    if rest:
+        yield b"y" * (rest - 2) + b"\r\n" if rest >= 2 else b"\r\n"[:rest]
+    yield tail
+
+
+def open_submission(user: str = "bob@a.example") -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", SUBMISSION_PORT, timeout=120)
+    client.starttls(context=client_tls())
+    client.login(user, PASSWORD)
+    return client
+
+
+def send_streamed(client: smtplib.SMTP, sender: str, recipient: str,
+                  chunks: Iterable[bytes], *, after_354: Callable[[], None] | None = None
+                  ) -> tuple[int, bytes]:
+    """MAIL, RCPT, DATA, then the chunks as they come and the final dot: the reply."""
+    assert client.mail(sender)[0] == 250
+    assert client.rcpt(recipient)[0] == 250
+    code, text = client.docmd("DATA")
+    assert code == 354, (code, text)
+    if after_354 is not None:
+        after_354()
+    assert client.sock is not None
+    try:
+        for chunk in chunks:
+            client.sock.sendall(chunk)
+        client.sock.sendall(b".\r\n")
+    except OSError as error:
+        raise AssertionError(f"the router dropped the connection: {error}") from None
+    return client.getreply()
+
+
+def peak_rss_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) and return its RSS now, in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def queued_with(router_host: RouterHost, domain: str, marker: bytes) -> list[Path]:
+    """The domain's Postfix queue files (any queue) holding `marker` near their end."""
+    found = []
+    spool = router_host.runtime.settings.domains_dir / domain
+    for path in spool.glob("postfix-*/spool/*/**/*"):
+        if not path.is_file() or path.stat().st_size < 1024:
+            continue
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 4096))
+            if marker in handle.read():
+                found.append(path)
+    return found
+
+
+async def test_ehlo_announces_the_one_size_limit_and_mail_size_over_it_gets_552(
+        router_host: RouterHost) -> None:
+    limit = router_host.config.messages.size_limit
+
+    def dialogue() -> tuple[str, tuple[int, bytes], tuple[int, bytes]]:
+        with open_submission() as client:
+            client.ehlo()
+            announced = client.esmtp_features["size"]
+            over = client.docmd("MAIL", f"FROM:<bob@a.example> SIZE={limit + 1}")
+            within = client.docmd("MAIL", f"FROM:<bob@a.example> SIZE={limit}")
+            return announced, over, within
+
+    announced, over, within = await asyncio.to_thread(dialogue)
+    assert announced == str(limit)
+    assert over[0] == 552 and b"5.3.4" in over[1] and str(limit).encode() in over[1]
+    assert within[0] == 250, within
+
+
+async def test_a_300_kb_line_gets_a_reply_not_a_dropped_connection(
+        router_host: RouterHost) -> None:
+    """In a message it is relayed (Postfix wraps it); as a command, 500 5.5.6."""
+    marker = f"long-line-{uuid.uuid4()}".encode()
+
+    def long_body_line() -> tuple[int, bytes]:
+        with open_submission() as client:
+            return send_streamed(client, "bob@a.example", "someone@remote.example", [
+                b"From: bob@a.example\r\nSubject: long line\r\n\r\n",
+                b"z" * 300_000 + b"\r\n", marker + b"\r\n"])
+
+    code, text = await asyncio.to_thread(long_body_line)
+    assert code == 250, (code, text)
+
+    def long_command_line() -> tuple[int, bytes]:
+        with open_submission() as client:
+            assert client.sock is not None
+            client.sock.sendall(b"NOOP " + b"n" * 300_000 + b"\r\n")
+            return client.getreply()
+
+    code, text = await asyncio.to_thread(long_command_line)
+    assert code == 500 and b"5.5.6" in text, (code, text)
+
+
+async def test_a_40_mb_message_is_relayed_in_bounded_memory(router_host: RouterHost) -> None:
+    """40 MB through 587: the domain's Postfix takes it (its message_size_limit is the
+    one size limit, not Postfix's 10 MB default) and queues it for Filter-Out; the
+    router's process grows by a few MB, not by the message."""
+    marker = f"end-of-forty-{uuid.uuid4()}".encode()
+    size = 40 * 1024 * 1024
+    rss_before = peak_rss_reset()
+
+    def forty() -> tuple[int, bytes]:
+        with open_submission() as client:
+            return send_streamed(client, "bob@a.example", "someone@remote.example",
+                                 body_chunks(size, marker))
+
+    code, text = await asyncio.to_thread(forty)
+    grown = peak_rss() - rss_before
+    assert code == 250, (code, text)
+    assert grown < 24 << 20, f"peak RSS grew by {grown >> 20} MB for a 40 MB message"
+    [queued] = await asyncio.to_thread(queued_with, router_host, "a.example", marker)
+    assert queued.stat().st_size > size
+
+
+async def test_one_size_limit_exactly_at_it_250_over_it_552_and_the_session_goes_on(
+        router_host: RouterHost) -> None:
+    """A message of exactly messages.size_limit bytes is taken (by the router and by
+    the domain's Postfix, whose own count includes its queue file's overhead); one
+    past it gets 552 5.3.4 at the final dot, unbuffered, and the session goes on."""
+    limit = router_host.config.messages.size_limit
+    marker = f"too-big-{uuid.uuid4()}".encode()
+    rss_before = peak_rss_reset()
+
+    def at_over_then_small() -> list[tuple[int, bytes]]:
+        with open_submission() as client:
+            return [send_streamed(client, "bob@a.example", "someone@remote.example",
+                                  chunks) for chunks in (
+                body_chunks(limit, b"exactly-at-the-limit"),
+                body_chunks(limit + (1 << 20), marker),
+                [b"Subject: after the big one\r\n\r\nhello\r\n"])]
+
+    at, big, small = await asyncio.to_thread(at_over_then_small)
+    grown = peak_rss() - rss_before
+    assert at[0] == 250, at
+    assert big[0] == 552 and b"5.3.4" in big[1] and str(limit).encode() in big[1], big
+    assert small[0] == 250, small
+    assert grown < 24 << 20, f"peak RSS grew by {grown >> 20} MB for a refused message"
+    # Postfix kept nothing of it.
+    assert not await asyncio.to_thread(queued_with, router_host, "a.example", marker)
+
+
+async def test_a_bare_lf_dot_ends_the_message_for_the_router_as_for_postfix(
+        router_host: RouterHost) -> None:
+    """SMTP smuggling: "\\n.\\n" ends the message for Postfix, so it does for the
+    router, and what follows is a command the router checks (a forged sender: 553)."""
+
+    def smuggle() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with open_submission() as client:
+            assert client.mail("bob@a.example")[0] == 250
+            assert client.rcpt("someone@remote.example")[0] == 250
+            assert client.docmd("DATA")[0] == 354
+            assert client.sock is not None
+            client.sock.sendall(b"Subject: smuggler\r\n\r\nhello\n.\n"
+                                b"MAIL FROM:<dave@b.example>\r\n")
+            first = client.getreply()
+            return first, client.getreply()
+
+    first, second = await asyncio.to_thread(smuggle)
+    assert first[0] == 250, first
+    assert second[0] == 553 and b"dave@b.example" in second[1], second
+
+
+async def test_the_backend_lost_after_data_gives_the_client_421(
+        router_host: RouterHost) -> None:
+    """The domain's Postfix dies after 354: the client still sends its message and
+    hears 421 4.4.2 at its final dot (not a dropped connection)."""
+    instance = await router_host.runtime.ensure("b.example", "smtp")
+
+    def kill_postfix() -> None:
+        assert instance.pid
+        os.kill(instance.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_alive(instance.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    def lost_after_data() -> tuple[int, bytes]:
+        with open_submission("dave@b.example") as client:
+            return send_streamed(client, "dave@b.example", "someone@remote.example",
+                                 body_chunks(2 << 20, b"lost"), after_354=kill_postfix)
+
+    code, text = await asyncio.to_thread(lost_after_data)
+    assert code == 421 and b"4.4.2" in text and b"b.example" in text, (code, text)
+    # The domain's next session gets a new Postfix.
+    assert await asyncio.to_thread(submit, "dave@b.example", PASSWORD, "dave@b.example",
+                                   "after the loss") == {}

@@ -13,6 +13,9 @@ PROTOCOL
     replycode ("550 5.7.1 text": given as it is), skip (the rest of the body is not
     sent).  At end of message the modification actions before the final reply are
     applied: add / insert / change (or delete) header, replace body, quarantine.
+    The body goes out in chunks read from where the message lies (its file past the
+    first 64 KiB), each after the milter took the previous one; a replacement body is
+    written to a new MessageData as its chunks arrive: never a whole message in memory.
     Recipient and sender changes are not offered at OPTNEG (the spool's envelope is the
     record of who is owed the message).
 
@@ -31,6 +34,7 @@ from mailfc import netio
 from mailfc.config import split_hostport
 from mailfc.errors import TemporaryFailure
 from mailfc.gateways.filter.message import ACCEPT, FilterMessage, Verdict
+from mailfc.messages import MessageData
 from mailfc.policy.milter import codec
 
 BODY_CHUNK = 65535
@@ -115,11 +119,10 @@ class _Conversation:
             if not self.protocol & codec.SMFIP_NOEOH:
                 await self._ask(codec.SMFIC_EOH, b"", codec.SMFIP_NR_EOH)
             if not self.protocol & codec.SMFIP_NOBODY:
-                body = message.body
-                for start in range(0, len(body), BODY_CHUNK):
+                # Read from where the body lies, a chunk at a time (never whole).
+                for chunk in message.body_chunks(BODY_CHUNK):
                     try:
-                        await self._ask(codec.SMFIC_BODY, body[start:start + BODY_CHUNK],
-                                        codec.SMFIP_NR_BODY)
+                        await self._ask(codec.SMFIC_BODY, chunk, codec.SMFIP_NR_BODY)
                     except _Skip:
                         skip_body = True
                     if skip_body:
@@ -171,6 +174,9 @@ class _Conversation:
         """Send a stage; wait for its reply unless negotiated away.  _Stop ends the talk."""
         self._send(command, data)
         if self.protocol & no_reply:
+            # Nothing to wait for, but no piling up either: a body goes out no faster
+            # than the milter takes it (bounded memory, whatever the message's size).
+            await asyncio.wait_for(self.writer.drain(), self.client.timeout)
             return
         while True:
             packet = await self._read()
@@ -185,7 +191,7 @@ class _Conversation:
 
     async def _end_of_message(self, message: FilterMessage) -> Verdict:
         quarantine: str | None = None
-        body_replaced = False
+        new_body: MessageData | None = None
         while True:
             packet = await self._read()
             reply, data = packet.command, packet.data
@@ -202,9 +208,11 @@ class _Conversation:
                 else:
                     message.change_header(name, index, value)
             elif reply == codec.SMFIR_REPLBODY:
-                # Chunks of the new body follow one another; the first replaces.
-                message.replace_body((message.body if body_replaced else b"") + data)
-                body_replaced = True
+                # Chunks of the new body follow one another; the first replaces.  They
+                # go to a MessageData as they come (a file past its memory part).
+                if new_body is None:
+                    new_body = message.new_body()
+                new_body.write(data)
             elif reply == codec.SMFIR_QUARANTINE:
                 quarantine = codec.text(data.rstrip(b"\0")) or "quarantined by milter"
             elif reply in (codec.SMFIR_ADDRCPT, codec.SMFIR_DELRCPT, codec.SMFIR_CHGFROM):

@@ -1,23 +1,23 @@
-"""A filter gateway as a resident service (Filter-In now; Filter-Out takes the same class).
+"""Filter-Out as a resident service: the domains' Postfix -> Filter-Out -> SMTP-Out.
 
-Filter-In listens on listen.filter_in, an internal hop (mailfc.hops: by default a
-unix socket only root and this service's user may use); Filter-Out, given `socket`,
-on that unix socket in the directory the domains' Postfix containers mount
-(listen.filter_out, "unix:<name>"), where no other local user reaches it, and
-lets in only processes of this host's domain containers and the host's root
-(mailfc.peers: the kernel's word, SO_PEERCRED and the process's cgroup).
+It listens on a unix socket in the directory the domains' Postfix containers mount
+(listen.filter_out, "unix:<name>"), where no other local user reaches it, and lets in
+only processes of this host's domain containers and the host's root (mailfc.peers:
+the kernel's word, SO_PEERCRED and the process's cgroup).  The domain found there is
+kept with the connection: it prefixes the IDENT sent on (server.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from pathlib import Path
 
 import asyncpg
 
 from mailfc import hops, peers
-from mailfc.config import Config, FilterSection
-from mailfc.gateways.filter.checks import built_in
-from mailfc.gateways.filter.milter_client import MilterClient
+from mailfc.config import Config
+from mailfc.gateways.filter.chain import Chain
 from mailfc.gateways.filter.server import FilterHandler
 from mailfc.gateways.listener import CyclingListener
 from mailfc.gateways.lmtp_hop import LmtpHop
@@ -26,43 +26,40 @@ from mailfc.protocols.smtp_server import LmtpServer, ServerConnection
 
 
 class FilterService:
-    def __init__(self, config: Config, pool: asyncpg.Pool, *, name: str = "filter-in",
-                 section: FilterSection | None = None, listen: str | None = None,
-                 socket: Path | None = None, next_hop: str | None = None) -> None:
+    def __init__(self, config: Config, pool: asyncpg.Pool, *, socket: Path,
+                 name: str = "filter-out") -> None:
         self.name = name
         self.config = config
-        self.section = section = section or config.filter_in
+        section = config.filter_out
         self.recorder = Recorder.from_config(pool, config, name)
-        self.hop = LmtpHop(hops.address(config, section.next_hop or next_hop
-                                        or config.listen.lmtp_router),
+        self.hop = LmtpHop(hops.address(config, section.next_hop or config.listen.smtp_out),
                            helo=config.host_name,
                            timeout=config.lmtp_router.delivery_timeout_s
                            + config.runtime.start_timeout_s)
-        milters = [MilterClient(spec, timeout=section.milter_timeout_s,
-                                hostname=config.host_name, daemon=name)
-                   for spec in section.milters]
-        quarantine = Path(section.quarantine_dir) if section.quarantine_dir else (
-            config.state_dir / "quarantine")
-        self.handler = FilterHandler(name, config.host_name,
-                                     built_in(section.checks, section.dnsbl_zones), milters,
-                                     section.milter_default_action, self.hop, self.recorder,
-                                     quarantine)
+        self.chain = Chain(name, section, config)
+        self.handler = FilterHandler(name, config.host_name, self.chain, self.hop,
+                                     self.recorder)
         self.lmtp = LmtpServer(self.handler, hostname=config.host_name, ident=f"mailfc {name}",
-                               data_size_limit=section.max_message_size)
+                               data_size_limit=config.hop_size_limit,
+                               message_dir=config.message_dir)
         self.peers = peers.Peers(pool)
+        # The domain of each admitted connection (None: root on the host), until its
+        # protocol takes it.
+        self._domains: weakref.WeakKeyDictionary[asyncio.BaseTransport, str | None] = \
+            weakref.WeakKeyDictionary()
         self.listener = CyclingListener(name, "", 0, self._protocol, path=socket,
-                                        admit=self._container_or_root) if socket \
-            else hops.listener(config, name, listen or config.listen.filter_in, self._protocol)
+                                        admit=self._container_or_root)
 
-    async def _container_or_root(self, connection: peers.Connection) -> str | None:
+    async def _container_or_root(self, connection: asyncio.BaseTransport) -> str | None:
         """Filter-Out's peers: a domain's Postfix in a container of this host, or root."""
         peer = await self.peers.identify(connection)
         if peer.kind == peers.CONTAINER or peer.host_root:
+            self._domains[connection] = peer.domain
             return None
         return f"{peer} is not a domain's container"
 
     def _protocol(self, listener: CyclingListener) -> ServerConnection:
-        return self.lmtp.tracked_by(listener)
+        return _IdentifiedConnection(self.lmtp, listener, self._domains)
 
     async def start(self) -> None:
         await self.recorder.start()
@@ -72,3 +69,17 @@ class FilterService:
         await self.listener.stop(drain_timeout)
         await self.hop.close()
         await self.recorder.stop(drain_timeout)
+
+
+class _IdentifiedConnection(ServerConnection):
+    """A session that starts knowing the domain its peer was admitted as."""
+
+    def __init__(self, server: LmtpServer, listener: CyclingListener,
+                 domains: weakref.WeakKeyDictionary[asyncio.BaseTransport, str | None]
+                 ) -> None:
+        super().__init__(server, listener)
+        self.domains = domains
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.session.state = self.domains.pop(transport, None)
+        super().connection_made(transport)

@@ -8,17 +8,30 @@ SESSION
     Greeting `220 <host> ESMTP mailfc`.  Recipients must be hosted mailboxes or aliases;
     everything else is refused at RCPT (554 5.7.1 relaying denied: never an open relay,
     550 5.1.1 unknown user).  handler.py lists every stage's checks and replies;
-    protocols/smtp_server.py the protocol (pipelining, STARTTLS, limits).  A message
-    is answered `250 2.0.0 OK: queued as <id>` only once it is fsync'd in the spool.
+    protocols/smtp_server.py the protocol (pipelining, STARTTLS, limits).
+
+END OF DATA (before-queue checks)
+    The message is streamed into a MessageData while it arrives (memory up to 64 KiB,
+    then an unlinked file in messages.temporary_dir).  At its end, before SMTP-In
+    answers, the [filter_in] chain runs over it (gateways/filter: eicar, headers,
+    dnsbl, then each milter, e.g. OpenDKIM verify, rspamd, clamav-milter): a reject
+    reaches the client as 550/554 with the reason, a tempfail as 451, so the sender
+    hears of it and no bounce is ever made for content (no backscatter).  Only then
+    is the message copied into the spool in chunks and fsync'd, and answered
+    `250 2.0.0 OK: queued as <id>`; after the 250 only delivery can fail.
 
 NEXT HOP
-    The spool (gateways/spool) delivers to Filter-In (listen.filter_in, by default the
-    unix socket <state_dir>/private/hops/filter-in.sock; mailfc.hops) over LMTP with
-    XFORWARD naming the original client, per recipient domain, round-robin, with retries.
+    The spool (gateways/spool) delivers straight to the LMTP Router (listen.lmtp_router,
+    by default the unix socket <state_dir>/private/hops/lmtp-router.sock; mailfc.hops)
+    over LMTP, per recipient domain, round-robin, with retries, with XFORWARD naming
+    the original client and IDENT=<queue id> (the router's journal answers a retry of
+    a delivered recipient without delivering it again).  A bounce to a sender whose
+    domain is not hosted goes to SMTP-Out's intake (listen.smtp_out) instead.
 
 SECURITY
     An MX is exposed to everyone: command lines are bounded (1000 octets, 500 5.5.2),
-    messages by smtp_in.max_message_size (552 5.3.4), recipients by
+    messages by messages.size_limit (552 5.3.4, enforced while reading: never more
+    than a chunk of it in memory), headers by 1 MiB, recipients by
     smtp_in.max_recipients (452 4.5.3); bare LF and undeclared 8-bit data are refused
     (no SMTP smuggling through to the next hop); a broken TLS handshake closes only that
     connection.  Bad input is answered and logged at INFO, never with a traceback.
@@ -28,9 +41,14 @@ CYCLING
     a connection (gateways/listener.py).  The spool stays with the service.
 
 CONFIGURATION
-    [smtp_in] max_message_size (50 MiB), max_recipients (100), require_8bitmime (true),
-              timeout_s (300), max_queued_per_domain (20000), cycle_after_s (0)
+    [smtp_in] max_recipients (100), require_8bitmime (true), timeout_s (300),
+              max_queued_per_domain (20000), cycle_after_s (0)
+    [messages] size_limit (50 MiB), temporary_dir (<state_dir>/tmp/messages)
+    [filter_in] checks (["eicar", "headers"]), dnsbl_zones ([]), milters ([]),
+              milter_timeout_s (30), milter_default_action ("tempfail"), quarantine_dir
+              (<state_dir>/quarantine): the chain at end of data
     [spool]   see gateways/spool
+    listen.lmtp_router, listen.smtp_out: the next hops
     [policy], [recorder]: the shared engine and recorder (mailfc.policy)
 """
 

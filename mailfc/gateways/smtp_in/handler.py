@@ -14,10 +14,21 @@ STAGES
               smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), and the
               domain's received_messages limit where one is configured (451 4.7.1,
               answered after policy.refusal_delay_s)
-    DATA      bare LF (554 5.5.2), 8-bit data without BODY=8BITMIME (554 5.6.0), the
-              received_messages limits counted, a Received: header added, the message
-              committed to the spool (452 4.3.1 when it cannot be), then 250 with the
-              queue id
+    DATA      the message streamed to a MessageData as it arrives (over
+              messages.size_limit: 552 5.3.4, the rest read and dropped); then, at end
+              of data and before any reply: bare LF (554 5.5.2), 8-bit data without
+              BODY=8BITMIME (554 5.6.0); a Received: header put in front; the
+              [filter_in] chain (gateways/filter/chain.py: eicar, headers, dnsbl, then
+              each milter), each verdict an smtp_events row with stage "filter":
+                  reject    550 5.7.1 <reason> (a milter's own reply as it gave it;
+                            550 5.6.0 for headers; 552 5.3.4 for a header over 1 MiB)
+                  tempfail  451 4.7.1 <reason> (a milter down: milter_default_action)
+                  discard   250 2.7.0, nothing queued
+                  quarantine 250 2.7.0 once written to filter_in.quarantine_dir
+              the received_messages limits counted; the message (with what milters
+              changed) copied into the spool in chunks and committed (452 4.3.1 when
+              it cannot be), then 250 with the queue id.  So a refused message never
+              leaves a bounce behind: its sender hears it in the reply.
     close     smtp_sessions totals and verdict
 
 Refusals by policy become smtp_events rows with the rule (block:ip, limit:..., relay,
@@ -29,7 +40,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import re
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -39,11 +49,16 @@ from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
 from mailfc.gateways import replies
+from mailfc.gateways.filter.chain import Chain, Outcome
+from mailfc.gateways.filter.chain import reply as chain_reply
+from mailfc.gateways.filter.message import Verdict
 from mailfc.gateways.spool import Spool, SpoolFull
 from mailfc.gateways.spool.store import new_queue_id
+from mailfc.messages import Prefixed
 from mailfc.policy.blocks import BlockList
 from mailfc.policy.engine import (
     ACCEPT,
+    ENFORCE,
     REJECT,
     TEMPFAIL,
     Decision,
@@ -60,7 +75,6 @@ from mailfc.protocols.smtp_server import Envelope, Session
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
-BARE_LF = re.compile(rb"(?<!\r)\n")
 LIMITED_REFRESH_S = 5.0
 COMPONENT = "smtp-in"
 
@@ -102,9 +116,10 @@ class LimitedDomains(Snapshot[frozenset[str]]):
 class SmtpInHandler:
     def __init__(self, config: Config, spool: Spool, directory: Directory,
                  engine: LimitEngine, recorder: Recorder, limited: LimitedDomains,
-                 blocks: BlockList) -> None:
+                 blocks: BlockList, chain: Chain) -> None:
         self.config = config
         self.spool = spool
+        self.chain = chain
         self.directory = directory
         self.engine = engine
         self.recorder = recorder
@@ -220,16 +235,34 @@ class SmtpInHandler:
     async def handle_DATA(self, session: Session, envelope: Envelope) -> str:
         state = _state(session)
         txn = state.txn
-        assert txn is not None
-        message = envelope.content
-        if BARE_LF.search(message):
+        assert txn is not None and envelope.message is not None
+        if envelope.bare_lf:
             self._refuse_data(state, "bare_lf", "bare LF in message data")
             return replies.BARE_LF
         declared = {o.upper() for o in envelope.mail_options}
-        if (self.config.smtp_in.require_8bitmime and not message.isascii()
+        if (self.config.smtp_in.require_8bitmime and envelope.eight_bit
                 and "BODY=8BITMIME" not in declared and "SMTPUTF8" not in declared):
             self._refuse_data(state, "8bit", "8-bit data without BODY=8BITMIME")
             return replies.EIGHT_BIT
+        queue_id, received = _received(self.hostname, session, state, envelope)
+        # The Received: line in front of the message as it lies (nothing copied): what
+        # the milters see and what the spool stores.
+        outcome = await self.chain.check(
+            Prefixed(received, envelope.message), envelope.sender, list(envelope.rcpt_tos),
+            client_ip=state.client_ip, helo=session.host_name, queue_id=queue_id)
+        try:
+            return await self._after_checks(session, state, txn, envelope, queue_id, outcome)
+        finally:
+            outcome.close()
+
+    async def _after_checks(self, session: Session, state: SessionState, txn: Transaction,
+                            envelope: Envelope, queue_id: str, outcome: Outcome) -> str:
+        verdict, message = outcome.verdict, outcome.message
+        for finding in outcome.findings:
+            self._filter_event(state, finding)
+        if verdict.action in ("reject", "tempfail") or message is None:
+            self._close_txn(state, verdict.action, verdict.reason)
+            return chain_reply(verdict)
         for domain in sorted(txn.limited_domains):
             try:
                 done = await self.engine.check(Subject.of(domain),
@@ -241,11 +274,22 @@ class SmtpInHandler:
             if refusal is not None:
                 self._close_txn(state, refusal.verdict, refusal.reason)
                 return await self._refusal_reply(refusal)
-        queue_id_hint = _received(self.hostname, session, state, envelope)
+        source = message.source()
+        if verdict.action == "discard":
+            self._accepted(state, txn, None, source.size, verdict)
+            return chain_reply(verdict)
+        if verdict.action == "quarantine":
+            try:
+                await self.chain.quarantine(message)
+            except OSError as error:
+                log.error("quarantine: %s", error)
+                self._refuse_data(state, "storage", f"quarantine: {error}", verdict=TEMPFAIL)
+                return replies.STORAGE
+            self._accepted(state, txn, None, source.size, verdict)
+            return chain_reply(verdict)
         try:
             queue_id = await self.spool.put(
-                envelope.sender, list(envelope.rcpt_tos),
-                queue_id_hint[1] + message, queue_id=queue_id_hint[0],
+                envelope.sender, list(envelope.rcpt_tos), source, queue_id=queue_id,
                 mail_options=tuple(o for o in envelope.mail_options
                                    if o.startswith(("BODY=", "SMTPUTF8"))),
                 client_ip=state.client_ip, helo=session.host_name)
@@ -253,12 +297,7 @@ class SmtpInHandler:
             log.error("spool: %s", error)
             self._refuse_data(state, "storage", str(error), verdict=TEMPFAIL)
             return replies.STORAGE
-        values = state.row.values
-        self.recorder.update(state.row, messages=values["messages"] + 1,
-                             recipients=values["recipients"] + len(txn.recipients),
-                             bytes=values["bytes"] + len(message))
-        self.recorder.update(txn.row, queue_id=queue_id, size=len(message))
-        self._close_txn(state, ACCEPT, None)
+        self._accepted(state, txn, queue_id, source.size, verdict)
         return replies.QUEUED.format(queue_id=queue_id)
 
     async def handle_RSET(self, session: Session, envelope: Envelope) -> None:
@@ -298,10 +337,35 @@ class SmtpInHandler:
                           message_id=state.txn.row if state.txn else None, at=now(),
                           stage=stage, verdict=decision.verdict, reason=decision.reason,
                           rule=decision.rule, mode=decision.mode, detail=detail)
+        if decision.refuses:
+            self._note_worst(state, decision)
+
+    @staticmethod
+    def _note_worst(state: SessionState, decision: Decision) -> None:
         severity = {ACCEPT: 0, TEMPFAIL: 1, REJECT: 2}
-        if decision.refuses and (state.worst is None or severity.get(decision.verdict, 0)
-                                 > severity.get(state.worst.verdict, 0)):
+        if state.worst is None or severity.get(decision.verdict, 0) \
+                > severity.get(state.worst.verdict, 0):
             state.worst = decision
+
+    def _accepted(self, state: SessionState, txn: Transaction, queue_id: str | None,
+                  size: int, verdict: Verdict) -> None:
+        """The message is taken (queued, or discarded / quarantined by the chain)."""
+        values = state.row.values
+        self.recorder.update(state.row, messages=values["messages"] + 1,
+                             recipients=values["recipients"] + len(txn.recipients),
+                             bytes=values["bytes"] + size)
+        self.recorder.update(txn.row, queue_id=queue_id, size=size)
+        self._close_txn(state, verdict.action if verdict.final else ACCEPT,
+                        verdict.reason or None)
+
+    def _filter_event(self, state: SessionState, finding: Verdict) -> None:
+        """A check that did not simply accept (stage "filter", as Filter-In recorded)."""
+        self.recorder.new("smtp_events", session_id=state.row,
+                          message_id=state.txn.row if state.txn else None, at=now(),
+                          stage="filter", verdict=finding.action, reason=finding.reason,
+                          rule=finding.rule, mode=ENFORCE, detail=None)
+        if finding.action in (REJECT, TEMPFAIL):
+            self._note_worst(state, Decision(finding.action, finding.reason, finding.rule))
 
     def _refuse_data(self, state: SessionState, rule: str, reason: str,
                      verdict: str = REJECT) -> None:

@@ -1,4 +1,12 @@
-"""SMTP-In as a resident service: listener, spool, next hop, engine and recorder wired up."""
+"""SMTP-In as a resident service: listener, filter chain, spool, next hops, engine and
+recorder wired up.
+
+The spool hands each message, per recipient domain, to the LMTP Router
+(listen.lmtp_router) with XFORWARD ADDR, HELO, PROTO and IDENT=<queue id>: the router
+keeps a journal by IDENT and recipient, so a retry after a lost reply is not delivered
+twice.  A bounce (a DSN the spool made) to a sender whose domain is not hosted here
+goes to SMTP-Out's intake (listen.smtp_out) instead, with IDENT=<its queue id>.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +20,13 @@ import asyncpg
 from mailfc import hops
 from mailfc.config import Config, split_hostport
 from mailfc.db.directory import Directory
+from mailfc.gateways.filter.chain import Chain
 from mailfc.gateways.listener import CyclingListener, cycle
 from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.gateways.smtp_in.handler import LimitedDomains, SmtpInHandler
 from mailfc.gateways.spool import Envelope, Spool, spool_directory
+from mailfc.gateways.spool.store import domain_of
+from mailfc.messages import Source
 from mailfc.policy.blocks import BlockList
 from mailfc.policy.engine import LimitEngine
 from mailfc.policy.recorder import Recorder
@@ -35,15 +46,22 @@ class SmtpInService:
         self.engine = LimitEngine.from_config(pool, config)
         self.recorder = Recorder.from_config(pool, config, self.name,
                                              holder=self.engine.holder)
-        self.hop = LmtpHop(hops.address(config, config.listen.filter_in), helo=config.host_name,
-                           timeout=config.spool.delivery_timeout_s)
+        self.hop = LmtpHop(hops.address(config, config.listen.lmtp_router),
+                           helo=config.host_name, timeout=config.spool.delivery_timeout_s)
+        # Bounces to senders elsewhere (see the module's manual).
+        self.out_hop = LmtpHop(hops.address(config, config.listen.smtp_out),
+                               helo=config.host_name, timeout=config.spool.delivery_timeout_s)
+        self.directory = Directory(pool)
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory, "smtp-in"),
                            self._deliver, config.spool, hostname=config.host_name)
-        self.handler = SmtpInHandler(config, self.spool, Directory(pool), self.engine,
-                                     self.recorder, LimitedDomains(pool), BlockList(pool))
+        self.chain = Chain(self.name, config.filter_in, config)
+        self.handler = SmtpInHandler(config, self.spool, self.directory, self.engine,
+                                     self.recorder, LimitedDomains(pool), BlockList(pool),
+                                     self.chain)
         smtp_in = config.smtp_in
         self.server = SmtpServer(self.handler, hostname=config.host_name,
-                                 data_size_limit=smtp_in.max_message_size,
+                                 data_size_limit=config.messages.size_limit,
+                                 message_dir=config.message_dir,
                                  idle_timeout_s=smtp_in.timeout_s, tls_context=tls_context)
         host, port = split_hostport(config.listen.smtp_in)
         self.listener = CyclingListener(self.name, host, port, self._protocol)
@@ -53,7 +71,13 @@ class SmtpInService:
         return self.server.tracked_by(listener)
 
     async def _deliver(self, envelope: Envelope, recipients: list[str],
-                       message: bytes) -> dict[str, Reply]:
+                       message: Source) -> dict[str, Reply]:
+        """One domain's recipients of a spooled message to their next hop."""
+        if envelope.is_bounce and recipients \
+                and not await self.directory.is_hosted(domain_of(recipients[0])):
+            return await self.out_hop.deliver(envelope.sender, recipients, message,
+                                              mail_options=list(envelope.mail_options),
+                                              xforward={"IDENT": envelope.queue_id})
         xforward = {"ADDR": envelope.client_ip or "[UNAVAILABLE]",
                     "HELO": envelope.helo or "[UNAVAILABLE]", "PROTO": "ESMTP",
                     "IDENT": envelope.queue_id}
@@ -89,5 +113,6 @@ class SmtpInService:
         await self.listener.stop(drain_timeout)
         await self.spool.stop(drain_timeout)
         await self.hop.close()
+        await self.out_hop.close()
         await self.engine.stop()
         await self.recorder.stop(drain_timeout)

@@ -2,10 +2,21 @@
 
 INTAKE
     listen.smtp_out ("unix:smtp-out.sock": <state_dir>/private/hops/smtp-out.sock),
-    LMTP from Filter-Out: every syntactically valid recipient is accepted (the
-    sender's domain Postfix and the milter have decided already); at DATA the
-    message is made durable in the spool (<state_dir>/spool/smtp-out) and each
-    recipient gets `250 2.0.0 queued as <id>`, or `452 4.3.1` when the disk is full.
+    LMTP from Filter-Out (and SMTP-In's bounces to outside senders): every
+    syntactically valid recipient is accepted (the sender's domain Postfix and the
+    milter have decided already); at DATA the message, which the server wrote to a
+    temporary file as it arrived, is copied in chunks into the spool
+    (<state_dir>/spool/smtp-out) and made durable, and each recipient gets
+    `250 2.0.0 queued as <id>`, or `452 4.3.1` when the disk is full.
+
+IDEMPOTENCE (mailfc.gateways.journal, <state_dir>/journal/smtp-out.*)
+    Between transactions the sender may say `XFORWARD IDENT=<its queue id>` (Filter-Out:
+    <domain>:<Postfix queue id>; SMTP-In's bounces: the spool's queue id; ADDR, NAME,
+    HELO, PROTO are taken and ignored).  A recipient already taken into the spool under
+    that IDENT gets the reply recorded then (`250 2.0.0 queued as <id>`) and is not
+    queued again; the others are queued, and recorded once the spool has committed.
+    So a retry after a lost reply (SMTP-Out killed after the commit, a broken
+    connection) sends the message once.
 
 SECURITY
     The intake relays to anywhere, so only Filter-Out may reach it: it is an internal
@@ -16,15 +27,24 @@ SECURITY
 
 DELIVERY (mailfc.gateways.spool: per-domain queues, round-robin, retries, DSNs)
     a hosted recipient domain  -> the LMTP Router (the inbound path)
-    any other domain           -> its MX hosts (remote.py, routes.py)
+    any other domain           -> its MX hosts (remote.py, routes.py), the message
+                                  streamed from the spool's file
     A 4xx or an unreachable MX is retried with backoff; a 5xx, or a 4xx past
     spool.max_lifetime_s, bounces to the sender with a DSN, which the spool
     delivers like any message (into the sender's own mailbox when hosted).
-    Every delivery result is recorded (smtp_events, component smtp-out).
+    Every delivery result is recorded (smtp_events, component smtp-out).  Hosted
+    recipients go with XFORWARD IDENT=<queue id>, so the router's journal keeps a
+    retry from delivering twice.
+
+CONFIGURATION
+    smtp_out.routes ([]), timeout_s (60), dns_timeout_s (10); messages.size_limit
+    (50 MiB); [spool] as for SMTP-In (its directory: <state_dir>/spool/smtp-out);
+    journal.keep_s (2 days), journal.max_entries (500000).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import logging
 from email.parser import BytesHeaderParser
@@ -36,27 +56,34 @@ from mailfc.addresses import normalize_address
 from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
+from mailfc.gateways.journal import DeliveredJournal
 from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.gateways.smtp_out.remote import RemoteDelivery
 from mailfc.gateways.smtp_out.routes import Router, parse_routes
 from mailfc.gateways.spool import Envelope as SpoolEnvelope
 from mailfc.gateways.spool import Spool, spool_directory
 from mailfc.gateways.spool.store import SpoolFull, domain_of
+from mailfc.messages import Source, head_of
 from mailfc.protocols.lmtp import Reply
-from mailfc.protocols.smtp_server import Envelope, LmtpServer, Session
+from mailfc.protocols.smtp_server import Envelope, LmtpServer, Session, TakesXforward
 
 log = logging.getLogger("mailfc.gateways.smtp_out")
 
 
-def _message_id(message: bytes) -> str | None:
-    head = message.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+# Enough of a message to find its Message-ID in the header.
+HEADER_PREFIX = 64 * 1024
+
+
+def _message_id(message: Source) -> str | None:
+    head = head_of(message, HEADER_PREFIX).split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     parsed = BytesHeaderParser(policy=email.policy.SMTP).parsebytes(head + b"\r\n\r\n")
     value = parsed.get("Message-ID")
     return str(value).strip() if value else None
 
 
-class SmtpOutHandler:
+class SmtpOutHandler(TakesXforward):
     """LMTP server hooks (protocols.smtp_server) for the intake, named after the verbs."""
+
 
     def __init__(self, service: SmtpOutService) -> None:
         self.service = service
@@ -70,15 +97,37 @@ class SmtpOutHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, session: Session, envelope: Envelope) -> list[str]:
+        rcpts = list(envelope.rcpt_tos)
+        assert envelope.message is not None
+        ident = envelope.extra.get("xforward", {}).get("IDENT") or None
+        journal = self.service.journal
+        if ident is None:
+            reply = await self._queue(envelope, envelope.message, rcpts, None)
+            return [reply] * len(rcpts)
+        answered, claimed = await journal.claim(ident, rcpts)
+        replies = {rcpt: str(reply) for rcpt, reply in answered.items()}
+        try:
+            if claimed:
+                reply = await self._queue(envelope, envelope.message, claimed, ident)
+                replies.update(dict.fromkeys(claimed, reply))
+        finally:
+            journal.release(ident, claimed)
+        return [replies[rcpt] for rcpt in rcpts]
+
+    async def _queue(self, envelope: Envelope, message: Source, recipients: list[str],
+                     ident: str | None) -> str:
+        """Into the spool (durable when put returns); with ident, recorded after."""
         try:
             queue_id = await self.service.spool.put(
-                envelope.sender, list(envelope.rcpt_tos), envelope.content,
+                envelope.sender, recipients, message,
                 mail_options=tuple(envelope.mail_options))
         except SpoolFull as error:
-            reply = f"452 4.3.1 insufficient system storage: {error}"
-        else:
-            reply = f"250 2.0.0 queued as {queue_id}"
-        return [reply] * len(envelope.rcpt_tos)
+            return f"452 4.3.1 insufficient system storage: {error}"
+        reply = Reply(250, f"2.0.0 queued as {queue_id}")
+        if ident is not None:
+            for recipient in recipients:
+                self.service.journal.record(ident, recipient, reply)
+        return str(reply)
 
 
 class SmtpOutService:
@@ -96,23 +145,30 @@ class SmtpOutService:
                                helo=config.host_name,
                                timeout=config.lmtp_router.delivery_timeout_s
                                + config.runtime.start_timeout_s)
+        self.journal = DeliveredJournal(config.journal_dir, self.name,
+                                        keep_s=config.journal.keep_s,
+                                        max_entries=config.journal.max_entries)
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory,
                                            "smtp-out"),
                            self._deliver, config.spool, hostname=config.host_name)
         self.lmtp = LmtpServer(SmtpOutHandler(self), hostname=config.host_name,
                                ident="mailfc SMTP-Out",
-                               data_size_limit=settings.max_message_size)
+                               data_size_limit=config.hop_size_limit,
+                               message_dir=config.message_dir)
         self.listener = hops.listener(config, self.name, config.listen.smtp_out,
                                       self.lmtp.tracked_by)
 
     async def _deliver(self, envelope: SpoolEnvelope, recipients: list[str],
-                       message: bytes) -> dict[str, Reply]:
+                       message: Source) -> dict[str, Reply]:
         domain = domain_of(recipients[0])
         if await self.directory.is_hosted(domain):
-            replies = await self.inbound.deliver(envelope.sender, recipients, message)
+            replies = await self.inbound.deliver(envelope.sender, recipients, message,
+                                                 xforward={"IDENT": envelope.queue_id})
         else:
-            replies = await self.remote.deliver(envelope.sender, recipients, message)
-        await self._record(envelope, domain, replies, _message_id(message))
+            replies = await self.remote.deliver(envelope.sender, recipients, message,
+                                                envelope.mail_options)
+        message_id = await asyncio.to_thread(_message_id, message)
+        await self._record(envelope, domain, replies, message_id)
         return replies
 
     async def _record(self, envelope: SpoolEnvelope, domain: str,
@@ -134,6 +190,7 @@ class SmtpOutService:
                         error)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.journal.open)
         await self.spool.start()
         await self.listener.start()
 
@@ -141,3 +198,4 @@ class SmtpOutService:
         await self.listener.stop(drain_timeout)
         await self.spool.stop(drain_timeout)
         await self.inbound.close()
+        self.journal.close()

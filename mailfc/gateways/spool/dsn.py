@@ -3,7 +3,9 @@
 The report has three parts: a human-readable explanation, the machine-readable
 message/delivery-status (one block per failed recipient with its Status and
 Diagnostic-Code), and the original message's headers (text/rfc822-headers, not
-the whole message: the sender has it, and a bounce should stay small).
+the whole message: the sender has it, and a bounce should stay small).  The spool
+hands in only the first HEAD_LIMIT bytes of the original (head_of), whatever its
+size: a header block longer than that is cut at its last complete line.
 """
 
 from __future__ import annotations
@@ -14,13 +16,25 @@ import time
 from mailfc.gateways.spool.store import Envelope
 
 BOUNDARY_PREFIX = "mailfc-dsn-"
+# How much of the original the spool reads for a bounce: its header block, at most.
+HEAD_LIMIT = 64 * 1024
+
+
+def original_headers(head: bytes) -> bytes:
+    """The header block of a message from its first bytes, ending with CRLF."""
+    head = head[:HEAD_LIMIT]
+    end = head.find(b"\r\n\r\n")
+    if end >= 0:
+        return head[:end + 2]
+    line_end = head.rfind(b"\r\n")
+    return head[:line_end + 2] if line_end >= 0 else b""
 
 
 def bounce(hostname: str, envelope: Envelope, failed: dict[str, tuple[int, str]],
-           message: bytes) -> bytes:
+           head: bytes) -> bytes:
+    """The DSN for `failed` recipients; `head`: the original's first bytes (HEAD_LIMIT)."""
     boundary = f"{BOUNDARY_PREFIX}{envelope.queue_id}"
-    headers_end = message.find(b"\r\n\r\n")
-    original_headers = message[:headers_end + 2] if headers_end >= 0 else message[:65536]
+    headers = original_headers(head)
     lines = "\r\n".join(f"  <{rcpt}>: {code} {text}" for rcpt, (code, text) in failed.items())
     arrival = email.utils.formatdate(envelope.received_at)
     per_recipient = "".join(
@@ -54,7 +68,7 @@ def bounce(hostname: str, envelope: Envelope, failed: dict[str, tuple[int, str]]
         f"--{boundary}\r\n"
         f"Content-Type: text/rfc822-headers\r\n\r\n"
     ).encode("utf-8", "replace")
-    return text + original_headers + f"\r\n--{boundary}--\r\n".encode()
+    return text + headers + f"\r\n--{boundary}--\r\n".encode()
 
 
 def _status(code: int, text: str) -> str:

@@ -16,6 +16,30 @@ RETRIES
     final: the sender gets one DSN (RFC 3464) listing every failed recipient.  2xx
     replies are final successes.  Only the recipients still owed stay queued.
 
+UNDELIVERABLE BOUNCES
+    A message that can get no DSN (a DSN of this spool, or any mail with the null
+    sender: another MTA's bounce) and fails for good is never dropped.  With
+    spool.undeliverable_bounces = "quarantine" (the default) it moves to
+    <spool>/quarantine/<id> with a record of why; set to an address (the platform's
+    postmaster) it is sent there as a new message, an X-Mailfc-Undeliverable: header in
+    front saying why, and goes to the quarantine only if that fails too.  A warning is
+    logged either way.  `mailfc queue quarantine` lists them, `... release ID` queues one
+    again (after the cause is fixed), `... delete ID` removes it.
+
+MEMORY
+    A message is copied into the spool file in 64 KiB chunks and sent on from that
+    file (FileSlice), so a 40 MB message costs a chunk of memory, not 40 MB.  Only
+    small messages (at most 64 KiB each, 8 MiB in all) stay cached in memory from the
+    commit to their delivery, which saves a read for most mail.  A DSN carries at most
+    the first 64 KiB of the original (its header block).
+
+EXACTLY ONCE IN THE SCHEDULE
+    A message is in `entries` once, and each of its domains in a ready queue or in
+    flight at most once.  The scan that finds messages of other processes skips what a
+    put of this process is committing (checked when it adds, not only when it began:
+    a put may rename its file while the scan reads) and what was finished or deleted
+    while it read (the file it read may be gone).
+
 OWNERSHIP
     Several processes may accept into one spool directory (a resident service being
     cycled); exactly one, the holder of the lock file, delivers.  The others only commit
@@ -49,6 +73,7 @@ from mailfc.gateways.spool.store import (
     domain_of,
     new_queue_id,
 )
+from mailfc.messages import BytesSource, FileSlice, Prefixed, Source, as_source, head_of
 from mailfc.protocols.lmtp import Reply
 
 T = TypeVar("T")
@@ -56,23 +81,34 @@ DISK_THREADS = 32
 
 log = logging.getLogger("mailfc.gateways.spool")
 
-# deliver(envelope, recipients of one domain, message) -> a Reply per recipient.
-Deliver = Callable[[Envelope, list[str], bytes], Awaitable[dict[str, Reply]]]
+# deliver(envelope, recipients of one domain, message) -> a Reply per recipient.  The
+# message is a Source: read it in chunks (a FileSlice of the spool file, or the cached
+# bytes of a small message), as often as needed for one delivery.
+Deliver = Callable[[Envelope, list[str], Source], Awaitable[dict[str, Reply]]]
 
-MAX_CACHED_BYTES = 64 << 20
+# Messages up to MAX_CACHED_MESSAGE bytes stay in memory until delivered, as long as
+# all of them together stay within MAX_CACHED_BYTES; the rest is read from the file.
+MAX_CACHED_MESSAGE = 64 << 10
+MAX_CACHED_BYTES = 8 << 20
 
 
 @dataclass
 class Entry:
     envelope: Envelope
+    file: FileSlice                    # the message in queue/<id>
     pending: dict[str, list[str]]
     final: dict[str, tuple[int, str]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     last_error: dict[str, str] = field(default_factory=dict)
-    message: bytes | None = None
+    message: bytes | None = None       # cached (small messages only)
     timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    # Domains in a ready queue or being delivered: never twice at once.
+    scheduled: set[str] = field(default_factory=set)
     deleted: bool = False
     finishing: bool = False
+
+    def source(self) -> Source:
+        return BytesSource(self.message) if self.message is not None else self.file
 
 
 @dataclass
@@ -96,6 +132,8 @@ class Spool:
         self._lock_fd: int | None = None
         self._slots = asyncio.Semaphore(settings.max_deliveries)
         self._committing: set[str] = set()
+        # Ids finished or deleted while a scan reads queue/ (None: no scan running).
+        self._gone_during_scan: set[str] | None = None
         self._running_sync: asyncio.Future[None] | None = None
         self._next_sync: asyncio.Future[None] | None = None
         self._cached = 0
@@ -134,6 +172,7 @@ class Spool:
             for timer in entry.timers.values():
                 timer.cancel()
         self.entries.clear()
+        self._cached = 0
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -181,25 +220,42 @@ class Spool:
         queue = self.queues.get(domain)
         return queue.queued if queue is not None else 0
 
-    async def put(self, sender: str, recipients: list[str], message: bytes, *,
+    async def put(self, sender: str, recipients: list[str], message: bytes | Source, *,
                   mail_options: tuple[str, ...] = (), client_ip: str | None = None,
                   client_name: str | None = None, helo: str | None = None,
                   is_bounce: bool = False, queue_id: str | None = None) -> str:
-        """Make the message durable and queue it; raises SpoolFull.  Returns its queue id."""
-        if not self.has_room(len(message)):
-            raise SpoolFull("free space below spool.min_free_bytes")
+        """Make the message durable and queue it; raises SpoolFull.  Returns its queue id.
+
+        The message is copied into the spool file in chunks (in the spool's threads:
+        a MessageData may be read there, nobody else reads it meanwhile); the caller
+        may close it when put returns."""
+        source = as_source(message)
         envelope = Envelope(queue_id or new_queue_id(), sender, tuple(recipients), time.time(),
-                            mail_options, client_ip, client_name, helo, len(message),
+                            mail_options, client_ip, client_name, helo, source.size,
                             is_bounce)
-        self._committing.add(envelope.queue_id)
+        return await self._commit(envelope, source)
+
+    async def _commit(self, envelope: Envelope, source: Source) -> str:
+        if not self.has_room(envelope.size):
+            raise SpoolFull("free space below spool.min_free_bytes")
+        queue_id = envelope.queue_id
+        keep = MAX_CACHED_MESSAGE if self.owner and self._cached < MAX_CACHED_BYTES else 0
+        self._committing.add(queue_id)
         try:
-            await self._io(self.files.commit, envelope, message)
-            await self._queue_synced()
+            cached = await self._io(self.files.commit, envelope, source, keep)
+            try:
+                await self._queue_synced()
+            except SpoolFull:
+                # The sender is told 452 and sends again: this copy must not go out too.
+                await self._io(self.files.remove, queue_id)
+                raise
             if self.owner and not self._stopping:
-                self._add(envelope, Progress(), message)
+                file = FileSlice(self.files.queue / queue_id, len(envelope.to_json()),
+                                 envelope.size)
+                self._add(envelope, file, Progress(), cached)
         finally:
-            self._committing.discard(envelope.queue_id)
-        return envelope.queue_id
+            self._committing.discard(queue_id)
+        return queue_id
 
     async def _queue_synced(self) -> None:
         """Until queue/ is fsync'd after our rename.  A sync already running may have
@@ -223,7 +279,12 @@ class Spool:
 
     # -- scheduling -------------------------------------------------------------------
 
-    def _add(self, envelope: Envelope, progress: Progress, message: bytes | None) -> None:
+    def _add(self, envelope: Envelope, file: FileSlice, progress: Progress,
+             message: bytes | None) -> bool:
+        """Schedule a committed message; False (and nothing done) if it is known already."""
+        if envelope.queue_id in self.entries:
+            log.error("spool: %s is queued already; not scheduling it twice", envelope.queue_id)
+            return False
         pending: dict[str, list[str]] = {}
         for recipient in envelope.recipients:
             if recipient not in progress.final:
@@ -232,19 +293,23 @@ class Spool:
             message = None
         if message is not None:
             self._cached += len(message)
-        entry = Entry(envelope, pending, dict(progress.final), dict(progress.attempts),
+        entry = Entry(envelope, file, pending, dict(progress.final), dict(progress.attempts),
                       dict(progress.last_error), message)
         self.entries[envelope.queue_id] = entry
         if not pending:
             self._spawn(self._finish(entry))
-            return
+            return True
         for domain in pending:
             self.queues[domain].queued += 1
-            self._make_ready(envelope.queue_id, domain)
+            self._make_ready(entry, domain)
+        return True
 
-    def _make_ready(self, queue_id: str, domain: str) -> None:
+    def _make_ready(self, entry: Entry, domain: str) -> None:
+        if domain in entry.scheduled:
+            return          # already waiting or in flight for this domain
+        entry.scheduled.add(domain)
         queue = self.queues[domain]
-        queue.ready.append(queue_id)
+        queue.ready.append(entry.envelope.queue_id)
         while queue.active < min(self.settings.per_domain_concurrency, len(queue.ready)):
             queue.active += 1
             self._spawn(self._worker(domain))
@@ -260,13 +325,20 @@ class Spool:
             while queue.ready and not self._stopping:
                 queue_id = queue.ready.popleft()
                 entry = self.entries.get(queue_id)
-                if entry is None or entry.deleted or domain not in entry.pending:
+                if entry is None:
+                    continue
+                if entry.deleted or domain not in entry.pending:
+                    entry.scheduled.discard(domain)
                     continue
                 async with self._slots:
                     if self._stopping:
                         queue.ready.appendleft(queue_id)
                         return
-                    await self._deliver(entry, domain)
+                    try:
+                        await self._deliver(entry, domain)
+                    finally:
+                        # Its retry timer (set by _record) may schedule it again.
+                        entry.scheduled.discard(domain)
         finally:
             queue.active -= 1
 
@@ -274,11 +346,8 @@ class Spool:
         recipients = list(entry.pending[domain])
         envelope = entry.envelope
         try:
-            message = entry.message
-            if message is None:
-                message = await self._io(self.files.read_message, envelope.queue_id)
             replies = await asyncio.wait_for(
-                self.deliver_fn(envelope, recipients, message),
+                self.deliver_fn(envelope, recipients, entry.source()),
                 self.settings.delivery_timeout_s)
             if self._hop_failing:
                 log.warning("spool: next hop works again")
@@ -352,7 +421,7 @@ class Spool:
             return
         entry.timers.pop(domain, None)
         if domain in entry.pending:
-            self._make_ready(queue_id, domain)
+            self._make_ready(entry, domain)
 
     async def _finish(self, entry: Entry) -> None:
         if entry.finishing or entry.deleted:
@@ -360,25 +429,55 @@ class Spool:
         entry.finishing = True
         envelope = entry.envelope
         failed = {r: reply for r, reply in entry.final.items() if reply[0] >= 300}
-        if failed and envelope.sender and not envelope.is_bounce:
-            message = entry.message
-            try:
-                if message is None:
-                    message = await self._io(self.files.read_message, envelope.queue_id)
-                report = dsn.bounce(self.hostname, envelope, failed, message)
+        try:
+            if failed and envelope.sender and not envelope.is_bounce:
+                head = await self._io(head_of, entry.source(), dsn.HEAD_LIMIT)
+                report = dsn.bounce(self.hostname, envelope, failed, head)
                 await self.put("", [envelope.sender], report, is_bounce=True)
-            except (SpoolFull, OSError) as error:
-                log.error("spool: cannot queue the bounce for %s, keeping it: %s",
-                          envelope.queue_id, error)
-                entry.finishing = False
-                asyncio.get_running_loop().call_later(
-                    self.settings.retry_base_s, lambda: self._spawn(self._finish(entry)))
+            elif failed and await self._undeliverable(entry, failed):
+                self._forget(entry)       # its file is in the quarantine now
                 return
-        elif failed:
-            log.warning("spool: %s failed for %s; no bounce (null sender or a bounce itself)",
-                        envelope.queue_id, ", ".join(failed))
+        except (SpoolFull, OSError) as error:
+            log.error("spool: cannot hand on the failure of %s (a bounce, the postmaster"
+                      " or the quarantine), keeping it queued: %s", envelope.queue_id, error)
+            entry.finishing = False
+            asyncio.get_running_loop().call_later(
+                self.settings.retry_base_s, lambda: self._spawn(self._finish(entry)))
+            return
         await self._io(self.files.remove, envelope.queue_id)
         self._forget(entry)
+
+    async def _undeliverable(self, entry: Entry, failed: dict[str, tuple[int, str]]) -> bool:
+        """A message that gets no DSN failed for good: to the postmaster or the quarantine,
+        never nowhere.  True: it went to the quarantine (its queue file moved there)."""
+        envelope = entry.envelope
+        what = "bounce" if envelope.is_bounce else "message with the null sender"
+        reason = "; ".join(f"<{rcpt}>: {code} {text}" for rcpt, (code, text) in failed.items())
+        target = self.settings.undeliverable_bounces
+        if target != "quarantine" and not envelope.for_postmaster:
+            header = _one_line(f"queue id {envelope.queue_id} from <{envelope.sender}>"
+                               f" failed: {reason}")
+            source = Prefixed(f"X-Mailfc-Undeliverable: {header}\r\n".encode(),
+                              entry.source())
+            copy = Envelope(new_queue_id(), "", (target,), time.time(),
+                            envelope.mail_options, size=source.size, is_bounce=True,
+                            for_postmaster=True)
+            try:
+                queue_id = await self._commit(copy, source)
+            except (SpoolFull, OSError) as error:
+                log.warning("spool: cannot send the undeliverable %s %s to %s (%s);"
+                            " quarantining it", what, envelope.queue_id, target, error)
+            else:
+                log.warning("spool: %s %s undeliverable (%s); sent to %s as %s",
+                            what, envelope.queue_id, reason, target, queue_id)
+                return False
+        record = {"queue_id": envelope.queue_id, "quarantined_at": time.time(),
+                  "reason": reason,
+                  "failed": {rcpt: [code, text] for rcpt, (code, text) in failed.items()}}
+        await self._io(self.files.quarantine, envelope.queue_id, record)
+        log.warning("spool: %s %s undeliverable (%s); kept in %s: see `mailfc queue"
+                    " quarantine`", what, envelope.queue_id, reason, self.files.quarantine_dir)
+        return True
 
     def _forget(self, entry: Entry) -> None:
         for timer in entry.timers.values():
@@ -386,7 +485,10 @@ class Spool:
         if entry.message is not None:
             self._cached -= len(entry.message)
             entry.message = None
-        self.entries.pop(entry.envelope.queue_id, None)
+        if self.entries.get(entry.envelope.queue_id) is entry:
+            del self.entries[entry.envelope.queue_id]
+            if self._gone_during_scan is not None:
+                self._gone_during_scan.add(entry.envelope.queue_id)
 
     # -- scanning and control -----------------------------------------------------------
 
@@ -411,26 +513,37 @@ class Spool:
         """Load committed messages this process does not know yet (start-up, other writers)."""
         known = set(self.entries) | set(self._committing)
 
-        def read() -> list[tuple[Envelope, Progress]]:
+        def read() -> list[tuple[Envelope, FileSlice, Progress]]:
             found = []
             for queue_id in self.files.queue_ids():
                 if queue_id in known:
                     continue
                 try:
-                    found.append((self.files.read_envelope(queue_id),
-                                  self.files.read_progress(queue_id)))
+                    envelope, file = self.files.read_head(self.files.queue / queue_id)
+                    found.append((envelope, file, self.files.read_progress(queue_id)))
                 except FileNotFoundError:
                     continue      # finished between listing and reading
                 except ValueError as error:
                     log.error("spool: %s is unreadable, leaving it alone: %s", queue_id, error)
             return found
 
+        gone: set[str] = set()
+        self._gone_during_scan = gone
+        try:
+            found = await self._io(read)
+        finally:
+            self._gone_during_scan = None
         loaded = 0
-        for envelope, progress in await self._io(read):
-            if envelope.queue_id in self.entries or self._stopping:
+        for envelope, file, progress in found:
+            queue_id = envelope.queue_id
+            # Known by now: a put of ours renamed it while we read (it adds it itself
+            # once queue/ is synced), or it was delivered and removed meanwhile.
+            if queue_id in self.entries or queue_id in self._committing or queue_id in gone:
                 continue
-            self._add(envelope, progress, None)
-            loaded += 1
+            if self._stopping:
+                break
+            if self._add(envelope, file, progress, None):
+                loaded += 1
         return loaded
 
     async def apply(self, queue_id: str, action: str) -> bool:
@@ -450,7 +563,7 @@ class Spool:
                 for domain, timer in list(entry.timers.items()):
                     timer.cancel()
                     del entry.timers[domain]
-                    self._make_ready(entry.envelope.queue_id, domain)
+                    self._make_ready(entry, domain)
         return bool(targets)
 
     async def wait_idle(self, within: float) -> bool:
@@ -464,5 +577,12 @@ class Spool:
 
 
 def spool_directory(state_dir: Path, configured: str, name: str) -> Path:
-    return Path(configured) if configured else state_dir / "spool" / name
+    """Service `name`'s spool: a directory of its own under spool.directory."""
+    return (Path(configured) if configured else state_dir / "spool") / name
+
+
+def _one_line(text: str, limit: int = 900) -> str:
+    """Header-safe: no line breaks, bounded (RFC 5322 lines stay under 998)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
 

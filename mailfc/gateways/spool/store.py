@@ -2,16 +2,24 @@
 
 LAYOUT (under spool.directory)
     tmp/<id>          a message being written; never delivered, removed at start-up
-    queue/<id>        a committed message: one JSON line (the envelope), then the message
+    queue/<id>        a committed message: one JSON line (the envelope), then the message;
+                      the message is read from the file at the end of that line (FileSlice),
+                      never loaded whole
     queue/<id>.log    its progress, JSON lines appended and fsync'd:
                         {"rcpt": "bob@a.example", "code": 250, "text": "2.0.0 OK"}   final
                         {"domain": "a.example", "attempts": 2, "next": 1700000000.0,
                          "error": "451 4.3.0 ..."}                                  deferred
+    quarantine/<id>   a bounce nobody could take (queue.py UNDELIVERABLE BOUNCES): the
+                      queue file moved here as it was, envelope line and message
+    quarantine/<id>.reason   why, one JSON object: {"queue_id", "quarantined_at",
+                      "reason", "failed": {"rcpt": [code, "text"]}}
     control/<id>.<retry|delete>   requests of `mailfc queue` for the running spool
     lock              flock(2) held by the one process that delivers from this spool
 
 COMMIT
-    write tmp/<id>, fsync it, rename it to queue/<id>, fsync queue/.  Only then is the
+    write tmp/<id> (the envelope line, then the message copied in chunks of 64 KiB from
+    wherever it is: memory, the receiving hop's temporary file, another spool file),
+    fsync it, rename it to queue/<id>, fsync queue/.  Only then is the
     message accepted (SMTP-In answers 250).  A crash before the rename leaves a tmp file
     that start-up removes: the client got no 250 and sends again.  One fsync of queue/
     makes every rename before it durable, so the commits of concurrent sessions share
@@ -31,6 +39,14 @@ EXACTLY ONCE
 DISK FULL
     Any OSError while writing (ENOSPC, EDQUOT, EIO) removes the partial tmp file and
     raises SpoolFull: SMTP-In answers 452 4.3.1 and nothing half-written stays.
+
+QUARANTINE
+    quarantine() writes the reason (fsync'd), renames queue/<id> into quarantine/ and
+    fsyncs it, then drops the log: a crash in between leaves the message in the queue
+    (it fails again and is quarantined again), never nowhere.  release() commits a new
+    queue/<id> (same id, fresh arrival time, only the recipients that failed) like any
+    commit, then removes the quarantined copy; the running spool finds it at its next
+    scan, like a message another process accepted.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from mailfc.errors import TemporaryFailure
+from mailfc.messages import CHUNK, FileSlice, Source
 
 CONTROL_ACTIONS = ("retry", "delete")
 
@@ -68,9 +85,14 @@ class Envelope:
     size: int = 0
     # A DSN made by this spool: it never gets a bounce of its own.
     is_bounce: bool = False
+    # A bounce nobody could take, re-sent to spool.undeliverable_bounces: if this
+    # fails too it goes to the quarantine, not to the postmaster again.
+    for_postmaster: bool = False
 
     def to_json(self) -> bytes:
         values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        if not self.for_postmaster:
+            del values["for_postmaster"]     # files stay readable by an older mailfc
         return json.dumps(values, separators=(",", ":")).encode() + b"\n"
 
     @staticmethod
@@ -106,32 +128,55 @@ class SpoolFiles:
         self.tmp = directory / "tmp"
         self.queue = directory / "queue"
         self.control = directory / "control"
+        self.quarantine_dir = directory / "quarantine"
         self.lock_path = directory / "lock"
 
     def prepare(self) -> None:
-        for path in (self.directory, self.tmp, self.queue, self.control):
+        for path in (self.directory, self.tmp, self.queue, self.control, self.quarantine_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)
 
     # -- writing (blocking: callers run these in a thread) ---------------------------
 
-    def commit(self, envelope: Envelope, message: bytes) -> None:
+    def commit(self, envelope: Envelope, message: Source, keep: int = 0) -> bytes | None:
         """Write, fsync and rename the message into the queue; SpoolFull on any failure.
-        Durable once sync_queue() has run after it."""
+        Durable once sync_queue() has run after it.  Returns the message's bytes when it
+        has at most `keep` of them (the caller caches small messages), else None."""
         tmp = self.tmp / envelope.queue_id
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                _write_all(fd, envelope.to_json())
-                _write_all(fd, message)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            kept = self._write(tmp, envelope, message, keep)
             os.rename(tmp, self.queue / envelope.queue_id)
         except OSError as error:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise SpoolFull(f"cannot store message: {error.strerror or error}") from None
+        return kept
+
+    def _write(self, path: Path, envelope: Envelope, message: Source,
+               keep: int) -> bytes | None:
+        kept: bytearray | None = bytearray() if envelope.size <= keep else None
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # The envelope line goes out with the first chunk: one write for most mail.
+            pending = envelope.to_json()
+            written = 0
+            for data in message.chunks(CHUNK):
+                written += len(data)
+                if kept is not None:
+                    kept += data
+                if pending:
+                    _write_all(fd, pending + data)
+                    pending = b""
+                else:
+                    _write_all(fd, data)
+            if pending:
+                _write_all(fd, pending)
+            if written != envelope.size:
+                raise OSError(f"the message gave {written} of its {envelope.size} bytes")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return bytes(kept) if kept is not None else None
 
     def sync_queue(self) -> None:
         """fsync queue/: every rename into it before this call is durable after it."""
@@ -163,13 +208,20 @@ class SpoolFiles:
         return sorted(name for name in os.listdir(self.queue) if "." not in name)
 
     def read_envelope(self, queue_id: str) -> Envelope:
-        with (self.queue / queue_id).open("rb") as handle:
-            return Envelope.from_json(handle.readline())
+        return self.read_head(self.queue / queue_id)[0]
 
-    def read_message(self, queue_id: str) -> bytes:
-        with (self.queue / queue_id).open("rb") as handle:
-            handle.readline()
-            return handle.read()
+    @staticmethod
+    def read_head(path: Path) -> tuple[Envelope, FileSlice]:
+        """A spool file's envelope, and its message as a slice of the file (not read)."""
+        with path.open("rb") as handle:
+            line = handle.readline()
+            envelope = Envelope.from_json(line)
+            size = os.fstat(handle.fileno()).st_size - len(line)
+        return envelope, FileSlice(path, len(line), size)
+
+    def message(self, queue_id: str) -> FileSlice:
+        """The message of queue/<id>, read from the file when it is sent."""
+        return self.read_head(self.queue / queue_id)[1]
 
     def read_progress(self, queue_id: str) -> Progress:
         progress = Progress()
@@ -202,6 +254,54 @@ class SpoolFiles:
                 path.unlink(missing_ok=True)
         return removed
 
+    # -- quarantine -------------------------------------------------------------------
+
+    def quarantine(self, queue_id: str, record: dict[str, Any]) -> None:
+        """Move queue/<id> into quarantine/ with its reason; OSError leaves it queued."""
+        self.quarantine_dir.mkdir(exist_ok=True)
+        reason = self.quarantine_dir / f"{queue_id}.reason"
+        _write_file(reason, json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        os.rename(self.queue / queue_id, self.quarantine_dir / queue_id)
+        _fsync_dir(self.quarantine_dir)
+        with contextlib.suppress(FileNotFoundError):
+            (self.queue / f"{queue_id}.log").unlink()
+
+    def quarantined_ids(self) -> list[str]:
+        if not self.quarantine_dir.exists():
+            return []
+        return sorted(name for name in os.listdir(self.quarantine_dir) if "." not in name)
+
+    def read_quarantined(self, queue_id: str) -> tuple[Envelope, FileSlice, dict[str, Any]]:
+        """Envelope, message and reason record of quarantine/<id>; FileNotFoundError."""
+        envelope, message = self.read_head(self.quarantine_dir / queue_id)
+        try:
+            reason: dict[str, Any] = json.loads(
+                (self.quarantine_dir / f"{queue_id}.reason").read_bytes())
+        except (FileNotFoundError, ValueError):
+            reason = {}     # a crash before the reason was complete: the message counts
+        return envelope, message, reason
+
+    def release(self, queue_id: str) -> Envelope:
+        """Queue a quarantined message again (same id, arrival now, only the recipients
+        that failed) and remove it from the quarantine.  FileExistsError: it is queued."""
+        if (self.queue / queue_id).exists():
+            raise FileExistsError(queue_id)
+        old, message, reason = self.read_quarantined(queue_id)
+        failed = tuple(r for r in old.recipients if r in reason.get("failed", {}))
+        fields = {**old.__dict__, "recipients": failed or old.recipients,
+                  "received_at": time.time(), "size": message.size}
+        envelope = Envelope(**fields)
+        self.commit(envelope, message)
+        self.sync_queue()
+        self.remove_quarantined(queue_id)
+        return envelope
+
+    def remove_quarantined(self, queue_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.quarantine_dir / queue_id).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.quarantine_dir / f"{queue_id}.reason").unlink()
+
     # -- control requests -------------------------------------------------------------
 
     def request(self, queue_id: str, action: str) -> Path:
@@ -217,6 +317,15 @@ class SpoolFiles:
             if action in CONTROL_ACTIONS:
                 found.append((queue_id, action))
         return found
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
