@@ -58,6 +58,10 @@ SOCKETS: dict[str, str] = {
     "lmtp": f"{DOVECOT_BASE_DIR}/lmtp",
     "imap": f"{DOVECOT_BASE_DIR}/imap-master",
 }
+# Sockets a service needs besides SOCKETS before it is ready: a handed-over IMAP
+# login asks Dovecot's auth-userdb, which its auth process binds a moment after
+# the master's imap-master.
+ALSO_READY: dict[str, tuple[str, ...]] = {"imap": (f"{DOVECOT_BASE_DIR}/auth-userdb",)}
 # What Dovecot 2.3 says after login, set in its config rather than left to
 # its defaults: the dispatcher answers a handed-over LOGIN with it
 # (mailfc.dispatcher), and a client must see the same list both ways.

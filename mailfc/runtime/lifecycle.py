@@ -17,17 +17,20 @@ single start; a caller that is cancelled does not cancel the start for the
 others.  start(domain, service) always starts another instance (scale out,
 bounded by the spec's max_instances).
 
-A start: claim address and slot in the CMDB (row 'starting') -> take a netns
-from the pool -> render /etc and config.json -> address the netns -> runc run
--> the service's unix socket listening (polled in the kernel's socket table of
-the container, see readiness.py) -> row 'running'.  The whole start
-is bounded by settings.start_timeout; on any failure everything made so far is
-removed again, the row is marked stopped with the reason, and the caller gets
-StartFailed (or AddressExhausted / CapacityExhausted / UnknownDomain).
+A start: claim address and slot in the CMDB (row 'starting') -> render /etc
+and config.json -> runc run -> the service's unix socket listening (polled in
+the kernel's socket table of the container, see readiness.py) -> row
+'running'.  In a user namespace (the default) runc gives the container a
+network namespace of its own with only lo; without one (id_base 0) it joins a
+netns taken from the pool, addressed before runc runs (settings.netns_by_path).
+The whole start is bounded by settings.start_timeout; on any failure everything
+made so far is removed again, the row is marked stopped with the reason, and
+the caller gets StartFailed (or AddressExhausted / CapacityExhausted /
+UnknownDomain).
 
 stop(): row 'draining' -> SIGTERM to the container's init -> wait for it to exit
 (drain_timeout, default settings.stop_timeout) -> SIGKILL to every process ->
-runc delete, netns, veth, cgroups, bundle removed -> row 'stopped'.
+runc delete, netns and veth (if any), cgroups, bundle removed -> row 'stopped'.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from mailfc.runtime.backend import Backend
 from mailfc.runtime.bundle import Limits, build_spec, ensure_rootfs, write_spec
 from mailfc.runtime.errors import NotRunning, RuntimeUnavailable, StartFailed
 from mailfc.runtime.images import (
+    ALSO_READY,
     IMAGES,
     SOCKETS,
     Image,
@@ -82,7 +86,7 @@ class Runtime:
     # -- set-up ----------------------------------------------------------------------
 
     async def open(self, *, fill_pool: bool = True) -> None:
-        """Check the host, find its CMDB row, make the bridge and the netns pool."""
+        """Check the host, find its CMDB row, make the bridge and the netns pool (if used)."""
         self.backend.check()
         for image in IMAGES.values():
             check_installed(image)
@@ -193,13 +197,17 @@ class Runtime:
         assert self._host is not None
         domain = spec["domain"]
         endpoint: Endpoint | None = None
+        name: str | None = None
         row: asyncpg.Record | None = None
         log_file = None
         log_offset = 0
         try:
             async with asyncio.timeout(self.settings.start_timeout):
-                endpoint = await self.network.acquire()
-                name = endpoint.name
+                if self.settings.netns_by_path:
+                    endpoint = await self.network.acquire()
+                    name = endpoint.name
+                else:
+                    name = self.network.new_name()
                 self._own_starts.add(name)
                 row = await cmdb.insert_instance(
                     self.db, spec=spec, service=image.record_service, host_row=self._host,
@@ -208,13 +216,15 @@ class Runtime:
                 slot = int(row["slot"])
                 log_file = storage.log_path(self.settings, image, domain, slot)
                 bundle = self._make_bundle(name, image, domain, slot, spec, row["id"])
-                await self.network.configure(endpoint, address)
+                if endpoint is not None:
+                    await self.network.configure(endpoint, address)
                 log_offset = storage.log_size(log_file)
                 pid = await self.backend.run(name, bundle, log_file)
                 self.starts += 1
-                await wait_listen_socket(
-                    pid, SOCKETS[service], time.monotonic() + self.settings.start_timeout,
-                    interval=self.settings.ready_poll_interval)
+                ready_by = time.monotonic() + self.settings.start_timeout
+                for path in (SOCKETS[service], *ALSO_READY.get(service, ())):
+                    await wait_listen_socket(pid, path, ready_by,
+                                             interval=self.settings.ready_poll_interval)
                 ready = await cmdb.mark_running(self.db, row["id"], pid)
         except BaseException as error:
             reason = _describe(error, self.settings.start_timeout)
@@ -227,9 +237,9 @@ class Runtime:
             if endpoint is not None and row is None and not endpoint.address:
                 # Nothing was made with it: the endpoint can serve the next start.
                 self.network.give_back(endpoint)
-            elif endpoint is not None:
+            elif name is not None and (row is not None or endpoint is not None):
                 await asyncio.shield(self._discard(
-                    endpoint.name, endpoint, row["id"] if row else None,
+                    name, endpoint, row["id"] if row else None,
                     f"start failed: {reason}", image.name))
             if not isinstance(error, Exception):
                 raise  # cancelled
@@ -237,8 +247,8 @@ class Runtime:
                 raise  # UnknownDomain, AddressExhausted, CapacityExhausted: already clear
             raise StartFailed(f"{domain} {image.name} did not start: {reason}") from None
         finally:
-            if endpoint is not None:
-                self._own_starts.discard(endpoint.name)
+            if name is not None:
+                self._own_starts.discard(name)
             with contextlib.suppress(RuntimeError):
                 self.network.refill_soon()
         return Instance(
@@ -277,7 +287,9 @@ class Runtime:
                     await self.backend.delete(name, force=True)
                 if endpoint is not None:
                     await self.network.release(endpoint)
-                else:
+                elif self.settings.netns_by_path or self.network.netns_exists(name):
+                    # (the second: a container started without a user namespace
+                    # before the settings changed)
                     await self.network.remove_by_name(name)
                 cgroups.remove(self.cgroup_path(name))
                 storage.remove_bundle(self.settings, name)

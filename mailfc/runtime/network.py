@@ -31,6 +31,11 @@ The pool keeps `netns_pool_size` endpoints ready (lo up, veth in the bridge,
 eth0 up, no address): they do not depend on any domain.  An endpoint's token
 becomes its container's name, so netns, veth, cgroup and bundle of one
 container share one name, and cleanup after a crash is by that name only.
+
+Endpoints serve only containers without a user namespace
+(settings.netns_by_path).  A container in a user namespace gets a network
+namespace of its own from runc, with only lo: no endpoint, no pool, and its
+name comes from new_name().
 """
 
 from __future__ import annotations
@@ -261,6 +266,15 @@ class Network:
             raise
         return endpoint
 
+    def new_name(self) -> str:
+        """A container name for a start without an endpoint (same form as an endpoint's)."""
+        return names_for(self.settings.name_prefix, secrets.token_hex(4))[0]
+
+    @property
+    def pool_size(self) -> int:
+        """How many endpoints the pool keeps ready: none when containers do not join one."""
+        return self.settings.netns_pool_size if self.settings.netns_by_path else 0
+
     async def acquire(self) -> Endpoint:
         """An endpoint from the pool, or a new one when the pool is empty."""
         if self._pool:
@@ -274,7 +288,7 @@ class Network:
 
     def refill_soon(self) -> None:
         """Top the pool up in the background (called after a start, off its path)."""
-        if self.settings.netns_pool_size <= 0:
+        if self.pool_size <= 0:
             return
         if self._refill is None or self._refill.done():
             self._refill = asyncio.get_running_loop().create_task(self._fill())
@@ -283,7 +297,7 @@ class Network:
         await self._fill()
 
     async def _fill(self) -> None:
-        while len(self._pool) < self.settings.netns_pool_size:
+        while len(self._pool) < self.pool_size:
             try:
                 self._pool.append(await self.create())
             except asyncio.CancelledError:

@@ -103,3 +103,9 @@ def cgroup_file(controller: str, settings: RuntimeSettings, name: str, filename:
     root = h.v1[controller] if h.is_v1 else h.unified
     assert root is not None
     return (Path(root) / settings.cgroup_parent.lstrip("/") / name / filename).read_text().strip()
+
+
+def interfaces(pid: int) -> set[str]:
+    """The network interfaces in `pid`'s network namespace (its /proc/<pid>/net/dev)."""
+    lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    return {line.split(":")[0].strip() for line in lines}

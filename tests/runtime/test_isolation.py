@@ -2,13 +2,15 @@
 
 Root inside one domain's container can neither change the shared socket directory
 nor see another domain's mail; a process running as `nobody` on the host reaches
-no container service and no socket of the platform; the seccomp filter refuses
-what the runtime's deny-list names.
+no container service and no socket of the platform; each container has a user
+and a network namespace of its own (only lo: no address on the host's bridge to
+reach); the seccomp filter refuses what the runtime's deny-list names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -20,14 +22,16 @@ import pytest
 from mailfc.runtime import SOCKETS, Runtime, RuntimeSettings
 from mailfc.runtime.images import SOCKET_MOUNT, dovecot_socket
 from mailfc.runtime.instance import Instance
+from mailfc.runtime.network import NETNS_DIR
 from tests.conftest import require, require_binary
+from tests.runtime.conftest import interfaces
 
 pytestmark = pytest.mark.integration
 
 NewDomain = Callable[..., Awaitable[str]]
-# Where Postfix and Dovecot listened before everything moved to unix sockets.
-FORMER_PORTS = (25, 10025, 24, 10024, 143, 10143)
 PROBE = "isolation-probe.sock"
+# ioctl(2) on a namespace file: a descriptor of the user namespace that owns it.
+NS_GET_USERNS = 0xB701
 
 # Run as nobody by the system's python3 (the project's virtualenv may not be
 # readable for nobody); prints what each attempt ended with.
@@ -35,16 +39,6 @@ AS_NOBODY = r"""
 import json, socket, sys
 targets = json.loads(sys.argv[1])
 results = {}
-for address, port in targets["tcp"]:
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    probe.settimeout(3)
-    try:
-        probe.connect((address, port))
-        results[f"{address}:{port}"] = "connected"
-    except OSError as error:
-        results[f"{address}:{port}"] = type(error).__name__
-    finally:
-        probe.close()
 for path in targets["unix"]:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -147,19 +141,18 @@ async def test_nobody_on_the_host_reaches_no_container_and_no_socket(
         unix += [instance.socket(s) for s in ("smtp", "lmtp", "imap") if instance.serves(s)]
         if instance.image == "dovecot":
             unix.append(dovecot_socket(instance.pid, "auth-userdb"))
-    tcp = [(str(i.address), port) for i in running for port in FORMER_PORTS]
     assert str(probe_socket) in unix
 
     process = await asyncio.create_subprocess_exec(
         setpriv, "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
-        python, "-c", AS_NOBODY, json.dumps({"tcp": tcp, "unix": unix}),
+        python, "-c", AS_NOBODY, json.dumps({"unix": unix}),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/")
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     results = json.loads(out)
 
-    for address, port in tcp:
-        assert results[f"{address}:{port}"] == "ConnectionRefusedError", (address, port)
+    # No TCP: a container has no address anywhere but on its own lo
+    # (test_each_container_has_its_own_network_namespace_with_only_lo).
     for path in unix:
         assert results[path] in ("PermissionError", "FileNotFoundError"), (path, results[path])
     # And the containers' sockets do serve root, so the refusals above are no accident.
@@ -187,3 +180,46 @@ async def test_the_seccomp_filter_is_in_force(runtime: Runtime,
         # What the services need still works under the filter.
         code, out = await inside(runtime, instance, "echo fine > /tmp/probe && cat /tmp/probe")
         assert code == 0 and "fine" in out, out
+
+
+def _namespace(pid: int | str, kind: str) -> int:
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+
+
+def _owner_of_netns(pid: int) -> int:
+    """The inode of the user namespace that owns `pid`'s network namespace."""
+    with open(f"/proc/{pid}/ns/net") as netns:
+        owner = fcntl.ioctl(netns.fileno(), NS_GET_USERNS)
+    try:
+        return os.fstat(owner).st_ino
+    finally:
+        os.close(owner)
+
+
+async def test_each_container_has_its_own_network_namespace_with_only_lo(
+        runtime: Runtime, settings: RuntimeSettings, new_domain: NewDomain) -> None:
+    domain_a, domain_b = await new_domain(), await new_domain()
+    running = [await runtime.ensure(domain_a, "smtp"), await runtime.ensure(domain_a, "imap"),
+               await runtime.ensure(domain_b, "imap")]
+    host_net, host_user = _namespace("self", "net"), _namespace("self", "user")
+    seen_net, seen_user = set(), set()
+    for instance in running:
+        pid = instance.pid
+        assert pid is not None
+        net, user = _namespace(pid, "net"), _namespace(pid, "user")
+        assert net != host_net and user != host_user
+        # Made by runc inside the container's own user namespace, not one the
+        # host made beforehand (which the host's user namespace would own).
+        assert _owner_of_netns(pid) == user, f"{instance.name}'s netns is not its own"
+        seen_net.add(net)
+        seen_user.add(user)
+        assert interfaces(pid) == {"lo"}, (instance.name, interfaces(pid))
+        code, out = await inside(runtime, instance, "cat /proc/net/dev")
+        assert code == 0 and "lo:" in out and "eth0" not in out, out
+        # Nothing of the runtime's own for it: no named netns, no veth on the bridge.
+        assert not (NETNS_DIR / instance.name).exists()
+        veth = f"v{settings.name_prefix[:6]}{instance.name.rpartition('-')[2]}"
+        assert veth not in await runtime.network.list_veths()
+    assert len(seen_net) == len(running), "two containers share a network namespace"
+    assert len(seen_user) == len(running), "two containers share a user namespace"
+    assert runtime.network.pooled() == [], "endpoints made for containers that never join one"

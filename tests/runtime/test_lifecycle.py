@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from mailfc.runtime import Runtime, RuntimeSettings, UnknownDomain
 from mailfc.runtime.network import NETNS_DIR
 from mailfc.runtime.readiness import read_banner
 from tests.conftest import UnixSMTP, handed_over_imap
-from tests.runtime.conftest import cgroup_file
+from tests.runtime.conftest import cgroup_file, interfaces, remove_test_network
 
 pytestmark = pytest.mark.integration
 
@@ -143,14 +144,17 @@ async def test_a_container_sees_only_its_own_domain(runtime: Runtime, settings: 
     assert b.name != a.name
 
 
-async def test_stop_removes_netns_veth_cgroup_and_bundle(
+async def test_stop_removes_cgroup_and_bundle(
         runtime: Runtime, settings: RuntimeSettings, new_domain: NewDomain) -> None:
     domain = await new_domain()
     instance = await runtime.ensure(domain, "imap")
     name = instance.name
     veth = f"v{settings.name_prefix[:6]}{name.rpartition('-')[2]}"
-    assert (NETNS_DIR / name).exists()
-    assert veth in await runtime.network.list_veths()
+    # In its user namespace the container's network namespace is runc's own: the
+    # runtime made none and no veth for it (test_isolation checks what it has).
+    assert settings.id_base and not settings.netns_by_path
+    assert not (NETNS_DIR / name).exists()
+    assert veth not in await runtime.network.list_veths()
     assert (settings.bundles_dir / name / "config.json").exists()
     assert cgroup_file("memory", settings, name, "memory.limit_in_bytes")
 
@@ -166,6 +170,43 @@ async def test_stop_removes_netns_veth_cgroup_and_bundle(
         "SELECT state, stop_reason FROM container_instances WHERE name = $1", name)
     assert row is not None and row["state"] == "stopped" and row["stop_reason"] == "stopped"
     assert await runtime.instances(domain) == []
+
+
+async def test_without_a_user_namespace_a_container_joins_a_pooled_netns(
+        settings: RuntimeSettings, cmdb: asyncpg.Pool, new_domain: NewDomain) -> None:
+    """id_base 0: containers join an endpoint of the pool (netns with lo and eth0,
+    a veth on the bridge), each its own, removed when the container stops."""
+    legacy = Runtime(settings.replace(id_base=0), cmdb)
+    await legacy.open()
+    await legacy.recover()
+    try:
+        assert legacy.settings.netns_by_path and len(legacy.network.pooled()) == 2
+        pooled = set(legacy.network.pooled())
+        a = await legacy.ensure(await new_domain(), "smtp")
+        b = await legacy.ensure(await new_domain(), "imap")
+        assert {a.name, b.name} <= pooled, "the starts did not take the pool's endpoints"
+        inodes = set()
+        for instance in (a, b):
+            assert instance.pid is not None
+            netns = os.stat(f"/proc/{instance.pid}/ns/net").st_ino
+            assert netns == (NETNS_DIR / instance.name).stat().st_ino
+            assert netns != os.stat("/proc/self/ns/net").st_ino
+            inodes.add(netns)
+            assert interfaces(instance.pid) == {"lo", "eth0"}
+            service = "lmtp" if instance.image == "dovecot" else "smtp"
+            assert (await read_banner(instance.socket(service))).startswith(b"220 ")
+        assert len(inodes) == 2, "two containers share a network namespace"
+        for instance in (a, b):
+            veth = f"v{settings.name_prefix[:6]}{instance.name.rpartition('-')[2]}"
+            await legacy.stop(instance, drain_timeout=3.0)
+            assert not (NETNS_DIR / instance.name).exists()
+            assert veth not in await legacy.network.list_veths()
+    finally:
+        for instance in await legacy.instances():
+            await legacy.stop(instance, drain_timeout=1.0, reason="test over")
+        await legacy.recover()
+        await legacy.close()
+        await remove_test_network(settings)
 
 
 async def test_twenty_concurrent_ensures_start_one_container(
