@@ -264,8 +264,18 @@ class LmtpClient:
         """After 354: the message chunk by chunk (waiting for the peer to take each,
         so memory stays bounded), then one reply per accepted recipient."""
         self.data_sent = True
+        # Pieces go out together up to CHUNK: a small message and its final dot are
+        # one write (one read for the server), not two.
+        pending: list[bytes] = []
+        pending_size = 0
         for data in dot_stuffed(message):
-            self.writer.write(data)
+            pending.append(data)
+            pending_size += len(data)
+            if pending_size < CHUNK:
+                continue
+            self.writer.write(b"".join(pending))
+            pending.clear()
+            pending_size = 0
             if self.writer.transport.get_write_buffer_size() > CHUNK:
                 try:
                     async with asyncio.timeout(self.timeout):
@@ -274,6 +284,7 @@ class LmtpClient:
                     raise LmtpError(f"connection lost: {error}") from None
                 except TimeoutError:
                     raise LmtpError(f"message not taken within {self.timeout:.0f}s") from None
+        self.writer.write(b"".join(pending))
         for recipient in accepted:
             results[recipient] = await self._reply("DATA")
         return results
