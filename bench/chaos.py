@@ -235,14 +235,19 @@ HEADER = ("  target         in  out  deliv  lost  dups unack'd  never  tries   b
 
 # -- faults ----------------------------------------------------------------------------------
 
+async def target_pid(target: str, up: Up, settings: Config, pool: object) -> int | None:
+    """The pid of a fault target now: a container's init, the postmaster, or a
+    process of `mailfc up`."""
+    if target in CONTAINERS:
+        return await container_pid(pool, DOMAIN, CONTAINERS[target])
+    if target == POSTGRES:
+        return postmaster_pid(settings)
+    return up.processes().get(target)
+
+
 async def kill(target: str, up: Up, settings: Config, pool: object) -> tuple[float, int]:
     """SIGKILL the target; (time of the kill, pid killed)."""
-    if target in CONTAINERS:
-        pid = await container_pid(pool, DOMAIN, CONTAINERS[target])
-    elif target == POSTGRES:
-        pid = postmaster_pid(settings)
-    else:
-        pid = up.processes().get(target)
+    pid = await target_pid(target, up, settings, pool)
     if pid is None:
         raise LookupError(f"no running {target} to kill")
     os.kill(pid, signal.SIGKILL)
@@ -256,12 +261,8 @@ async def back(target: str, old: int, up: Up, settings: Config, pool: object,
     ready_before = sum(1 for line in up.log_tail(10**7).splitlines()
                        if line.startswith(f"[{target}] ") and "mailfc is up" in line)
     while time.monotonic() < deadline:
-        if target in CONTAINERS:
-            pid = await container_pid(pool, DOMAIN, CONTAINERS[target])
-        elif target == POSTGRES:
-            pid = postmaster_pid(settings)
-        else:
-            pid = up.processes().get(target)
+        pid = await target_pid(target, up, settings, pool)
+        if target not in CONTAINERS and target != POSTGRES:
             ready = sum(1 for line in up.log_tail(10**7).splitlines()
                         if line.startswith(f"[{target}] ") and "mailfc is up" in line)
             if ready <= ready_before:

@@ -11,9 +11,7 @@ WHY
     retry with the recorded reply.
 
 USE
-    journal = DeliveredJournal(config.journal_dir, "lmtp-router",
-                               keep_s=config.journal.keep_s,
-                               max_entries=config.journal.max_entries)
+    journal = DeliveredJournal.of(config, "lmtp-router")
     await asyncio.to_thread(journal.open)      # what earlier processes recorded
     answered, todo = await journal.claim(ident, recipients)
     ...                                        # deliver to todo only
@@ -88,6 +86,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from mailfc.config import Config
 from mailfc.protocols.lmtp import Reply, xtext, xtext_decode
 
 log = logging.getLogger("mailfc.gateways.journal")
@@ -130,6 +129,12 @@ class _Generation:
 
 
 class DeliveredJournal:
+    @staticmethod
+    def of(config: Config, service: str) -> DeliveredJournal:
+        """`service`'s journal as [journal] configures it, under Config.journal_dir."""
+        return DeliveredJournal(config.journal_dir, service, keep_s=config.journal.keep_s,
+                                max_entries=config.journal.max_entries)
+
     def __init__(self, directory: Path, service: str, *, keep_s: float, max_entries: int,
                  clock: Callable[[], float] = time.time) -> None:
         self.directory = Path(directory)

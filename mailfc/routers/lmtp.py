@@ -182,9 +182,7 @@ class LmtpRouter:
         self.directory = directory
         self._limits = PerKeyLimit(config.lmtp_router.per_domain_concurrency)
         self._sessions: dict[str, DomainSessions] = collections.defaultdict(DomainSessions)
-        self.journal = DeliveredJournal(config.journal_dir, self.name,
-                                        keep_s=config.journal.keep_s,
-                                        max_entries=config.journal.max_entries)
+        self.journal = DeliveredJournal.of(config, self.name)
         self.lmtp = LmtpServer(LmtpRouterHandler(self), hostname=config.host_name,
                                ident="mailfc LMTP router",
                                data_size_limit=config.hop_size_limit,

@@ -145,9 +145,7 @@ class SmtpOutService:
                                helo=config.host_name,
                                timeout=config.lmtp_router.delivery_timeout_s
                                + config.runtime.start_timeout_s)
-        self.journal = DeliveredJournal(config.journal_dir, self.name,
-                                        keep_s=config.journal.keep_s,
-                                        max_entries=config.journal.max_entries)
+        self.journal = DeliveredJournal.of(config, self.name)
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory,
                                            "smtp-out"),
                            self._deliver, config.spool, hostname=config.host_name)
