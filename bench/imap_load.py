@@ -18,7 +18,7 @@ READ_TIMEOUT_S = 30.0
 
 async def command_rate(host: str, port: int, user: str, password: str,
                        commands: Sequence[bytes], clients: int, seconds: float,
-                       dovecot_pid: int = 0) -> float:
+                       dovecot_pid: int = 0, over_tcp: bool = False) -> float:
     """Commands/s of `clients` sessions that log in, SELECT INBOX, then send
     `commands` in turn for `seconds`; a refused command or a session left without
     an answer for READ_TIMEOUT_S ends the run with an error naming it."""
@@ -27,8 +27,8 @@ async def command_rate(host: str, port: int, user: str, password: str,
 
     async def client(index: int) -> None:
         if dovecot_pid:
-            reader, writer = await asyncio.open_unix_connection(
-                sock=await handed_over(dovecot_pid, user))
+            reader, writer = await asyncio.open_connection(
+                sock=await handed_over(dovecot_pid, user, over_tcp=over_tcp))
         else:
             reader, writer = await asyncio.open_connection(host, port)
 

@@ -54,7 +54,13 @@ import aiosmtplib
 import asyncpg
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.platform import handed_over, in_own_process, scratch_state, start_up
+from bench.platform import (
+    LOOPBACK_UNCAPPED,
+    handed_over,
+    in_own_process,
+    scratch_state,
+    start_up,
+)
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains, limits
 from mailfc.passwords import hash_password
@@ -168,6 +174,7 @@ def config(state_dir: Path) -> Config:
         "submission": {"auth_failure_delay_s": 0.1},
         "smtp_out": {"routes": [f"*=127.0.0.1:{MX_PORT}"]},
         "spool": {"retry_base_s": 1.0, "retry_max_s": 2.0, "scan_interval_s": 0.2},
+        **LOOPBACK_UNCAPPED,
     }, "noisy neighbor bench")
 
 

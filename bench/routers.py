@@ -13,7 +13,10 @@ prints:
 2. IMAP commands/s through router + dispatcher divided by commands/s straight
    to the domain's Dovecot (sessions the bench hands over through imap-master
    itself, as the dispatcher does: Dovecot takes no password login), same
-   load, same run (target: at least 0.9);
+   load, same run (target: at least 0.9).  The direct sessions are loopback
+   TCP connections, as a client's is: a routed session is one too once the
+   router has handed it over.  A unix socket pair, cheaper per round trip
+   than any client's connection, is measured for reference;
 3. LMTP messages/s through the LMTP Router divided by direct LMTP to the
    domain's container on its unix socket (target: at least 0.9).
 Each ratio is the median of --load-rounds pairs of runs, direct then routed.
@@ -33,7 +36,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.imap_load import command_rate
-from bench.platform import in_own_process, scratch_state, start_up, whole_machine_cpu
+from bench.platform import (
+    LOOPBACK_UNCAPPED,
+    in_own_process,
+    scratch_state,
+    start_up,
+    whole_machine_cpu,
+)
 from mailfc import eventloop
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains
@@ -67,6 +76,7 @@ def bench_config(state_dir: Path) -> Config:
         # Plain IMAP on both paths, so the ratio measures routing, not TLS.
         "imap_router": {"allow_plaintext_auth": True},
         "runtime": {"name_prefix": "mfcb"},
+        **LOOPBACK_UNCAPPED,
     }, "bench")
 
 
@@ -93,12 +103,13 @@ IMAP_COMMANDS = (b"NOOP", b"STATUS INBOX (MESSAGES UNSEEN)", b"FETCH 1:5 (FLAGS 
 
 async def lmtp_load(host: str, port: int, clients: int, seconds: float,
                     prefix: bytes, path: str = "") -> float:
-    """Messages/s delivered at host:port, or at the unix socket `path`."""
+    """Messages/s delivered at host:port, or at the unix socket `path`; each client
+    sends at least one message, however short `seconds`."""
     deadline = time.monotonic() + seconds
     counts = [0] * clients
 
     async def client(index: int) -> None:
-        while time.monotonic() < deadline:
+        while not counts[index] or time.monotonic() < deadline:
             reader, writer = await (asyncio.open_unix_connection(path) if path else
                                     asyncio.open_connection(host, port))
             lmtp = LmtpClient(reader, writer, 30)
@@ -116,14 +127,24 @@ async def lmtp_load(host: str, port: int, clients: int, seconds: float,
 
 
 async def compare(direct: Callable[[], Awaitable[float]], routed: Callable[[], Awaitable[float]],
-                  label: str, rounds: int) -> None:
-    """Direct and routed loads alternate, so drift on the machine hits both alike."""
-    pairs = [(await direct(), await routed()) for _ in range(rounds)]
+                  label: str, rounds: int,
+                  also: tuple[str, Callable[[], Awaitable[float]]] | None = None) -> None:
+    """Direct and routed loads alternate, so drift on the machine hits both alike.
+    `also`: a further load run in each round, printed against the direct one."""
+    pairs: list[tuple[float, float]] = []
+    extra: list[float] = []
+    for _ in range(rounds):
+        if also is not None:
+            extra.append(await also[1]())
+        pairs.append((await direct(), await routed()))
     ratios = [r / d for d, r in pairs]
     print(f"  direct to Dovecot {statistics.median(d for d, _ in pairs):8.1f}/s   {label} "
           f"{statistics.median(r for _, r in pairs):8.1f}/s")
     print(f"  ratio median {statistics.median(ratios):.2f} (rounds: "
           f"{', '.join(f'{r:.2f}' for r in ratios)}; target >= 0.9)")
+    if also is not None:
+        against = statistics.median(e / d for e, (d, _) in zip(extra, pairs, strict=True))
+        print(f"  {also[0]} {statistics.median(extra):8.1f}/s, {against:.2f} x direct")
 
 
 async def timed(action: Callable[[], Awaitable[object]]) -> float:
@@ -181,11 +202,13 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
             " ON d.id = c.domain_id WHERE d.name = $1 AND c.state = 'running'", DOMAIN)
         lmtp_socket = container_socket(pid, "lmtp")
         for n in range(5):
-            await lmtp_load("", 0, 1, 0.0001, b"X-Seed: %d\r\n" % n, lmtp_socket)
+            await lmtp_load("", 0, 1, 0.0, b"X-Seed: %d\r\n" % n, lmtp_socket)
 
-        async def imap_rate(host: str, port: int, dovecot_pid: int = 0) -> float:
+        async def imap_rate(host: str, port: int, dovecot_pid: int = 0,
+                            over_tcp: bool = True) -> float:
             return await in_own_process(command_rate, host, port, USER, PASSWORD,
-                                        IMAP_COMMANDS, args.clients, args.seconds, dovecot_pid)
+                                        IMAP_COMMANDS, args.clients, args.seconds, dovecot_pid,
+                                        over_tcp)
 
         async def lmtp_rate(host: str, port: int, path: str = "") -> float:
             return await in_own_process(lmtp_load, host, port, args.clients, args.seconds, b"",
@@ -195,7 +218,9 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
               f"{args.load_rounds} rounds")
         await compare(lambda: imap_rate("", 0, pid),
                       lambda: imap_rate("127.0.0.1", ROUTER_IMAP),
-                      "through router+dispatcher", args.load_rounds)
+                      "through router+dispatcher", args.load_rounds,
+                      also=("(for reference) handed over on a unix socket pair",
+                            lambda: imap_rate("", 0, pid, over_tcp=False)))
         print(f"LMTP messages/s, {args.clients} sessions, one message per session, "
               f"{args.load_rounds} rounds")
         await compare(lambda: lmtp_rate("", 0, lmtp_socket),

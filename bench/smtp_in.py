@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.platform import start_up, whole_machine_cpu
+from bench.platform import LOOPBACK_UNCAPPED, start_up, whole_machine_cpu
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains
 from mailfc.db.pool import embedded_cluster
@@ -62,6 +62,7 @@ def config_data(state_dir: Path) -> dict[str, dict[str, object]]:
         # The same concurrency towards the domain's Dovecot as the reference Postfix
         # (lmtp_destination_concurrency_limit = 8 below).
         "spool": {"per_domain_concurrency": 8},
+        **LOOPBACK_UNCAPPED,
     }
 
 

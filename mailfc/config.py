@@ -215,11 +215,29 @@ class LoginSection(Section):
 
     # Every failed login is answered only after this delay.
     auth_failure_delay_s: float = 1.0
-    # Failed logins allowed per client IP and per account within the window,
-    # after which logins are refused without checking the password.
-    max_failures_per_ip: int = 10
-    max_failures_per_account: int = 5
-    failure_window_s: int = 300
+    # Login abuse (mailfc.routers.throttle; docs/security.md, "Login abuse").
+    # Failures are counted within failure_window_s per client address, per
+    # (address, account) and per account, under the account's canonical name.
+    # An address past max_failures_per_ip, or an address past
+    # max_failures_per_pair for one account, is refused without the password
+    # being checked, whoever else logs in.
+    max_failures_per_ip: PositiveInt = 20
+    max_failures_per_pair: PositiveInt = 5
+    failure_window_s: PositiveInt = 300
+    # The account's own count never refuses anyone: from account_delay_after
+    # failures on, a failure waits account_delay_s more, doubling with each
+    # further failure up to account_delay_max_s (an address with failures of its
+    # own waits before its password is checked).  A right password from an
+    # address without recent failures always logs in at once.
+    account_delay_after: PositiveInt = 5
+    account_delay_s: float = 0.5
+    account_delay_max_s: float = 8.0
+    # Password spraying: an address failing for this many distinct accounts
+    # within the window is banned (table bans, `mailfc ban list`) for
+    # spray_ban_s; every router reads the bans again every ban_refresh_s.
+    spray_accounts: PositiveInt = 10
+    spray_ban_s: PositiveInt = 3600
+    ban_refresh_s: float = 5.0
     # Before login a client must finish within this time.
     login_timeout_s: float = 60.0
 
@@ -377,6 +395,58 @@ class SmtpInSection(Section):
     max_queued_per_domain: int = 20_000
     # Replace the listener after this long (0: never); see gateways/listener.py.
     cycle_after_s: float = 0.0
+    # Errors (any 4xx/5xx reply, unknown recipients included) as Postfix's smtpd
+    # counts them: past soft_error_limit every reply waits error_sleep_s; at
+    # hard_error_limit 421 and close; more than junk_command_limit NOOP/RSET/VRFY/
+    # HELO count as errors (0: no limit).  See protocols/smtp_server.py, ERRORS.
+    soft_error_limit: PositiveInt = 10
+    hard_error_limit: PositiveInt = 20
+    error_sleep_s: float = 1.0
+    junk_command_limit: int = 100
+
+
+class ConnectionLimitsSection(Section):
+    """Per-client connection limits of one public service (mailfc.anvil, named after
+    Postfix's anvil): [smtp_in_connections], [imap_router_connections],
+    [submission_connections].  A client is an address (IPv6: its /64); 0: no limit."""
+
+    # Connections one client may hold open at once (smtpd_client_connection_count_limit).
+    max_per_client: int = 50
+    # Connections one client may open per rate_window_s (Postfix: off by default).
+    max_rate_per_client: int = 100
+    rate_window_s: float = 60.0
+    # Networks never limited ("192.0.2.0/24", "2001:db8::/48"): none by default.
+    exempt_networks: list[str] = []
+
+    @field_validator("max_per_client", "max_rate_per_client")
+    @classmethod
+    def _is_count(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("expected a number of connections >= 0 (0: no limit)")
+        return value
+
+    @field_validator("rate_window_s")
+    @classmethod
+    def _is_window(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("expected seconds > 0")
+        return value
+
+    @field_validator("exempt_networks")
+    @classmethod
+    def _are_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r}: expected an address or network such as"
+                                 " \"192.0.2.0/24\"") from None
+        return value
+
+
+class ImapConnectionLimitsSection(ConnectionLimitsSection):
+    # Mail clients hold several connections each (one per watched folder).
+    max_per_client: int = 100
 
 
 class SpoolSection(Section):
@@ -605,6 +675,9 @@ class Config(Section):
     recorder: RecorderSection = RecorderSection()
     hooks: HooksSection = HooksSection()
     smtp_in: SmtpInSection = SmtpInSection()
+    smtp_in_connections: ConnectionLimitsSection = ConnectionLimitsSection()
+    imap_router_connections: ImapConnectionLimitsSection = ImapConnectionLimitsSection()
+    submission_connections: ConnectionLimitsSection = ConnectionLimitsSection()
     spool: SpoolSection = SpoolSection()
     filter_in: FilterSection = FilterSection()
     filter_out: FilterSection = FilterSection()

@@ -11,6 +11,8 @@ scheme, naming the ones accepted.
 
 from __future__ import annotations
 
+import secrets
+
 import argon2
 import bcrypt
 
@@ -52,6 +54,22 @@ def check_hash(stored: str) -> str:
         if not value.startswith(prefix):
             raise InvalidInput(f"malformed {{{scheme}}} hash: expected {prefix}...")
     return stored
+
+
+_dummy_hash: str | None = None
+
+
+def verify_dummy(password: str) -> bool:
+    """Spend what checking `password` against a real Argon2id hash costs, and fail.
+
+    For a login naming no account (or a suspended one): answered sooner than a
+    wrong password for a real account, it would tell a prober which accounts
+    exist.  The hash is made on first use with the same parameters as new ones."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = hash_password(secrets.token_urlsafe(24))
+    verify_password(_dummy_hash, password)
+    return False
 
 
 def verify_password(stored: str, password: str) -> bool:

@@ -117,12 +117,31 @@ async def _report(db: asyncpg.Connection, address: str, span: TimeRange,
         "   END AS used_now"
         " FROM mailfc_applicable_limits($1, $2) l ORDER BY l.kind, l.scope", domain, account)]
     hits = [_plain(r) for r in await db.fetch(
-        "SELECT e.rule, e.mode, e.verdict, count(*) AS times, min(e.at) AS first_at,"
+        # SMTP: the recorded decisions, a transaction once per rule (a shadow limit is
+        # reported at MAIL and again at the end of the message).  IMAP: the sessions
+        # and commands a limit or block refused, or a shadow limit would have.
+        "SELECT * FROM ("
+        " SELECT e.rule, e.mode, e.verdict,"
+        "   count(DISTINCT coalesce(e.message_id, -e.id)) AS times, min(e.at) AS first_at,"
         "   max(e.at) AS last_at, (array_agg(e.reason ORDER BY e.at DESC))[1] AS last_reason"
         " FROM smtp_events e JOIN smtp_sessions s ON s.id = e.session_id"
         " WHERE s.account = $1 AND s.started_at >= $4 AND s.started_at < $3"
         "   AND e.at >= $2 AND e.at < $3 AND e.rule IS NOT NULL"
-        " GROUP BY 1, 2, 3 ORDER BY times DESC", *args, span.start - SESSION_SLACK)]
+        " GROUP BY 1, 2, 3"
+        " UNION ALL"
+        " SELECT 'imap:' || lower(name), CASE WHEN verdict = 'accept' THEN 'shadow'"
+        "   ELSE 'enforce' END, verdict, count(*), min(started_at), max(started_at),"
+        "   (array_agg(reason ORDER BY started_at DESC))[1]"
+        " FROM imap_commands WHERE account = $1 AND started_at >= $2 AND started_at < $3"
+        "   AND (verdict IN ('tempfail', 'reject') OR reason LIKE 'shadow:%')"
+        " GROUP BY 1, 2, 3"
+        " UNION ALL"
+        " SELECT 'imap:login', CASE WHEN verdict = 'accept' THEN 'shadow' ELSE 'enforce'"
+        "   END, verdict, count(*), min(started_at), max(started_at),"
+        "   (array_agg(reason ORDER BY started_at DESC))[1]"
+        " FROM imap_sessions WHERE account = $1 AND started_at >= $2 AND started_at < $3"
+        "   AND (verdict IN ('tempfail', 'reject') OR reason LIKE 'shadow:%')"
+        " GROUP BY 1, 2, 3) h ORDER BY times DESC, rule", *args, span.start - SESSION_SLACK)]
     ip_values = [r["ip"] for r in ips]
     admin = await blocks.events(db, [account, domain, *ip_values], span.start, span.end)
     return {"account": account, "domain": domain, "state": state or "removed",

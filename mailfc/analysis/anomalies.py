@@ -53,6 +53,9 @@ from mailfc.analysis.timerange import now
 from mailfc.durations import format_duration
 from mailfc.errors import InvalidInput
 
+# The least bound a ratio rule (refusals, bounces) is measured against: 0.1 %.
+RATIO_FLOOR = 0.001
+
 
 @dataclass(frozen=True)
 class Options:
@@ -225,7 +228,7 @@ async def _volume_rules(db: asyncpg.Connection, options: Options, frame: Frame
             bound = max(options.refusal_ratio, 3 * usual)
             if ratio >= bound:
                 found.append(Finding(
-                    "account", account, "refusals", 1 + severity(ratio, bound) * 2,
+                    "account", account, "refusals", 1 + severity(ratio, bound, RATIO_FLOOR) * 2,
                     f"{refused} of {tried} messages refused in the last {frame.span}"
                     f" ({ratio:.0%}; usually {usual:.0%})",
                     {"refused": refused, "tried": tried, "usual_ratio": round(usual, 3)}))
@@ -349,7 +352,8 @@ async def _bounces(db: asyncpg.Connection, options: Options, frame: Frame) -> li
         if ratio < options.bounce_ratio:
             continue
         found.append(Finding(
-            "account", row["account"], "bounces", 1 + severity(ratio, options.bounce_ratio),
+            "account", row["account"], "bounces",
+            1 + severity(ratio, options.bounce_ratio, RATIO_FLOOR),
             f"{row['bounces']} bounces came back for {sent} messages sent in the last"
             f" {frame.span} ({ratio:.0%})",
             {"bounces": row["bounces"], "sent": sent}))

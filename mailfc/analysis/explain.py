@@ -141,12 +141,28 @@ def _when(moment: datetime.datetime | None) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+# Hops that record a message again on its way (smtp_messages.hop): no client speaks
+# to them, so "unauthenticated client" would be wrong: the client spoke to the hop before.
+HOPS = {"filter-out": "Filter-Out, the outbound check of mail the domain's Postfix sends on"}
+
+
 def _session_line(session: dict[str, Any]) -> str:
+    hop = HOPS.get(session.get("component") or "")
+    if hop is not None:
+        return (f"SMTP session {session['id']} ({session['component']}): {hop}, for a"
+                f" message its client sent from"
+                f" {session['client_ip'] or 'an address not passed on'},"
+                f" {_when(session['started_at'])}: ended"
+                f" {OUTCOMES.get(session['verdict'] or '', 'without a verdict').split(':')[0]}.")
     who = f"account {session['account']}" if session.get("account") else "an unauthenticated client"
     return (f"SMTP session {session['id']} ({session['component']}) from {who} at"
             f" {session['client_ip'] or 'an unknown address'}, {_when(session['started_at'])}:"
-            f" {session['messages']} message(s) accepted, ended"
+            f" {_count(session['messages'], 'message')} accepted, ended"
             f" {OUTCOMES.get(session['verdict'] or '', 'without a verdict').split(':')[0]}.")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _attempt(message: dict[str, Any], decisions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -154,10 +170,20 @@ def _attempt(message: dict[str, Any], decisions: list[dict[str, Any]]) -> dict[s
     ids = ", ".join(part for part in (
         f"Message-ID {message['message_id']}" if message.get("message_id") else "",
         f"queue id {message['queue_id']}" if message.get("queue_id") else "") if part)
-    head = (f"{_when(message['started_at'])}: message from <{message.get('sender') or ''}>"
-            f" to {message.get('recipient_count') or 0} recipient(s), sent by {who} from"
-            f" {message.get('client_ip') or 'an unknown address'}"
-            f"{' (' + ids + ')' if ids else ''}.")
+    recipients = _count(message.get("recipient_count") or 0, "recipient")
+    if message.get("hop"):
+        # Recorded again on its way: who sent it is in the record of the first hop.
+        hop = HOPS.get(message["hop"], message["hop"])
+        head = (f"{_when(message['started_at'])}: message from"
+                f" <{message.get('sender') or ''}> to {recipients}, checked by {hop}"
+                f" (its client sent it from"
+                f" {message.get('client_ip') or 'an address not passed on'})"
+                f"{' (' + ids + ')' if ids else ''}.")
+    else:
+        head = (f"{_when(message['started_at'])}: message from"
+                f" <{message.get('sender') or ''}> to {recipients}, sent by {who} from"
+                f" {message.get('client_ip') or 'an unknown address'}"
+                f"{' (' + ids + ')' if ids else ''}.")
     verdict = message.get("verdict")
     outcome = OUTCOMES.get(verdict or "", "not finished (still in progress, or not recorded)")
     if verdict == "accept" and not decisions:
@@ -262,7 +288,7 @@ async def _imap(db: asyncpg.Connection, session_id: int) -> dict[str, Any]:
         session_id, session["started_at"])
     story = [f"IMAP session {session_id} of {session['account'] or 'an unknown account'} from"
              f" {session['client_ip'] or 'an unknown address'}, {_when(session['started_at'])}:"
-             f" {session['commands']} command(s)."]
+             f" {_count(session['commands'], 'command')}."]
     if session["verdict"] not in (None, "accept"):
         story.append(f"  The session itself was {session['verdict']}: {session['reason']}.")
     for command in refused:

@@ -71,6 +71,9 @@ def zero_filled(nonzero: dict[int, float], windows: int) -> list[float]:
     return [float(nonzero.get(index, 0.0)) for index in range(1, windows + 1)]
 
 
-def severity(observed: float, bound: float) -> float:
-    """How far past its bound a value is: 1 at twice the bound, +1 per doubling."""
-    return math.log2(max(observed, 1e-9) / max(bound, 1.0))
+def severity(observed: float, bound: float, floor: float = 1.0) -> float:
+    """How far past its bound a value is: 0 at the bound (or under it: never
+    negative), 1 at twice the bound, +1 per doubling.  The bound counts as at least
+    `floor`: 1 for counts (an account with no history is not "infinitely" past it);
+    ratios (0..1) pass a small floor, or every ratio would look under its bound."""
+    return max(0.0, math.log2(max(observed, 1e-9) / max(bound, floor)))

@@ -5,7 +5,9 @@
 
 SUBJECTS (--by)      account | domain | ip | sender (sender: SMTP metrics only)
 METRICS (--metric)   source table             counted
-    messages         smtp_messages            accepted transactions
+    messages         smtp_messages            accepted transactions (each message once:
+                                              not again in the rows of later hops,
+                                              smtp_messages.hop, e.g. Filter-Out)
     recipients       smtp_messages            recipients of accepted transactions
     bytes            smtp_messages            size of accepted transactions
     deferrals        smtp_messages            transactions refused temporarily (4xx)
@@ -39,6 +41,7 @@ class Source:
     time_column: str
     keys: dict[str, str]           # --by -> SQL expression
     columns: dict[str, str]        # output column -> aggregate
+    only: str = ""                 # a condition every counted row meets
 
 
 _SMTP = Source(
@@ -48,7 +51,8 @@ _SMTP = Source(
      "recipients": "coalesce(sum(recipient_count) FILTER (WHERE verdict = 'accept'), 0)",
      "bytes": "coalesce(sum(size) FILTER (WHERE verdict = 'accept'), 0)",
      "deferrals": "count(*) FILTER (WHERE verdict = 'tempfail')",
-     "rejects": "count(*) FILTER (WHERE verdict = 'reject')"})
+     "rejects": "count(*) FILTER (WHERE verdict = 'reject')"},
+    "hop IS NULL")
 _IMAP = Source(
     "imap_sessions", "started_at",
     {"account": "account", "domain": "domain", "ip": "host(client_ip)"},
@@ -96,6 +100,8 @@ def _where(source: Source, key: str, span: TimeRange, domain: str | None
     args: list[Any] = [span.start, span.end]
     sql = (f" WHERE {source.time_column} >= $1 AND {source.time_column} < $2"
            f" AND {key} IS NOT NULL")
+    if source.only:
+        sql += f" AND {source.only}"
     if domain is not None:
         args.append(domain)
         sql += f" AND domain = ${len(args)}"

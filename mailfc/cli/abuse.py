@@ -9,6 +9,7 @@
     mailfc abuse block 192.0.2.0/24 | example.org | --kind sender_domain spam.example
     mailfc abuse unblock bob@example.org
     mailfc abuse blocks
+    mailfc abuse bans            (login bans; add and remove them with `mailfc ban`)
 
 Every listing takes --json or --csv; top and account take --plot FILE.png.  The
 work is done by mailfc.analysis (one module per command); this file parses options
@@ -248,3 +249,15 @@ def blocks_cmd(config: Config, fmt: str) -> None:
     rows = run_db(config, blocks_mod.list_blocks)
     render(rows, ("kind", "value", "reason", "created_at", "expires_at", "active"), fmt=fmt,
            title="admin blocks")
+
+
+@group.command("bans")
+@output_options
+@pass_config
+def bans_cmd(config: Config, fmt: str) -> None:
+    """Active login bans (IMAP, submission): the routers' own and admins'; see mailfc ban."""
+    from mailfc.db import bans as bans_mod  # this command's alone
+
+    rows = run_db(config, bans_mod.list_bans)
+    render(rows, ("network", "reason", "set_by", "created_at", "expires_at"), fmt=fmt,
+           title="login bans")

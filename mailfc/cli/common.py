@@ -6,20 +6,25 @@
 - `json_option` / `emit`: human tables by default (rich), `--json` for scripts.
 - `MailfcGroup`: turns a MailfcError into `error: <message>` on stderr and exit
   status 1; anything unexpected becomes a one-line internal error (set
-  MAILFC_DEBUG=1 for the traceback), never a traceback by default.
+  MAILFC_DEBUG=1 for the traceback), never a traceback by default.  A reader that
+  goes away (`mailfc events | head`) ends the command quietly, as it does `cat`.
+- Numbers: floats print rounded (5.4, not 5.4019999504089355, the float32 of a
+  `real` column), in tables and in JSON alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import ipaddress
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import click
@@ -40,11 +45,19 @@ error_console = Console(stderr=True)
 
 
 class MailfcGroup(click.Group):
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except BrokenPipeError:
+            _reader_gone()
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:
+            _reader_gone()
         except MailfcError as error:
             raise click.ClickException(str(error)) from None
         except asyncpg.PostgresError as error:
@@ -58,6 +71,16 @@ class MailfcGroup(click.Group):
                 f"internal error: {type(error).__name__}: {error} "
                 "(run again with MAILFC_DEBUG=1 for details and report it)"
             ) from None
+
+
+def _reader_gone() -> NoReturn:
+    """stdout's reader closed the pipe (`| head`): stop quietly, exit 141 as a shell's
+    command killed by SIGPIPE would.  stdout is pointed at /dev/null first, so the
+    flush at exit does not fail a second time."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def get_config(ctx: click.Context) -> Config:
@@ -103,6 +126,8 @@ def _jsonable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
         return float(value)
+    if isinstance(value, float):
+        return rounded(value)
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address
                   | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
@@ -117,9 +142,23 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(_jsonable(data), indent=2, sort_keys=False))
 
 
+def rounded(value: float) -> float:
+    """Six significant digits: what a measured duration or rate can claim."""
+    return float(f"{value:.6g}") if value == value else value
+
+
+def number_text(value: float) -> str:
+    """A float for people: 5.4, 1234.5, 0.0123 (at most two decimals past 1)."""
+    if abs(value) >= 1 or value == 0:
+        return f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float):
+        return number_text(value)
     if isinstance(value, datetime.datetime):
         return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     return str(value)

@@ -12,8 +12,7 @@ import click
 from mailfc import eventloop
 from mailfc.cli.common import emit, json_option, pass_config, run_db
 from mailfc.config import Config
-from mailfc.controller import events
-from mailfc.db import connect
+from mailfc.db import connect, events
 from mailfc.durations import parse_duration
 
 COLUMNS = ("at", "host", "domain", "service", "kind", "reason")

@@ -1,5 +1,9 @@
 """`mailfc host add|list|drain|activate`.
 
+A host added here is "pending": no domain is placed on it until its
+dispatcher first reports (its heartbeat, from `mailfc up` there); then it is
+"active".
+
 `host add` also issues the new host's cluster credentials (mailfc.cluster):
 the cluster CA certificate and a certificate + key for the host, signed by
 the CA (which is created on this host if it has none yet), written into
@@ -73,7 +77,9 @@ def add(config: Config, name: str, dispatcher_address: str, container_subnet: st
                                            "key_file": str(written.key)}})
         return
     # click.echo, not say: rich would take "[cluster]" for markup.
-    click.echo(f"host {row['name']} added; its cluster credentials are in {directory}:\n"
+    click.echo(f"host {row['name']} added, pending: no domain is placed on it until it"
+        " first reports (start `mailfc up` there)\n"
+        f"Its cluster credentials are in {directory}:\n"
         f"  {written.ca.name:9} the cluster CA certificate\n"
         f"  {written.cert.name:9} {name}'s certificate\n"
         f"  {written.key.name:9} its private key (keep it secret: mode 0600)\n"

@@ -3,7 +3,8 @@
     mailfc [--config FILE] COMMAND ...
 
 Command groups: up, config, db, domain, account, alias, host, limit, container, abuse,
-sessions.  Every listing takes --json.  Errors print `Error: <cause and fix>` and exit non-zero.
+sessions, ban.  Every listing takes --json.  Errors print `Error: <cause and fix>` and
+exit non-zero.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mailfc.cli import (
     abuse,
     account,
     alias,
+    ban,
     config_cmd,
     container,
     db_cmd,
@@ -40,7 +42,7 @@ def cli(config_path: str | None) -> None:
 
 
 for module in (config_cmd, db_cmd, domain, account, alias, host, limit, container, events,
-               queue, sessions, up, abuse):
+               queue, sessions, up, abuse, ban):
     cli.add_command(module.group)
 
 

@@ -4,7 +4,7 @@
     mailfc sessions list --account bob@example.org --ip 192.0.2.0/24 --json
     mailfc sessions show 1234            # the session, its messages and decisions
     mailfc sessions list --protocol imap # IMAP sessions (recorded by the hook server)
-    mailfc sessions stats                # rows written / dropped per recording process
+    mailfc sessions stats                # rows written / dropped / set aside per recording process
 
 --since/--until take a duration back from now (90s, 15m, 1h, 7d) or an ISO time
 (2024-05-01T12:00, taken as UTC without a zone).
@@ -108,8 +108,12 @@ def show(config: Config, session_id: int, protocol: str, as_json: bool) -> None:
 @json_option
 @pass_config
 def stats(config: Config, as_json: bool) -> None:
-    """What each recording process wrote, and what it could not write."""
+    """What each recording process wrote, and what it could not write.
+
+    sanitized: rows stored with values made storable (NUL, text that is not UTF-8);
+    dead_lettered: rows PostgreSQL refused, set aside in the dead_letter file."""
     rows = run_db(config, sessions.recorder_stats)
     emit(rows, as_json=as_json, columns=("holder", "component", "updated_at", "written",
-                                         "pending", "failed_flushes", "dropped", "last_error"),
+                                         "pending", "failed_flushes", "dropped", "sanitized",
+                                         "dead_lettered", "dead_letter", "last_error"),
          empty="no recording process has reported yet")

@@ -11,7 +11,8 @@ SCALE TO ZERO
 SCALE UP / DOWN
     CPU quota and memory limit follow throttling and memory pressure
     (decisions.py), live with `runc update`, between the spec's base and
-    maximum values.
+    maximum values.  A setting an admin pinned (`mailfc container update`,
+    until `--unpin` or its `--pin-for` runs out) is left alone.
 
 SCALE OUT / IN
     Open sessions per running instance (from the dispatcher) above
@@ -21,7 +22,14 @@ SCALE OUT / IN
 
 ADAPTIVE LIMITS
     Limits with a range (min_value/max_value) move within it from the host's
-    headroom and the domain's recent reject ratio, every adaptive_interval_s.
+    headroom (smoothed) and the domain's recent reject ratio, every
+    adaptive_interval_s, damped: a bounded step, a dead band and hysteresis
+    (decisions.damped_step); the event carries the figures.
+
+ORPHANS
+    Every round the runtime sweeps runc's list for containers of its name
+    prefix that no live CMDB row owns (a removed domain's) and removes them
+    by name (event "orphan").
 
 HOSTS
     Another host whose heartbeat is older than host_down_after_s is marked
@@ -48,7 +56,7 @@ DEFERRED MAIL
     "queue_cleanup"), so it neither counts as queued mail forever nor starts
     the domain's Postfix every round.
 
-Every decision is an event row (mailfc.controller.events) with its reason
+Every decision is an event row (mailfc.db.events) with its reason
 and measurements.  A failing step is logged and retried next round, and never
 keeps the other steps of the round from running; the controller never stops
 a container that has open sessions, except when the container's lifetime has
@@ -71,12 +79,14 @@ from typing import Any
 import asyncpg
 
 from mailfc.config import Config
-from mailfc.controller import decisions, events
+from mailfc.controller import decisions
+from mailfc.db import events
 from mailfc.dispatcher.server import Dispatcher
 from mailfc.runtime.errors import CapacityExhausted
 from mailfc.runtime.instance import Instance
 from mailfc.runtime.lifecycle import Runtime
 from mailfc.runtime.readiness import process_alive
+from mailfc.runtime.starts import Trigger
 
 log = logging.getLogger("mailfc.controller")
 
@@ -98,6 +108,8 @@ class Controller:
         self._last_throttled: dict[str, float] = {}
         self._quiet_since: dict[tuple[str, str], float] = {}
         self._next_adaptive = 0.0
+        self._headroom: float | None = None                  # smoothed
+        self._trends: dict[int, decisions.Trend] = {}        # limit id -> its trend
         self._next_retry = 0.0
         # What "headroom" means is the host's business; replaceable for tests.
         self.headroom: Callable[[], float] = host_headroom
@@ -132,6 +144,7 @@ class Controller:
         and the steps after it still run."""
         self.rounds += 1
         await self._step("looking for vanished containers", self.reap_vanished())
+        await self._step("removing orphaned containers", self.sweep_orphans())
         await self._step("stopping idle containers", self.lifecycle())
         instances = [i for i in await self.runtime.instances() if i.state == "running"]
         specs = await self._specs(instances)
@@ -201,6 +214,15 @@ class Controller:
         if instance.service == "smtp":
             self._next_retry = 0.0  # its queue may hold mail: look this round
 
+    async def sweep_orphans(self) -> None:
+        """Remove containers no CMDB row owns (ORPHANS)."""
+        for name in await self.runtime.sweep():
+            self._cpu.pop(name, None)
+            self._last_throttled.pop(name, None)
+            await events.record(self.pool, "orphan", "no CMDB row owns it (its domain was"
+                                " removed, or its row closed): container removed",
+                                host=self.host, instance=name)
+
     async def _event(self, kind: str, reason: str, instance: Instance | None = None,
                      domain: str | None = None, **detail: Any) -> None:
         log.info("%s %s: %s", kind, instance.name if instance else domain, reason)
@@ -260,7 +282,9 @@ class Controller:
         share = decisions.throttled_share(before, sample)
         quota = limits.cpu_quota_us if limits.cpu_quota_us > 0 else spec["cpu_quota_us"]
         now = time.monotonic()
-        if share >= self.settings.scale_up_share:
+        if instance.pinned("cpu"):
+            pass    # the admin's setting stands
+        elif share >= self.settings.scale_up_share:
             self._last_throttled[instance.name] = now
             target = decisions.scaled_up(quota, spec["cpu_quota_max_us"],
                                          self.settings.scale_step)
@@ -278,7 +302,8 @@ class Controller:
                                   f"{self.settings.scale_down_after_s:g} s: quota {quota} ->"
                                   f" {target} us", instance, cpu_quota_us=target)
         memory_limit = limits.memory_bytes if limits.memory_bytes > 0 else spec["memory_bytes"]
-        if memory_limit and stats.memory_bytes / memory_limit >= self.settings.memory_high:
+        if memory_limit and not instance.pinned("memory") and \
+                stats.memory_bytes / memory_limit >= self.settings.memory_high:
             target = decisions.scaled_up(memory_limit, spec["memory_max_bytes"],
                                          self.settings.scale_step)
             if target is not None:
@@ -318,7 +343,9 @@ class Controller:
             spec = specs[(members[0].domain_id, members[0].service)]
             if decisions.wants_scale_out(sessions, threshold, spec["max_instances"]):
                 try:
-                    started = await self.runtime.start(domain, service)
+                    started = await self.runtime.start(
+                        domain, service, Trigger("controller", protocol=service,
+                                                 why="scale out"))
                 except CapacityExhausted as error:
                     log.info("cannot scale out %s: %s", domain, error)
                     continue
@@ -362,7 +389,9 @@ class Controller:
             if domain in live:
                 continue
             try:
-                instance = await self.runtime.ensure(domain, "smtp")
+                instance = await self.runtime.ensure(
+                    domain, "smtp", Trigger("controller", protocol="smtp",
+                                            why=f"retry {queued} queued message(s)"))
             except Exception as error:
                 log.warning("cannot start %s to retry its %d queued message(s): %s",
                             domain, queued, error)
@@ -393,22 +422,29 @@ class Controller:
             " (SELECT id FROM hosts WHERE name = $1))", self.host)
         if not rows:
             return
-        headroom = self.headroom()
+        sample = self.headroom()
+        self._headroom = headroom = decisions.smoothed(self._headroom, sample)
         for row in rows:
             reject_ratio = await self._reject_ratio(row["domain"])
             target = decisions.adaptive_target(row["min_value"], row["max_value"], headroom,
                                                reject_ratio)
-            value = decisions.adaptive_step(row["value"], target, row["min_value"],
-                                            row["max_value"])
+            move = decisions.damped_step(row["value"], target, row["min_value"],
+                                         row["max_value"], self._trends.get(row["id"],
+                                                                            decisions.Trend()))
+            self._trends[row["id"]] = move.trend
+            value = move.value
             if value == row["value"]:
                 continue
             await self.pool.execute("UPDATE limits SET value = $2, updated_at = now()"
                                     " WHERE id = $1", row["id"], value)
             await self._event("limit_change", f"{row['kind']} {row['value']} -> {value}"
-                              f" (headroom {headroom:.0%}, rejects {reject_ratio:.0%},"
-                              f" range {row['min_value']}..{row['max_value']})",
+                              f" towards {target} (step at most {move.step_bound}, dead band"
+                              f" {move.dead_band}; headroom {headroom:.0%}, rejects"
+                              f" {reject_ratio:.0%}, range {row['min_value']}..{row['max_value']})",
                               domain=row["domain"], limit_kind=row["kind"], value=value,
-                              headroom=round(headroom, 3), reject_ratio=round(reject_ratio, 3))
+                              previous=row["value"], headroom=round(headroom, 3),
+                              headroom_sample=round(sample, 3),
+                              reject_ratio=round(reject_ratio, 3), **move.figures())
 
     async def _reject_ratio(self, domain: str) -> float:
         row = await self.pool.fetchrow(

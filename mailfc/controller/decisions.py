@@ -16,14 +16,26 @@ service:
 Adaptive limits.  A limit with a range moves towards
     floor + (ceiling - floor) x headroom x (1 - reject_ratio)
 where headroom is 1 - the host's busiest resource share (CPU load per core,
-memory in use) and reject_ratio the domain's share of refused messages in the
-last 15 minutes; each step moves at most a fifth of the range, so one noisy
-minute does not swing it.  Fixed limits never move.
+memory in use), smoothed over rounds (HEADROOM_SMOOTHING: the load average
+of one busy minute is not the host's state), and reject_ratio the domain's
+share of refused messages in the last 15 minutes.  The move is damped
+(damped_step):
+    bounded step    at most ADAPTIVE_MAX_STEP (a tenth) of the range per round
+    dead band       a target within ADAPTIVE_DEAD_BAND (a twentieth of the
+                    range) of the value: no move
+    hysteresis      after moving one way, the value turns only once the
+                    target has pointed the other way (beyond the dead band)
+                    ADAPTIVE_REVERSE_AFTER rounds in a row
+so a value that swung 2993 -> 2033 -> 1224 -> 2184 in four rounds now moves
+at most a tenth of its range a round and does not turn on one noisy round.
+The figures (target, bound, dead band, direction, rounds against) go into
+the limit_change event.  Fixed limits never move.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,63 @@ def adaptive_target(floor: int, ceiling: int, headroom: float, reject_ratio: flo
     return round(floor + (ceiling - floor) * headroom * (1.0 - reject_ratio))
 
 
-def adaptive_step(current: int, target: int, floor: int, ceiling: int) -> int:
-    """One bounded move from `current` towards `target`, always inside the range."""
-    largest = max(1, (ceiling - floor) // 5)
-    move = max(-largest, min(largest, target - current))
-    return min(ceiling, max(floor, current + move))
+HEADROOM_SMOOTHING = 0.3       # weight of the newest headroom sample
+ADAPTIVE_MAX_STEP = 0.1        # of the range, per round
+ADAPTIVE_DEAD_BAND = 0.05      # of the range
+ADAPTIVE_REVERSE_AFTER = 2     # rounds the target must point the other way
+
+
+def smoothed(previous: float | None, sample: float,
+             weight: float = HEADROOM_SMOOTHING) -> float:
+    """Exponentially weighted mean: the first sample as it is, then a blend."""
+    if previous is None:
+        return sample
+    return previous + weight * (sample - previous)
+
+
+@dataclass(frozen=True)
+class Trend:
+    """What damped_step remembers of one limit between rounds."""
+    direction: int = 0      # +1: last moved up, -1: down, 0: has not moved
+    against: int = 0        # rounds in a row the target pointed the other way
+
+
+@dataclass(frozen=True)
+class AdaptiveMove:
+    value: int              # the new value (== current when held)
+    target: int
+    step_bound: int
+    dead_band: int
+    trend: Trend
+    held: str | None        # why it did not move, or None
+
+    def figures(self) -> dict[str, Any]:
+        """For the limit_change event's detail."""
+        return {"target": self.target, "step_bound": self.step_bound,
+                "dead_band": self.dead_band, "direction": self.trend.direction,
+                "rounds_against": self.trend.against}
+
+
+def damped_step(current: int, target: int, floor: int, ceiling: int,
+                trend: Trend = Trend(), *, max_step: float = ADAPTIVE_MAX_STEP,
+                dead_band: float = ADAPTIVE_DEAD_BAND,
+                reverse_after: int = ADAPTIVE_REVERSE_AFTER) -> AdaptiveMove:
+    """One damped move from `current` towards `target`, always inside the range."""
+    span = max(0, ceiling - floor)
+    bound = max(1, round(span * max_step))
+    band = round(span * dead_band)
+    target = min(ceiling, max(floor, target))
+    inside = min(ceiling, max(floor, current))
+    gap = target - inside
+    if abs(gap) <= band:
+        # Close enough: hold, and a reversal that was building up starts over.
+        return AdaptiveMove(inside, target, bound, band, Trend(trend.direction, 0),
+                            None if inside != current else "within the dead band")
+    direction = 1 if gap > 0 else -1
+    if trend.direction and direction != trend.direction:
+        against = trend.against + 1
+        if against < reverse_after:
+            return AdaptiveMove(inside, target, bound, band, Trend(trend.direction, against),
+                                f"turning waits ({against} of {reverse_after} rounds)")
+    value = inside + max(-bound, min(bound, gap))
+    return AdaptiveMove(value, target, bound, band, Trend(direction, 0), None)

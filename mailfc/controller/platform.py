@@ -200,9 +200,7 @@ class Platform:
         assert self.pool is not None
         if not self.host:
             return
-        await self.pool.execute(
-            "UPDATE hosts SET heartbeat_at = now() WHERE name = $1", self.config.host_name
-        )
+        await hosts.heartbeat(self.pool, self.config.host_name)
 
     async def _maintain(self) -> None:
         assert self.pool is not None

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from mailfc.controller import events
+from mailfc.db import events
 from mailfc.db.embedded import EmbeddedCluster
 from mailfc.errors import ConfigError, DatabaseError
 

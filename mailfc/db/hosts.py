@@ -1,4 +1,10 @@
-"""Container hosts: each runs one dispatcher and the containers of its domains."""
+"""Container hosts: each runs one dispatcher and the containers of its domains.
+
+States: pending (added with `mailfc host add`, never heard from: no domain is
+placed on it) -> active at its first heartbeat (or when `mailfc up` registers
+it) -> draining (the admin) / down (no heartbeat for host_down_after_s, seen
+by another host's controller) -> active again when it registers.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from mailfc.errors import AlreadyExists, InvalidInput, NotFound
+from mailfc.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 
 _SELECT = """
 SELECT h.id, h.name, host(h.dispatcher_address) AS dispatcher_address, h.lmtp_port,
@@ -44,7 +50,8 @@ async def add(
     try:
         await db.execute(
             "INSERT INTO hosts (name, dispatcher_address, container_subnet, capacity,"
-            " lmtp_port, imap_port, smtp_port) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            " lmtp_port, imap_port, smtp_port, state)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending')",
             name, dispatcher_address, container_subnet, capacity, lmtp_port, imap_port,
             smtp_port,
         )
@@ -70,7 +77,8 @@ async def register(
             capacity = EXCLUDED.capacity, lmtp_port = EXCLUDED.lmtp_port,
             imap_port = EXCLUDED.imap_port, smtp_port = EXCLUDED.smtp_port,
             heartbeat_at = now(),
-            state = CASE WHEN hosts.state = 'down' THEN 'active' ELSE hosts.state END
+            state = CASE WHEN hosts.state IN ('down', 'pending') THEN 'active'
+                         ELSE hosts.state END
         """,
         name, dispatcher_address, container_subnet, capacity, lmtp_port, imap_port, smtp_port,
     )
@@ -89,7 +97,17 @@ async def list_all(db: asyncpg.Connection) -> list[dict[str, Any]]:
 
 
 async def set_state(db: asyncpg.Connection, name: str, state: str) -> dict[str, Any]:
-    result = await db.execute("UPDATE hosts SET state = $2 WHERE name = $1", name, state)
-    if result.endswith(" 0"):
-        raise NotFound(f"unknown host {name}: see mailfc host list")
+    current = await get(db, name)
+    if state == "active" and current["state"] == "pending":
+        raise Conflict(f"host {name} has never reported: it becomes active at its first"
+                       " heartbeat (start `mailfc up` there)")
+    await db.execute("UPDATE hosts SET state = $2 WHERE name = $1", name, state)
     return await get(db, name)
+
+
+async def heartbeat(db: asyncpg.Connection | asyncpg.Pool, name: str) -> None:
+    """This host is alive: its heartbeat, and a pending host becomes active."""
+    await db.execute(
+        "UPDATE hosts SET heartbeat_at = now(),"
+        " state = CASE WHEN state = 'pending' THEN 'active' ELSE state END"
+        " WHERE name = $1", name)

@@ -4,7 +4,8 @@ A domain keeps its host while that host is active.  A domain without a host,
 or whose host is draining or down, gets the active host with the most free
 room (capacity minus live containers; ties: fewest domains), chosen and stored
 in one statement so concurrent routers agree.  `NoHost` when no active host has
-room.
+room.  A pending host (added with `mailfc host add`, never heard from) is not
+active: nothing is placed on it until its first heartbeat.
 """
 
 from __future__ import annotations

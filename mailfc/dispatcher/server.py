@@ -122,6 +122,7 @@ from mailfc.errors import InvalidInput, MailfcError
 from mailfc.protocols import dovecot, imap, proxy
 from mailfc.runtime.images import DOVECOT_IMAP_CAPABILITY, dovecot_socket
 from mailfc.runtime.readiness import process_alive
+from mailfc.runtime.starts import Trigger
 
 log = logging.getLogger("mailfc.dispatcher")
 
@@ -159,10 +160,16 @@ class ContainerInstance(Protocol):
 class Containers(Protocol):
     """What the dispatcher needs of the runtime (mailfc.runtime.Runtime)."""
 
-    async def ensure(self, domain: str, service: str) -> Any: ...
+    async def ensure(self, domain: str, service: str, trigger: Any = None) -> Any: ...
 
     async def instances(self, domain: str | None = None,
                         service: str | None = None) -> list[Any]: ...
+
+
+def _trigger(service: str, header: proxy.ProxyHeader) -> Trigger:
+    """A session's trigger for the start event: its protocol and client."""
+    peer = f"{header.source}:{header.source_port}" if header.source else None
+    return Trigger("session", protocol=service, peer=peer)
 
 
 def unavailable_reply(service: str, reason: str) -> bytes:
@@ -303,7 +310,7 @@ class Dispatcher:
         started = time.monotonic()
         try:
             instance, (backend_reader, backend_writer) = await self._instance(
-                domain, service, self._connect(service))
+                domain, service, self._connect(service), _trigger(service, header))
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -344,7 +351,8 @@ class Dispatcher:
                               local: bool) -> None:
         started = time.monotonic()
         try:
-            instance, _ = await self._instance(domain, "imap", _reachable)
+            instance, _ = await self._instance(domain, "imap", _reachable,
+                                               _trigger("imap", header))
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -498,7 +506,8 @@ class Dispatcher:
         return connect
 
     async def _instance(self, domain: str, service: str,
-                        connect: Callable[[ContainerInstance, float], Awaitable[Connection]]
+                        connect: Callable[[ContainerInstance, float], Awaitable[Connection]],
+                        trigger: Trigger | None = None
                         ) -> tuple[ContainerInstance, Connection]:
         """The least busy running instance serving (domain, service), and `connect`'s
         result for it."""
@@ -514,7 +523,8 @@ class Dispatcher:
                     pass  # stopped meanwhile: ask the runtime
         self._warm.pop(key, None)
         first: ContainerInstance = await asyncio.wait_for(
-            self.containers.ensure(domain, service), self.config.runtime.start_timeout_s + 1.0)
+            self.containers.ensure(domain, service, trigger),
+            self.config.runtime.start_timeout_s + 1.0)
         running: list[ContainerInstance] = [
             i for i in await self.containers.instances(domain, service)
             if i.state == "running"] or [first]

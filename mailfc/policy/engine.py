@@ -204,6 +204,20 @@ def _retry_text(seconds: int | None) -> str:
     return f"try again in {(seconds + 59) // 60} minutes"
 
 
+# What the windowed kinds count, in words: "its limit of 1 message", "of 2 searches".
+LIMIT_NOUNS: dict[str, tuple[str, str]] = {
+    "messages": ("message", "messages"),
+    "recipients": ("recipient", "recipients"),
+    "received_messages": ("received message", "received messages"),
+    "imap_commands": ("command", "commands"),
+    "imap_search": ("search", "searches"),
+    "imap_fetch": ("fetch", "fetches"),
+    "imap_append": ("append", "appends"),
+    "imap_store": ("store", "stores"),
+    "imap_copy": ("copy", "copies"),
+}
+
+
 def _decision(over: Mapping[str, Any]) -> Decision:
     """A readable Decision from one row of mailfc_policy_check()'s 'over' list."""
     kind, value, window = over["kind"], int(over["value"]), over["window_s"]
@@ -223,9 +237,9 @@ def _decision(over: Mapping[str, Any]) -> Decision:
         reason = (f"{who} sent {_size(int(over['used']))} in the last {format_duration(window)}"
                   f" (limit {_size(value)}{per}); {_retry_text(retry_s)}")
     else:
-        noun = kind.removeprefix("imap_").replace("_", " ")
-        reason = (f"{who} reached its limit of {value} {noun}{per}"
-                  f" ({over['used']} used); {_retry_text(retry_s)}")
+        singular, plural = LIMIT_NOUNS.get(kind, (kind.replace("_", " "),) * 2)
+        reason = (f"{who} reached its limit of {value} {singular if value == 1 else plural}"
+                  f"{per} ({over['used']} used); {_retry_text(retry_s)}")
     rule = f"limit:{kind}{'/' + format_duration(int(window)) if window else ''}@{over['scope']}"
     return Decision(TEMPFAIL, reason, rule, over["mode"], retry_s)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,13 @@ async def show_session(db: asyncpg.Connection, protocol: str, session_id: int
         result["messages_detail"] = [dict(m) for m in await db.fetch(
             "SELECT * FROM smtp_messages WHERE session_id = $1 ORDER BY started_at, id",
             session_id)]
-        result["events"] = [dict(e) for e in await db.fetch(
-            "SELECT id, message_id, at, stage, verdict, reason, rule, mode, detail"
-            " FROM smtp_events WHERE session_id = $1 ORDER BY at, id", session_id)]
+        # detail is jsonb, which asyncpg hands over as its JSON text: decoded here, so
+        # `sessions show --json` has it as an object, not as a string inside a string.
+        result["events"] = [
+            {**dict(e), "detail": json.loads(e["detail"]) if e["detail"] is not None else None}
+            for e in await db.fetch(
+                "SELECT id, message_id, at, stage, verdict, reason, rule, mode, detail"
+                " FROM smtp_events WHERE session_id = $1 ORDER BY at, id", session_id)]
     else:
         result["commands_detail"] = [dict(c) for c in await db.fetch(
             "SELECT * FROM imap_commands WHERE session_id = $1 ORDER BY started_at, id",

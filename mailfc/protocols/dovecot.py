@@ -109,15 +109,19 @@ async def hand_over_imap(socket_path: str, client_fd: int, entry: UserdbEntry, *
 
 async def handed_over_pair(auth_userdb: str, imap_master: str, user: str, *,
                            greeting: bytes, client_ip: str = "192.0.2.1",
-                           local_ip: str = "192.0.2.2") -> socket.socket:
+                           local_ip: str = "192.0.2.2", over_tcp: bool = False
+                           ) -> socket.socket:
     """Our end of a socket pair whose other end an imap process now serves as
     `user`'s logged-in session, which starts by sending `greeting`.  For clients
     on the host that talk to a domain's Dovecot without a router in front
-    (benchmarks, tests): Dovecot takes no password login from anyone."""
+    (benchmarks, tests): Dovecot takes no password login from anyone.
+    With `over_tcp` the pair is a loopback TCP connection, as a real client's
+    session is once a router has handed it over (a unix pair is cheaper per
+    round trip than any client's connection could be)."""
     entry = await lookup_user(auth_userdb, user)
     if entry is None:
         raise DovecotProtocolError(f"Dovecot at {auth_userdb} does not know {user}")
-    ours, theirs = socket.socketpair()
+    ours, theirs = _tcp_pair() if over_tcp else socket.socketpair()
     try:
         await hand_over_imap(imap_master, theirs.fileno(), entry, client_ip=client_ip,
                              local_ip=local_ip, client_output=greeting)
@@ -127,6 +131,13 @@ async def handed_over_pair(auth_userdb: str, imap_master: str, user: str, *,
     finally:
         theirs.close()
     return ours
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    return ours, theirs
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,8 @@ bytes are the argument, after which the command line continues.
 
 `parse_segment(line)` takes one CRLF-terminated line (or the continuation
 after a literal) and returns the arguments on it plus the size of a trailing
-literal, if any.  The caller reads the literal and the next segment.
+literal, if any.  The caller reads the literal and the next segment.  A
+parenthesized list (ID's) is returned flat, its parentheses dropped.
 """
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ def parse_segment(line: bytes) -> Segment:
     end = literal.start() if literal else len(line)
     while position < end:
         char = line[position:position + 1]
-        if char == b" ":
+        if char in (b" ", b"(", b")"):
+            # Lists (only ID's before login) are read flat: their strings in order.
             position += 1
             continue
         if char == b'"':
             value, position = _quoted(line, position + 1, end)
             arguments.append(value)
             continue
-        stop = line.find(b" ", position, end)
-        stop = end if stop < 0 else stop
+        stop = position
+        while stop < end and line[stop] not in b" )":
+            stop += 1
         atom = line[position:stop]
         if any(c in _ATOM_SPECIALS for c in atom) and not atom.startswith(b"("):
             raise ImapSyntaxError(f"invalid characters in {atom[:40]!r}")
@@ -102,35 +105,46 @@ def quote(value: str) -> bytes:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-async def read_line(reader: asyncio.StreamReader) -> bytes:
-    """One line without its CRLF, at most MAX_LINE bytes."""
+async def read_line(reader: asyncio.StreamReader, max_line: int = MAX_LINE) -> bytes:
+    """One line without its CRLF, at most max_line bytes."""
     try:
         line = await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         raise ImapSyntaxError("line too long") from None
-    if len(line) > MAX_LINE:
+    if len(line) > max_line:
         raise ImapSyntaxError("line too long")
     return line.rstrip(b"\r\n")
 
 
 async def read_command(reader: asyncio.StreamReader,
-                       go_ahead: Callable[[], Awaitable[None]] | None
+                       go_ahead: Callable[[], Awaitable[None]] | None,
+                       *, max_line: int = MAX_LINE, max_total: int | None = None
                        ) -> tuple[bytes, bytes, list[bytes]]:
     """(tag, command, arguments) of one command, its literals read.
 
     A synchronizing literal `{n}` waits for `go_ahead()` (which sends the
-    continuation request); without one only `{n+}` is accepted.
+    continuation request); without one only `{n+}` is accepted.  Each line
+    is at most max_line bytes; lines and literals together at most max_total
+    (None: unbounded), else ImapSyntaxError "command too long".
     """
-    tag, command, rest = split_tag(await read_line(reader))
+    line = await read_line(reader, max_line)
+    total = len(line)
+    tag, command, rest = split_tag(line)
     arguments: list[bytes] = []
     segment = parse_segment(rest)
     while True:
         arguments.extend(segment.arguments)
         if segment.literal is None:
             return tag, command, arguments
+        if max_total is not None and total + segment.literal > max_total:
+            raise ImapSyntaxError(f"command too long (more than {max_total} bytes)")
         if not segment.nonsync:
             if go_ahead is None:
                 raise ImapSyntaxError("synchronizing literal where only {n+} is accepted")
             await go_ahead()
         arguments.append(await reader.readexactly(segment.literal))
-        segment = parse_segment(await read_line(reader))
+        line = await read_line(reader, max_line)
+        total += segment.literal + len(line)
+        if max_total is not None and total > max_total:
+            raise ImapSyntaxError(f"command too long (more than {max_total} bytes)")
+        segment = parse_segment(line)

@@ -55,8 +55,25 @@ MESSAGE DATA
 LIMITS
     A command line over max_command_line (LMTP 4096, SMTP 1000 octets as for text
     lines): `500 5.5.2`; a message over data_size_limit: `552 5.3.4` (the rest of it
-    is read and dropped, never stored); 20 errors in a session, or no input for
-    idle_timeout_s: 421 and close.
+    is read and dropped, never stored); no input for idle_timeout_s: 421 and close.
+
+ERRORS (ErrorLimits, Postfix's smtpd error counter)
+    Every 4xx/5xx reply to a command is an error: syntax, sequence, unknown
+    commands and, for SmtpServer, the handler's refusals too (550 5.1.1 unknown
+    user, 554 5.7.1 relaying denied, a refused message).  Once a session has made
+    soft_limit errors, every further reply waits sleep_s first (Postfix 2.1 and
+    later: smtpd_error_sleep_time, fixed, not growing); at hard_limit errors the
+    session gets `421 4.7.0 <host> Error: too many errors` and is closed.  More than
+    junk_limit of NOOP, RSET, VRFY, HELO/EHLO count as an error each
+    (smtpd_junk_command_limit).  SmtpServer: Postfix's 10, 20, 1 s, 100, so one
+    connection can no longer try a thousand recipients in a second.  LmtpServer (the
+    internal hops, whose peers are mailfc's own): only protocol errors count, no
+    delay, 421 at 20; a recipient refusal there is the answer a hop asked for.
+
+CONNECTIONS
+    With an `anvil` (mailfc.anvil), a connection from a client over its connection
+    count or rate gets `421 4.7.0 <host> Error: too many connections from <client>`
+    instead of the greeting and is closed; the handler never hears of it.
 """
 
 from __future__ import annotations
@@ -65,9 +82,11 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from mailfc.anvil import Anvil, Ticket
 from mailfc.messages import MessageData
 from mailfc.protocols.lmtp import XFORWARD_EXTENSION, xforward_attributes
 
@@ -103,7 +122,7 @@ R_BAD_PARAMETER = "555 5.5.4 parameter {name} not recognized"
 R_PIPELINING = "554 5.5.0 improper command pipelining after {command}"
 R_TOO_BIG = "552 5.3.4 message size exceeds the limit of {limit} bytes"
 R_INTERNAL = "451 4.3.0 temporary failure, try again later"
-R_TOO_MANY_ERRORS = "421 4.7.0 too many errors, closing"
+R_TOO_MANY_ERRORS = "421 4.7.0 {host} Error: too many errors"
 R_TIMEOUT = "421 4.4.2 timeout, closing"
 R_SHUTDOWN = "421 4.3.2 service shutting down, try again later"
 R_XFORWARD_PLACE = "503 5.5.1 XFORWARD only between transactions"
@@ -113,6 +132,28 @@ MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
 RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
 BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 DATA_END = b"\r\n.\r\n"
+
+
+# Commands a client may repeat without delivering mail; past junk_limit each counts as
+# an error (Postfix's SMTPD_CMD_FLAG_LIMIT commands).
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELO", "EHLO", "LHLO"})
+
+
+@dataclass(frozen=True)
+class ErrorLimits:
+    """How a session's errors are answered: see ERRORS in the module's manual."""
+
+    soft_limit: int = 10        # smtpd_soft_error_limit
+    hard_limit: int = 20        # smtpd_hard_error_limit
+    sleep_s: float = 1.0        # smtpd_error_sleep_time
+    junk_limit: int = 100       # smtpd_junk_command_limit (0: no limit)
+    # The handler's 4xx/5xx replies count too (not only the protocol's own).
+    count_refusals: bool = True
+
+
+POSTFIX_ERRORS = ErrorLimits()
+INTERNAL_HOP_ERRORS = ErrorLimits(soft_limit=MAX_ERRORS, hard_limit=MAX_ERRORS, sleep_s=0.0,
+                                  junk_limit=0, count_refusals=False)
 
 
 class MessageTooBig(Exception):
@@ -178,8 +219,13 @@ class _Server:
 
     def __init__(self, handler: Any, *, hostname: str, ident: str,
                  data_size_limit: int, idle_timeout_s: float, max_command_line: int,
-                 message_dir: str | Path | None = None) -> None:
+                 message_dir: str | Path | None = None,
+                 errors: ErrorLimits = INTERNAL_HOP_ERRORS, anvil: Anvil | None = None
+                 ) -> None:
         self.hostname = hostname
+        self.errors = errors
+        self.anvil = anvil
+        self.too_many_errors = R_TOO_MANY_ERRORS.format(host=hostname)
         # Where a message past MessageData's memory part goes (an unlinked file).
         self.message_dir = message_dir
         self.data_size_limit = data_size_limit
@@ -239,11 +285,13 @@ class SmtpServer(_Server):
                  data_size_limit: int = 50 * 1024 * 1024, idle_timeout_s: float = 300.0,
                  max_command_line: int = SMTP_COMMAND_LINE,
                  tls_context: ssl.SSLContext | None = None,
-                 message_dir: str | Path | None = None) -> None:
+                 message_dir: str | Path | None = None,
+                 errors: ErrorLimits = POSTFIX_ERRORS, anvil: Anvil | None = None) -> None:
         self.tls_context = tls_context
         super().__init__(handler, hostname=hostname, ident=ident,
                          data_size_limit=data_size_limit, idle_timeout_s=idle_timeout_s,
-                         max_command_line=max_command_line, message_dir=message_dir)
+                         max_command_line=max_command_line, message_dir=message_dir,
+                         errors=errors, anvil=anvil)
 
     def help_verbs(self) -> list[str]:
         return ["HELO", *super().help_verbs(), *(["STARTTLS"] if self.tls_context else [])]
@@ -271,6 +319,8 @@ class ServerConnection(asyncio.Protocol):
         self._reading_paused = False
         self._out: list[bytes] = []
         self._errors = 0
+        self._junk = 0
+        self._ticket: Ticket | None = None
         # The loop keeps only a weak reference to a task.
         self._task: asyncio.Task[None] | None = None
 
@@ -279,6 +329,16 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.session.peer = transport.get_extra_info("peername")
+        anvil = self.server.anvil
+        if anvil is not None:
+            peer = self.session.peer
+            self._ticket = anvil.connect(str(peer[0]) if isinstance(peer, tuple) else None)
+            if self._ticket.refusal is not None:
+                # No session: neither the tracker nor the handler hears of it.
+                self._ended = True
+                transport.write(anvil.refusal_line(self._ticket.client))  # type: ignore[attr-defined]
+                transport.close()
+                return
         if self.tracker is not None:
             self.tracker.attach(self)
         if self.server.on_connected is not None:
@@ -329,6 +389,8 @@ class ServerConnection(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
+        if self._ticket is not None:
+            self._ticket.release()
         if self.tracker is not None:
             self.tracker.detach(self)
         if self.server.on_disconnected is not None:
@@ -432,6 +494,13 @@ class ServerConnection(asyncio.Protocol):
         self._reply(line)
         self._errors += 1
 
+    def _answer(self, line: str) -> None:
+        """A reply the handler chose: its refusals count as errors where the server's
+        ErrorLimits say so."""
+        self._reply(line)
+        if line[:1] in ("4", "5") and self.server.errors.count_refusals:
+            self._errors += 1
+
     def _flush(self) -> None:
         if self._out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self._out))
@@ -444,13 +513,23 @@ class ServerConnection(asyncio.Protocol):
     # -- the session -------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        limits = self.server.errors
         try:
-            while self._errors < MAX_ERRORS:
+            while self._errors < limits.hard_limit:
                 line = await self._line()
-                if line is None or not await self._command(line):
+                if line is None:
+                    break
+                if self._errors >= limits.soft_limit and limits.sleep_s > 0:
+                    # Postfix sleeps before each reply past the soft limit.
+                    await asyncio.sleep(limits.sleep_s)
+                if not await self._command(line):
                     break
             else:
-                self._reply(R_TOO_MANY_ERRORS)
+                log.info("%s: too many errors (%d), closing", self.session.peer,
+                         self._errors)
+                self._reply(self.server.too_many_errors)
+                if self.server.on_refused is not None:
+                    self.server.on_refused(self.session, "errors", "too many errors")
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -468,6 +547,10 @@ class ServerConnection(asyncio.Protocol):
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         argument = argument.strip()
+        if verb in JUNK_COMMANDS and self.server.errors.junk_limit:
+            self._junk += 1
+            if self._junk > self.server.errors.junk_limit:
+                self._errors += 1
         if verb == "MAIL":
             await self._mail(argument)
         elif verb == "RCPT":
@@ -498,7 +581,7 @@ class ServerConnection(asyncio.Protocol):
                 self._error(R_NEED_HELLO.format(hello=self.server.hello))
             else:
                 reply = await self._hook(self.server.verbs[verb], self.envelope, argument)
-                self._reply(reply or R_INTERNAL)
+                self._answer(reply or R_INTERNAL)
         else:
             self._error(R_UNKNOWN.format(verb=verb[:32]))
         return True
@@ -589,7 +672,7 @@ class ServerConnection(asyncio.Protocol):
             reply = await self._hook(self.server.mail_hook, self.envelope, address, options)
             reply = reply or R_INTERNAL
             if not reply.startswith("2"):
-                return self._reply(reply)
+                return self._answer(reply)
         else:
             reply = R_OK_SENDER
         self.envelope.mail_from = address
@@ -612,7 +695,7 @@ class ServerConnection(asyncio.Protocol):
             self.envelope.rcpt_tos.append(address)
             return self._reply(R_OK_RCPT)
         reply = await self._hook(self.server.rcpt_hook, self.envelope, address, options)
-        self._reply(reply or R_INTERNAL)
+        self._answer(reply or R_INTERNAL)
 
     async def _data(self, argument: str) -> bool:
         if argument:
@@ -642,7 +725,7 @@ class ServerConnection(asyncio.Protocol):
             content = await self._message(envelope)
         except MessageTooBig:
             for _ in range(count):
-                self._reply(R_TOO_BIG.format(limit=self.server.data_size_limit))
+                self._answer(R_TOO_BIG.format(limit=self.server.data_size_limit))
             if self.server.on_refused is not None:
                 self.server.on_refused(self.session, "size", "message over the size limit")
             return True
@@ -660,7 +743,7 @@ class ServerConnection(asyncio.Protocol):
                 log.error("DATA hook gave %d replies for %d", len(replies), count)
             replies = [R_INTERNAL] * count
         for reply in replies:
-            self._reply(reply)
+            self._answer(reply)
         return True
 
 

@@ -14,10 +14,11 @@ LOGIN
        dispatcher, cold start) while the password is checked, so a cold start
        overlaps with the login dialogue.
     2. Wrong user or password: `NO [AUTHENTICATIONFAILED]` after
-       imap_router.auth_failure_delay_s; past max_failures_per_ip or
-       max_failures_per_account within failure_window_s, logins from that IP or
-       for that account are refused without checking.  Three failures in one
-       session end it.  Every attempt is recorded in auth_attempts.
+       imap_router.auth_failure_delay_s (plus the account's growing delay); an
+       address past its failure limits, or banned, gets the same reply without
+       its password being checked (mailfc.routers.throttle, docs/security.md
+       "Login abuse").  Three failures in one session end it.  Every attempt is
+       recorded in auth_attempts.
     3. Right password: the router sends `tag LOGIN user -` with the client's
        own tag to the dispatcher, which hands the connection to an imap
        process of the domain's Dovecot as that user, with the client address
@@ -27,12 +28,19 @@ LOGIN
        client and that imap process, through this router only.
     Container not available in time: `NO [UNAVAILABLE]`.  Backend gone in the
     middle of a session: `* BYE [UNAVAILABLE]` and the connection closes.
+    Dovecot ending the session at login (`* BYE [LIMIT] ...`: over the
+    account's imap_sessions limit): that BYE is the one answer the client
+    gets, and the connection closes.
 
 SECURITY
     Plaintext LOGIN/AUTHENTICATE before TLS is refused (`LOGINDISABLED`) unless
     imap_router.allow_plaintext_auth.  Bytes pipelined after STARTTLS are a
     command-injection attempt: the connection is closed.  Pre-login literals
-    are capped at 8 KiB and lines at 8 KiB.
+    are capped at 8 KiB each and a command (lines and literals) at
+    MAX_COMMAND (64 KiB: an RFC 2971 ID of 30 fields of 1024 bytes fits, as
+    Dovecot takes it).  A longer command gets `* BAD` and `* BYE`, then the
+    connection closes after its input is read and thrown away (bounded), so
+    the client reads the answer instead of a reset.
 """
 
 from __future__ import annotations
@@ -58,6 +66,12 @@ from mailfc.routers.throttle import delay_failure
 log = logging.getLogger("mailfc.routers.imap")
 
 MAX_FAILURES_PER_SESSION = 3
+MAX_COMMAND = 65536
+# After refusing too much input: read and throw away at most this much, this long,
+# before closing (closing with unread input resets the connection, and the
+# client may never see the BAD).
+LINGER_BYTES = 1 << 20
+LINGER_S = 2.0
 BACKEND_LOGIN_TIMEOUT_S = 15.0
 NEEDS_LOGIN = {
     b"SELECT", b"EXAMINE", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE",
@@ -115,7 +129,8 @@ class ImapSession:
         return await imap.read_line(self.reader)
 
     async def read_command(self) -> tuple[bytes, bytes, list[bytes]]:
-        return await imap.read_command(self.reader, lambda: self.send("+ OK"))
+        return await imap.read_command(self.reader, lambda: self.send("+ OK"),
+                                       max_line=MAX_COMMAND, max_total=MAX_COMMAND)
 
     def capabilities(self) -> str:
         words = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE"]
@@ -143,6 +158,7 @@ class ImapSession:
                 await self.send(f"* BAD {error}")
                 if "literal" in str(error) or "too long" in str(error):
                     await self.send("* BYE Too much data before login.")
+                    await self.linger()
                     return
                 continue
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -153,6 +169,23 @@ class ImapSession:
             if isinstance(backend, Backend):
                 await self.proxy(backend)
                 return
+
+    async def linger(self) -> None:
+        """Half-close, then read and drop what the client still sends (bounded)."""
+        with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+        dropped = 0
+        deadline = time.monotonic() + LINGER_S
+        with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+            while dropped < LINGER_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                chunk = await asyncio.wait_for(self.reader.read(65536), remaining)
+                if not chunk:
+                    break
+                dropped += len(chunk)
 
     async def dispatch(self, tag: str, command: bytes,
                        arguments: list[bytes]) -> Backend | bool:
@@ -307,6 +340,15 @@ class ImapSession:
                                               BACKEND_LOGIN_TIMEOUT_S)
                 if line.startswith(prefix):
                     break
+                if line.startswith(b"* BYE") and pending is None:
+                    # Dovecot ends the session (over a limit): that is the answer.
+                    log.info("backend ended the login of %s: %r", account.address,
+                             line[:200])
+                    self.writer.write(line)
+                    with contextlib.suppress(ConnectionError):
+                        await self.writer.drain()
+                    await netio.close(backend.writer)
+                    return False
                 if not line.startswith(b"* "):
                     raise BackendUnavailable(f"unexpected reply {line[:80]!r}")
                 self.writer.write(line)

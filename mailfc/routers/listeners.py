@@ -2,8 +2,13 @@
 
 A `LoginRouter` listens on a plain port (STARTTLS) and an implicit-TLS port,
 runs one session object per connection (`session_factory(router, reader,
-writer, implicit_tls).run()`), and checks logins (`authenticate`): past the
-per-IP or per-account failure throttle a login is refused unchecked; an
+writer, implicit_tls).run()`), and checks logins (`authenticate`): a login
+from a banned address (mailfc.db.bans), or from an address past its failure
+limits (mailfc.routers.throttle), is refused unchecked; the account's own
+failure count only delays (a right password from an address without
+failures logs in at once); an address failing for many accounts is banned;
+an unknown or suspended account's password is checked against a dummy hash,
+so its failure takes as long as a wrong password's; an
 active account's backend session starts opening while its password is
 checked, so a cold start overlaps the check; every attempt is recorded in
 auth_attempts without making the session wait for the database (the session
@@ -26,11 +31,19 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from mailfc import cluster, netio
+from mailfc.anvil import Anvil
 from mailfc.config import Config, LoginSection, split_hostport
-from mailfc.db.directory import Account, Directory
+from mailfc.db.directory import PASSWORD_CHECKS, Account, Directory
 from mailfc.db.placement import Placement
+from mailfc.passwords import verify_dummy
 from mailfc.policy.recorder import Recorder
-from mailfc.routers.throttle import FailureThrottle
+from mailfc.routers.throttle import (
+    BanList,
+    LoginThrottle,
+    ThrottleLimits,
+    account_key,
+    delay_failure,
+)
 
 
 async def connect_dispatcher(config: Config, placement: Placement, service: str
@@ -121,9 +134,8 @@ class LoginRouter:
         self.settings = settings
         self.directory = directory
         self.tls_context = tls_context
-        window = float(settings.failure_window_s)
-        self.ip_throttle = FailureThrottle(settings.max_failures_per_ip, window)
-        self.account_throttle = FailureThrottle(settings.max_failures_per_account, window)
+        self.throttle = LoginThrottle(ThrottleLimits.of(settings))
+        self.bans = BanList(directory.pool, settings.ban_refresh_s)
         self._listen = ((plain, False), (implicit_tls, True))
         self._session_factory = session_factory
         self._log = log
@@ -133,6 +145,8 @@ class LoginRouter:
 
     async def start(self) -> None:
         await self.recorder.start()
+        # Connections per client (mailfc.anvil), one count for both ports.
+        self.anvil = Anvil.for_service(self.config, self.name)
         for address, implicit_tls in self._listen:
             host, port = split_hostport(address)
             self._servers.append(await asyncio.start_server(
@@ -148,23 +162,64 @@ class LoginRouter:
     def _handler(self, implicit_tls: bool) -> Callable[
             [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            session = self._session_factory(self, reader, writer, implicit_tls)
-            await netio.run_session(self._sessions, writer, session.run(),
-                                    f"{self.protocol} session", self._log)
+            # Admission before anything is said: past its count or rate a client gets
+            # the protocol's refusal (421 / BYE) instead of the greeting.
+            ticket = self.anvil.connect(peer_and_local(writer)[0][0])
+            if ticket.refusal is not None:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(self.anvil.refusal_line(ticket.client))
+                await netio.close(writer)
+                return
+            try:
+                session = self._session_factory(self, reader, writer, implicit_tls)
+                await netio.run_session(self._sessions, writer, session.run(),
+                                        f"{self.protocol} session", self._log)
+            finally:
+                ticket.release()
         return handle
 
     async def authenticate(self, username: str, password: str, client_ip: str,
                            open_backend: Callable[[Account], Coroutine[Any, Any, B]],
                            unavailable: tuple[type[BaseException], ...]) -> Login[B]:
-        key = username.strip().lower()
-        if self.ip_throttle.blocked(client_ip) or self.account_throttle.blocked(key):
+        if (await self.bans.get()).match(client_ip) is not None:
+            return self._failed(username, None, client_ip, "banned")
+        name = account_key(username)
+        verdict = self.throttle.check(client_ip, name)
+        if verdict.refused is not None:
+            await self._count_failure(client_ip, name, checked=False)
             return self._failed(username, None, client_ip, "throttled")
+        self.throttle.begin(client_ip)
+        try:
+            if not verdict.clean and verdict.delay_s > 0:
+                # This address failed before: no answer, not even a right one,
+                # sooner than the account's delay.
+                await delay_failure(verdict.delay_s)
+            login = await self._check(username, password, client_ip, open_backend,
+                                      unavailable)
+        finally:
+            self.throttle.end(client_ip)
+        if login.failure is None:
+            self.throttle.succeeded(client_ip, name)
+            return login
+        await self._count_failure(client_ip, name, checked=True)
+        if verdict.clean and verdict.delay_s > 0:
+            await delay_failure(verdict.delay_s)
+        return login
+
+    async def _check(self, username: str, password: str, client_ip: str,
+                     open_backend: Callable[[Account], Coroutine[Any, Any, B]],
+                     unavailable: tuple[type[BaseException], ...]) -> Login[B]:
         account = await self.directory.account(username)
         opening: asyncio.Task[B] | None = None
         if account is not None and account.active:
             opening = asyncio.create_task(open_backend(account))
-        ok = account is not None and account.active and \
-            await self.directory.verify(account, password)
+            ok = await self.directory.verify(account, password)
+        else:
+            # As long as a wrong password for a real account takes: the time
+            # tells a prober nothing about which accounts exist.
+            await asyncio.get_running_loop().run_in_executor(
+                PASSWORD_CHECKS, verify_dummy, password)
+            ok = False
         if not ok or account is None or opening is None:
             if opening is not None:
                 opening.cancel()
@@ -174,7 +229,6 @@ class LoginRouter:
                 "suspended" if not account.active else "wrong password")
             return self._failed(username, account.domain if account else None, client_ip,
                                 reason)
-        self.account_throttle.succeed(key)
         try:
             backend = await opening
         except unavailable as error:
@@ -186,10 +240,21 @@ class LoginRouter:
         self.record(account.address, account.domain, client_ip, True, "ok")
         return Login(account=account, backend=backend)
 
+    async def _count_failure(self, client_ip: str, name: str, *, checked: bool) -> None:
+        """Count a failure; an address that failed for spray_accounts distinct
+        accounts in the window is banned for spray_ban_s, on every router."""
+        accounts = self.throttle.failed(client_ip, name, checked=checked)
+        if accounts < self.settings.spray_accounts:
+            return
+        reason = (f"password spraying: failed logins for {accounts} accounts within "
+                  f"{self.settings.failure_window_s} s")
+        self._log.warning("%s: banning %s for %d s: %s", self.protocol, client_ip,
+                          self.settings.spray_ban_s, reason)
+        await self.bans.add(client_ip, reason, self.settings.spray_ban_s,
+                            host=self.config.host_name)
+
     def _failed(self, username: str, domain: str | None, client_ip: str,
                 reason: str) -> Login[Any]:
-        self.ip_throttle.fail(client_ip)
-        self.account_throttle.fail(username.strip().lower())
         self.record(username, domain, client_ip, False, reason)
         return Login(failure=reason)
 

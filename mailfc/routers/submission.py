@@ -9,8 +9,8 @@ DIALOGUE (before AUTH, answered by the router)
     EHLO/HELO, STARTTLS, AUTH PLAIN [initial-response], AUTH LOGIN, NOOP, RSET,
     QUIT.  MAIL before AUTH: 530 5.7.0.  AUTH before TLS: 538 5.7.11.
     Wrong user or password: 535 5.7.8 after submission.auth_failure_delay_s;
-    per-IP and per-account failure throttling as for IMAP; three failures end
-    the session.
+    failure throttling and bans as for IMAP (mailfc.routers.throttle); three
+    failures end the session.
 
 AFTER AUTH
     While the password is checked, the session to the domain's Postfix is
@@ -66,10 +66,14 @@ ADMISSION
     no turn within pressure_max_wait_s: 451 4.7.1 for the AUTH.
 
 CONFIGURATION
-    submission.auth_failure_delay_s (1), max_failures_per_ip (10),
-    max_failures_per_account (5), failure_window_s (300), login_timeout_s (60),
+    submission.auth_failure_delay_s (1), max_failures_per_ip (20),
+    max_failures_per_pair (5), failure_window_s (300), account_delay_after (5),
+    account_delay_s (0.5), account_delay_max_s (8), spray_accounts (10),
+    spray_ban_s (3600), ban_refresh_s (5), login_timeout_s (60),
     idle_timeout_s (300), pressure_target (0.15), pressure_min_rate (1),
     pressure_max_wait_s (30); messages.size_limit (52428800).
+    [submission_connections]: connections per client on both ports (mailfc.anvil;
+    past them `421 4.7.0 <host> Error: too many connections from <client>`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ _DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]
 INSTANCE_COLUMNS = """
     i.id, i.name, i.domain_id, d.name AS domain, i.service, i.host_id, i.address,
     i.state, i.pid, i.slot, i.created_at, i.ready_at, i.last_activity_at,
-    i.draining_at, i.stopped_at, i.stop_reason
+    i.draining_at, i.stopped_at, i.stop_reason, i.cpu_pinned_until, i.memory_pinned_until
 """
 
 
@@ -208,6 +208,27 @@ async def mark_stopped(db: Conn, instance_id: int, reason: str) -> None:
 async def touch(db: Conn, instance_id: int) -> None:
     await db.execute(
         "UPDATE container_instances SET last_activity_at = now() WHERE id = $1", instance_id)
+
+
+async def pin(db: Conn, instance_id: int, *, cpu: bool, memory: bool,
+              for_s: int | None) -> None:
+    """Pin the instance's CPU quota and/or memory limit: the controller leaves them
+    alone until now + for_s ('infinity' with None)."""
+    await db.execute(
+        """UPDATE container_instances
+              SET cpu_pinned_until = CASE WHEN $2 THEN coalesce(
+                      now() + make_interval(secs => $4::integer), 'infinity')
+                      ELSE cpu_pinned_until END,
+                  memory_pinned_until = CASE WHEN $3 THEN coalesce(
+                      now() + make_interval(secs => $4::integer), 'infinity')
+                      ELSE memory_pinned_until END
+            WHERE id = $1""", instance_id, cpu, memory, for_s)
+
+
+async def unpin(db: Conn, instance_id: int) -> None:
+    await db.execute(
+        """UPDATE container_instances SET cpu_pinned_until = NULL, memory_pinned_until = NULL
+            WHERE id = $1""", instance_id)
 
 
 async def due_for_stop(db: Conn, host_id: int) -> list[asyncpg.Record]:

@@ -5,6 +5,9 @@
 gives the host path of the unix socket where the container takes that
 service's sessions (through /proc/<pid>/root: the host's root only).
 `address` is its address on the bridge, where nothing listens any more.
+`cpu_pinned_until` / `memory_pinned_until`: an admin's `container update`
+pinned that setting until then (datetime.max: until `--unpin`); the
+controller leaves a pinned setting alone (pinned()).
 """
 
 from __future__ import annotations
@@ -36,6 +39,27 @@ class Instance:
     ready_at: datetime.datetime | None = None
     last_activity_at: datetime.datetime | None = None
     stop_reason: str | None = None
+    cpu_pinned_until: datetime.datetime | None = None
+    memory_pinned_until: datetime.datetime | None = None
+
+    def pinned(self, setting: str, now: datetime.datetime | None = None) -> bool:
+        """Whether the admin pinned `setting` ('cpu' or 'memory') and the pin holds."""
+        until = self.cpu_pinned_until if setting == "cpu" else self.memory_pinned_until
+        if until is None:
+            return False
+        if until.tzinfo is None:   # asyncpg gives 'infinity' as a naive datetime.max
+            until = until.replace(tzinfo=datetime.UTC)
+        return until > (now or datetime.datetime.now(datetime.UTC))
+
+    def pins(self, now: datetime.datetime | None = None) -> str:
+        """The pins that hold, for people: "cpu, memory until 14:05:00" or ""."""
+        words = []
+        for setting in ("cpu", "memory"):
+            if self.pinned(setting, now):
+                until = getattr(self, f"{setting}_pinned_until")
+                words.append(setting if until.year == datetime.MAXYEAR
+                             else f"{setting} until {until.astimezone():%Y-%m-%d %H:%M:%S}")
+        return ", ".join(words)
 
     def serves(self, service: str) -> bool:
         return image_for(service).name == self.image
@@ -64,4 +88,6 @@ class Instance:
             host_id=row["host_id"], address=ipaddress.IPv4Address(str(address)),
             state=row["state"], slot=row["slot"], pid=row["pid"],
             created_at=row["created_at"], ready_at=row["ready_at"],
-            last_activity_at=row["last_activity_at"], stop_reason=row["stop_reason"])
+            last_activity_at=row["last_activity_at"], stop_reason=row["stop_reason"],
+            cpu_pinned_until=row.get("cpu_pinned_until"),
+            memory_pinned_until=row.get("memory_pinned_until"))

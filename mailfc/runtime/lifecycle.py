@@ -3,7 +3,7 @@
     runtime = Runtime(settings, pool)        # pool: asyncpg pool on the CMDB
     await runtime.open()                     # checks, bridge, netns pool
     await runtime.recover()                  # once at start-up, see recovery.py
-    inst = await runtime.ensure("example.org", "imap")
+    inst = await runtime.ensure("example.org", "imap", Trigger("session", "imap"))
     # connect to the unix socket inst.socket("lmtp") (host root only)
     await runtime.touch(inst)                # session activity, for idle timeouts
     await runtime.update(inst, cpu_quota_us=150_000, memory_bytes=512 << 20)
@@ -15,7 +15,14 @@ ensure(domain, service) returns a running instance of this host, starting one
 when there is none.  Concurrent callers for one (domain, image) share a
 single start; a caller that is cancelled does not cancel the start for the
 others.  start(domain, service) always starts another instance (scale out,
-bounded by the spec's max_instances).
+bounded by the spec's max_instances).  Every start, made or failed, is an
+event of kind "start" with its trigger and cold-start time (starts.py).
+
+sweep() removes this runtime's containers (by its name prefix, one by one by
+name) that no live CMDB row owns: those of a removed domain, or of a row
+someone closed by hand.  recover() does the same once at start-up; the
+controller calls sweep() every round.  remove_domain() stops a domain's
+containers at once, for `mailfc domain remove`.
 
 A start: claim address and slot in the CMDB (row 'starting') -> render /etc
 and config.json -> runc run -> the service's unix socket listening (polled in
@@ -65,6 +72,8 @@ from mailfc.runtime.network import Endpoint, Network
 from mailfc.runtime.readiness import process_alive, wait_exit, wait_listen_socket
 from mailfc.runtime.runc import RuncBackend
 from mailfc.runtime.settings import RuntimeSettings
+from mailfc.runtime.starts import UNKNOWN, Trigger
+from mailfc.runtime.starts import record as record_start
 
 log = logging.getLogger(__name__)
 CLEANUP_TIMEOUT = 10.0
@@ -81,6 +90,7 @@ class Runtime:
         self._inflight: dict[tuple[str, str], asyncio.Task[Instance]] = {}
         self._reserved: set[ipaddress.IPv4Address] = set()
         self._own_starts: set[str] = set()   # container names this runtime is starting
+        self._background: set[asyncio.Task[None]] = set()   # start events being written
         self.starts = 0   # containers this runtime started (tests and benchmarks read it)
 
     # -- set-up ----------------------------------------------------------------------
@@ -112,6 +122,9 @@ class Runtime:
         for task in list(self._inflight.values()):
             with contextlib.suppress(BaseException):
                 await task
+        if self._background:
+            # Start events still being written (the CLI closes right after a start).
+            await asyncio.wait(list(self._background), timeout=CLEANUP_TIMEOUT)
         await self.network.close()
 
     async def __aenter__(self) -> Runtime:
@@ -131,15 +144,20 @@ class Runtime:
 
     # -- ensure / start ------------------------------------------------------------------
 
-    async def ensure(self, domain: str, service: str) -> Instance:
-        """A running instance of (domain, service) on this host; starts one if needed."""
+    async def ensure(self, domain: str, service: str, trigger: Trigger | None = None
+                     ) -> Instance:
+        """A running instance of (domain, service) on this host; starts one if needed.
+
+        `trigger` says who asked, for the start event (the first caller's, when
+        several wait for one start)."""
         image = image_for(service)
         domain = cmdb.check_domain_name(domain)
         key = (domain, image.name)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                self._ensure(domain, image, service), name=f"ensure {domain} {image.name}")
+                self._ensure(domain, image, service, trigger or UNKNOWN),
+                name=f"ensure {domain} {image.name}")
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._forget(key, done))
         # shield: one caller giving up must not cancel the start the others wait for.
@@ -151,7 +169,8 @@ class Runtime:
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may have been cancelled
 
-    async def _ensure(self, domain: str, image: Image, service: str) -> Instance:
+    async def _ensure(self, domain: str, image: Image, service: str, trigger: Trigger
+                      ) -> Instance:
         spec = await cmdb.domain_spec(self.db, domain, image.record_service)
         deadline = time.monotonic() + self.settings.start_timeout
         while True:
@@ -174,7 +193,7 @@ class Runtime:
                                     image.name)
                 starting.remove(row)
             if not starting:
-                return await self._start(spec, image, service)
+                return await self._start(spec, image, service, trigger)
             # Another process is starting it: wait for its outcome, bounded.
             if time.monotonic() >= deadline:
                 raise StartFailed(f"{domain} {image.name}: another process's start did not"
@@ -186,16 +205,19 @@ class Runtime:
                                      row["created_at"])
         return float(age) > 2 * self.settings.start_timeout + CLEANUP_TIMEOUT
 
-    async def start(self, domain: str, service: str) -> Instance:
+    async def start(self, domain: str, service: str, trigger: Trigger | None = None
+                    ) -> Instance:
         """Start another instance of (domain, service) (scale out)."""
         image = image_for(service)
         domain = cmdb.check_domain_name(domain)
         spec = await cmdb.domain_spec(self.db, domain, image.record_service)
-        return await self._start(spec, image, service)
+        return await self._start(spec, image, service, trigger or UNKNOWN)
 
-    async def _start(self, spec: asyncpg.Record, image: Image, service: str) -> Instance:
+    async def _start(self, spec: asyncpg.Record, image: Image, service: str,
+                     trigger: Trigger) -> Instance:
         assert self._host is not None
         domain = spec["domain"]
+        began = time.monotonic()
         endpoint: Endpoint | None = None
         name: str | None = None
         row: asyncpg.Record | None = None
@@ -243,6 +265,9 @@ class Runtime:
                     f"start failed: {reason}", image.name))
             if not isinstance(error, Exception):
                 raise  # cancelled
+            self._record_start(domain, image.record_service, trigger, began,
+                               row["id"] if row else None, name, None,
+                               int(row["slot"]) if row else None, failure=reason)
             if isinstance(error, MailfcError) and not isinstance(error, StartFailed):
                 raise  # UnknownDomain, AddressExhausted, CapacityExhausted: already clear
             raise StartFailed(f"{domain} {image.name} did not start: {reason}") from None
@@ -251,12 +276,26 @@ class Runtime:
                 self._own_starts.discard(name)
             with contextlib.suppress(RuntimeError):
                 self.network.refill_soon()
+        self._record_start(domain, image.record_service, trigger, began, row["id"], name,
+                           pid, slot)
         return Instance(
             id=row["id"], name=name, domain=domain, domain_id=spec["domain_id"],
             service=image.record_service, image=image.name, host_id=self.host_id,
             address=address, state="running", slot=slot, pid=pid,
             created_at=row["created_at"], ready_at=ready["ready_at"],
             last_activity_at=ready["last_activity_at"])
+
+    def _record_start(self, domain: str, service: str, trigger: Trigger, began: float,
+                      instance_id: int | None, name: str | None, pid: int | None,
+                      slot: int | None, failure: str | None = None) -> None:
+        """Write the start event in the background (see starts.py)."""
+        assert self._host is not None
+        task = asyncio.get_running_loop().create_task(record_start(
+            self.db, host=str(self._host["name"]), domain=domain, service=service,
+            trigger=trigger, cold_start_s=time.monotonic() - began,
+            instance_id=instance_id, container=name, pid=pid, slot=slot, failure=failure))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _make_bundle(self, name: str, image: Image, domain: str, slot: int,
                      spec: asyncpg.Record, instance_id: int) -> Any:
@@ -343,6 +382,52 @@ class Runtime:
     async def touch(self, instance: Instance) -> None:
         """Record session activity (the idle timeout counts from the last one)."""
         await cmdb.touch(self.db, instance.id)
+
+    async def pin(self, instance: Instance, *, cpu: bool, memory: bool,
+                  for_s: int | None = None) -> None:
+        """Keep the controller off this instance's CPU quota and/or memory limit, for
+        for_s seconds (None: until unpin())."""
+        await cmdb.pin(self.db, instance.id, cpu=cpu, memory=memory, for_s=for_s)
+
+    async def unpin(self, instance: Instance) -> None:
+        await cmdb.unpin(self.db, instance.id)
+
+    # -- removed domains and orphans ------------------------------------------------------
+
+    async def remove_domain(self, domain: str, drain_timeout: float | None = None
+                            ) -> list[str]:
+        """Stop every container of `domain` on this host now; their names."""
+        stopped = []
+        for instance in await self.instances(domain):
+            await self.stop(instance, drain_timeout, reason="domain removed")
+            stopped.append(instance.name)
+        return stopped
+
+    async def sweep(self) -> list[str]:
+        """Remove this runtime's containers that no live CMDB row of this host owns
+        (a removed domain's, a row closed by hand); the names removed.
+
+        Only names with this runtime's prefix, in its own runc root, one by one.  A
+        start inserts its row before runc runs, so the containers are listed first
+        and the rows read after: a start in progress always has its row."""
+        prefix = self.settings.name_prefix + "-"
+        containers = [c for c in await self.backend.containers() if c.name.startswith(prefix)]
+        if not containers:
+            return []
+        owned = {row["name"] for row in await self.db.fetch(
+            "SELECT name FROM container_instances WHERE host_id = $1 AND state <> 'stopped'"
+            " AND name = ANY($2::text[])", self.host_id, [c.name for c in containers])}
+        removed = []
+        for container in containers:
+            if container.name in owned or container.name in self._own_starts:
+                continue
+            log.warning("removing container %s (%s of %s): no CMDB row owns it",
+                        container.name, container.annotations.get("mailfc.image", "?"),
+                        container.annotations.get("mailfc.domain", "?"))
+            await self._discard(container.name, None, None, "orphan",
+                                container.annotations.get("mailfc.image", "?"))
+            removed.append(container.name)
+        return removed
 
     # -- queries -------------------------------------------------------------------------
 

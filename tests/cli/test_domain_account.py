@@ -134,3 +134,24 @@ def test_aliases(mailfc: Mailfc) -> None:
     assert len(json.loads(mailfc.ok("alias", "list", "--json").out)) == 1
     mailfc.ok("alias", "remove", "info@example.org")
     mailfc.fails("alias", "remove", "info@example.org", says="no alias")
+
+
+def test_domain_set_idle_timeout_and_lifetime(mailfc: Mailfc) -> None:
+    mailfc.ok("domain", "add", "example.org")
+    shown = mailfc.ok("domain", "show", "example.org").out
+    assert "5m (default)" in shown and "1h (default)" in shown
+    said = mailfc.ok("domain", "set", "example.org", "--idle-timeout", "10m",
+                     "--lifetime", "2h").out
+    assert "idle timeout 10m, lifetime 2h" in said
+    shown = json.loads(mailfc.ok("domain", "show", "example.org", "--json").out)
+    assert {s: (v["idle_timeout_s"], v["lifetime_s"], v["own"])
+            for s, v in shown["timeouts"].items()} == {
+        "smtp": (600, 7200, True), "lmtp": (600, 7200, True), "imap": (600, 7200, True)}
+    mailfc.ok("domain", "set", "example.org", "--lifetime", "90m")
+    table = mailfc.ok("domain", "show", "example.org").out
+    assert "10m" in table and "90m" in table and "default" not in table
+    mailfc.fails("domain", "set", "example.org", says="--idle-timeout")
+    mailfc.fails("domain", "set", "example.org", "--idle-timeout", "soon",
+                 says="invalid duration")
+    mailfc.fails("domain", "set", "example.org", "--lifetime", "0", says="more than zero")
+    mailfc.fails("domain", "set", "nowhere.example", "--lifetime", "1h", says="unknown domain")

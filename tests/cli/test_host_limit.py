@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import stat
 from pathlib import Path
 
+import asyncpg
+import pytest
 from cryptography import x509
 
 from mailfc.config import load_config
@@ -19,11 +22,12 @@ def test_hosts(mailfc: Mailfc) -> None:
     hosts = {h["name"]: h for h in json.loads(mailfc.ok("host", "list", "--json").out)}
     assert hosts["mx2"]["dispatcher_address"] == "10.1.0.2"
     assert hosts["mx2"]["container_subnet"] == "10.78.0.0/16"
-    assert hosts["mx2"]["capacity"] == 50 and hosts["mx2"]["state"] == "active"
+    # Never heard from: pending, and nothing is placed on it.
+    assert hosts["mx2"]["capacity"] == 50 and hosts["mx2"]["state"] == "pending"
+    mailfc.fails("host", "activate", "mx2", says="first heartbeat")
     mailfc.ok("host", "drain", "mx2")
     hosts = {h["name"]: h for h in json.loads(mailfc.ok("host", "list", "--json").out)}
     assert hosts["mx2"]["state"] == "draining"
-    mailfc.ok("host", "activate", "mx2")
     mailfc.fails("host", "add", "mx2", "--dispatcher", "10.1.0.3", "--subnet", "10.79.0.0/16",
                  says="exists already")
     mailfc.fails("host", "add", "mx3", "--dispatcher", "not-an-ip", "--subnet", "10.79.0.0/16",
@@ -145,3 +149,22 @@ def test_events_listing(mailfc: Mailfc) -> None:
     result = mailfc.ok("events", "--json", "--since", "1h")
     assert isinstance(json.loads(result.out), list)
     mailfc.fails("events", "--since", "soon", says="invalid duration")
+
+
+async def test_a_pending_host_gets_no_domain_until_it_reports(mailfc: Mailfc,
+                                                             cmdb: asyncpg.Pool) -> None:
+    """`host add` makes a pending host: placement passes it by though it is empty, and
+    its first heartbeat makes it active."""
+    from mailfc.db import hosts, placement
+
+    await asyncio.to_thread(mailfc.ok, "host", "add", "mx7", "--dispatcher", "10.1.0.7",
+                            "--subnet", "10.81.0.0/16", "--capacity", "5000")
+    await asyncio.to_thread(mailfc.ok, "domain", "add", "pending.example")
+    await cmdb.execute("UPDATE hosts SET state = 'down' WHERE name <> 'mx7'")
+    try:
+        with pytest.raises(placement.NoHost):
+            await placement.place(cmdb, "pending.example")
+        await hosts.heartbeat(cmdb, "mx7")
+        assert (await placement.place(cmdb, "pending.example")).host == "mx7"
+    finally:
+        await cmdb.execute("UPDATE hosts SET state = 'active' WHERE name <> 'mx7'")

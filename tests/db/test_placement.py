@@ -18,6 +18,11 @@ async def test_placement_prefers_room_and_follows_drain(clean_cmdb: asyncpg.Pool
         await domains.add(db, "p1.example")
         await domains.add(db, "p2.example")
         try:
+            # Added but never heard from: pending, no domain goes there.
+            with pytest.raises(NoHost):
+                await place(db, "p1.example")
+            await hosts.heartbeat(db, "small")
+            await hosts.heartbeat(db, "large")
             first = await place(db, "p1.example")
             assert first.host == "large" and first.dispatcher_address == "10.1.0.2"
             # Stable: asking again does not move it.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.platform import Sink, Up, maildir_marks
+from bench.platform import LOOPBACK_UNCAPPED, Sink, Up, maildir_marks
 from mailfc.config import Config, parse_config
 from mailfc.db import accounts, connect, domains
 from mailfc.db.pool import embedded_cluster
@@ -56,6 +56,8 @@ def settings_for(state_dir: Path, prefix: str, subnet: str, base: int) -> Config
         # again within seconds, not the production minute.
         "spool": {"retry_base_s": 0.5, "retry_max_s": 2.0, "scan_interval_s": 0.2},
         "controller": {"deferred_retry_s": 5.0},
+        # Throughput from loopback, not the per-client connection caps (mailfc.anvil).
+        **LOOPBACK_UNCAPPED,
     }
     return parse_config(data, f"{prefix} tests")
 

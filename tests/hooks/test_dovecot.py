@@ -92,7 +92,7 @@ async def test_fourth_search_in_a_minute_is_refused_and_the_session_goes_on(
     replies = await asyncio.to_thread(searches_with_limit, "carol@k1.example")
     assert [typ for typ, _ in replies] == ["OK", "OK", "OK", "NO", "OK"]
     assert replies[3][1].startswith("[LIMIT] account carol@k1.example reached its limit of 3"
-                                    " search per 1m")
+                                    " searches per 1m")
     refused = await hooks_host.wait_recorded(
         "SELECT count(*) FROM imap_commands WHERE account = $1 AND name = 'SEARCH'"
         " AND verdict = 'tempfail' AND result = 'NO'", "carol@k1.example")

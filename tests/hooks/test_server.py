@@ -104,7 +104,7 @@ async def test_search_limit_refuses_and_a_limit_change_is_pushed(
         assert answers[0] == [protocol.CMD, "5", "1", protocol.OK]
         assert [a[3] for a in answers] == [protocol.OK, protocol.OK, protocol.NO]
         assert answers[2][4].startswith("[LIMIT] account bob@k1.example reached its limit "
-                                        "of 2 search per 1m")
+                                        "of 2 searches per 1m")
         # Unrelated commands are answered without the database.
         assert (await plugin.ask(protocol.CMD, 5, 4, "FETCH", "f"))[3] == protocol.OK
         await plugin.send(protocol.DONE, 5, 3, micros(), 10, "UID SEARCH", "s3",

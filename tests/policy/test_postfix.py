@@ -152,10 +152,11 @@ async def test_shadow_mode_passes_and_records(postfix_host: PostfixHost,
     rules = [(e["stage"], e["rule"]) for e in events]
     assert all(e["mode"] == "shadow" and e["verdict"] == "tempfail" for e in events)
     # Each message had one recipient too many; messages 3 and 4 were over the window
-    # at MAIL (2 counted) and again at end of message.
+    # at MAIL (2 counted).  A shadow refusal is recorded once per transaction: not
+    # again at end of message, where the same rule refuses the same message.
     assert rules.count(("rcpt", "limit:recipients_per_message@account")) == 4
     assert rules.count(("mail", "limit:messages/1m@account")) == 2
-    assert rules.count(("eom", "limit:messages/1m@account")) == 2
+    assert rules.count(("eom", "limit:messages/1m@account")) == 0
     assert await policy_db.fetchval(
         "SELECT count(*) FROM smtp_messages WHERE domain = 'm3.example'"
         " AND verdict = 'accept' AND recipient_count = 2") == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from mailfc.policy.milter.session import FailurePolicy
 from mailfc.policy.recorder import Recorder, now
+from tests.cli.conftest import run_mailfc
 from tests.policy.conftest import running_milter, set_limit, wait_for
 from tests.policy.mta import MtaClient, reply_text
 
@@ -158,3 +160,80 @@ async def test_protocol_garbage_closes_only_that_connection(policy_db: asyncpg.P
     assert await policy_db.fetchval(
         "SELECT count(*) FROM smtp_messages WHERE domain = 'm1.example'"
         " AND verdict = 'aborted'") == 2
+
+
+# What clients put in the records: a NUL in a HELO or a user name, bytes that are not
+# UTF-8 (kept as lone surrogates by surrogateescape), other lone surrogates, keys too
+# long for an index, numbers PostgreSQL has no type for.
+HOSTILE_NAMES = ("nul\x00user", "bytes\udcff\udcfeuser", "lone\ud800user", "k" * 5000)
+
+
+async def test_bad_values_are_stored_sanitized_or_set_aside(
+        policy_db: asyncpg.Pool, tmp_path: Path, config_file: Path) -> None:
+    dead_letter = tmp_path / "dead-letter" / "recorder-test.jsonl"
+    recorder = Recorder(policy_db, flush_interval_s=10, holder="test/bad-rows",
+                        component="test", dead_letter=dead_letter, batch_size=64)
+    try:
+        good = [f"g{index}" for index in range(40)]
+        for index, name in enumerate(good):
+            recorder.new("auth_attempts", protocol="imap", username=name, success=False,
+                         reason="bad-rows test")
+            if index % 10 == 3:
+                recorder.new("auth_attempts", protocol="imap",
+                             username=HOSTILE_NAMES[index // 10], success=False,
+                             reason="bad-rows test")
+        # What PostgreSQL refuses whatever is done to the text: set aside, not retried.
+        recorder.new("auth_attempts", protocol="imap", username="bad-address",
+                     client_ip="not an address", success=False, reason="bad-rows test")
+        session = recorder.new("smtp_sessions", component="test", domain="m1.example",
+                               helo="helo\x00with nul", bytes=2 ** 70)   # NOT NULL: refused
+        recorder.new("smtp_events", session_id=session, stage="helo", verdict="reject",
+                     rule="test", detail={"helo\x00": "x\udcff", "size": float("nan")})
+        assert await recorder.flush() == 40 + 4 + 1
+        stats = recorder.stats()
+        # (the smtp_sessions row was made storable first, then refused for its NULL)
+        assert (stats.pending, stats.sanitized, stats.dead_lettered, stats.failed_flushes) == (
+            0, 6, 2, 0)
+        stored = await policy_db.fetch(
+            "SELECT username FROM auth_attempts WHERE reason = 'bad-rows test' ORDER BY id")
+        names = [row["username"] for row in stored]
+        assert names[:4] == ["g0", "g1", "g2", "g3"] and len(names) == 44
+        assert set(good) <= set(names)
+        assert "nul\\x00user" in names and "bytes\\xff\\xfeuser" in names
+        assert "lone\\ud800user" in names and "k" * 1000 in names
+        detail = json.loads(await policy_db.fetchval(
+            "SELECT detail FROM smtp_events WHERE session_id = $1", session.id))
+        assert detail == {"helo\\x00": "x\\xff", "size": None, "sanitized": True}
+        lines = [json.loads(line) for line in dead_letter.read_text().splitlines()]
+        assert sorted(line["table"] for line in lines) == ["auth_attempts", "smtp_sessions"]
+        refused = {line["table"]: line for line in lines}
+        assert refused["auth_attempts"]["row"]["client_ip"] == "not an address"
+        assert "InvalidTextRepresentation" in refused["auth_attempts"]["error"]
+        assert refused["smtp_sessions"]["row"]["helo"] == "helo\x00with nul"
+        assert "NotNullViolation" in refused["smtp_sessions"]["error"]
+
+        # The recorder goes on recording, in its own loop too.
+        recorder.flush_interval_s = 0.05
+        await recorder.start()
+        later = recorder.new("auth_attempts", protocol="imap", username="after\x00wards",
+                             success=False, reason="bad-rows test")
+        recorder.new("auth_attempts", protocol="imap", username="after", success=True,
+                     reason="bad-rows test")
+        await wait_for(lambda: recorder.stats().pending == 0)
+        assert later.id is not None and await policy_db.fetchval(
+            "SELECT username FROM auth_attempts WHERE id = $1", later.id) == "after\\x00wards"
+        await recorder.stop()
+        assert recorder.stats().written == 47 and recorder.stats().sanitized == 7
+
+        # `mailfc sessions stats` counts them.
+        result = await asyncio.to_thread(run_mailfc, config_file, "sessions", "stats", "--json")
+        assert result.code == 0, result.err
+        row = next(r for r in json.loads(result.out) if r["holder"] == "test/bad-rows")
+        assert (row["written"], row["sanitized"], row["dead_lettered"], row["dead_letter"]) == (
+            47, 7, 2, str(dead_letter))
+        table = await asyncio.to_thread(run_mailfc, config_file, "sessions", "stats")
+        assert "dead_lettered" in table.out
+    finally:
+        await recorder.stop()
+        await policy_db.execute("DELETE FROM auth_attempts WHERE reason = 'bad-rows test'")
+        await policy_db.execute("DELETE FROM recorder_stats WHERE holder = 'test/bad-rows'")

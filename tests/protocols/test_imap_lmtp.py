@@ -17,6 +17,12 @@ def test_split_tag_and_arguments() -> None:
     assert segment.arguments == [b"bob@example.org", b'pa ss"word'] and segment.literal is None
 
 
+def test_an_id_list_is_read_flat() -> None:
+    segment = imap.parse_segment(b'("name" "Thunder bird" "version" NIL) ')
+    assert segment.arguments == [b"name", b"Thunder bird", b"version", b"NIL"]
+    assert imap.parse_segment(b"NIL").arguments == [b"NIL"]
+
+
 def test_literals() -> None:
     segment = imap.parse_segment(b"bob {5}")
     assert segment.arguments == [b"bob"] and segment.literal == 5 and not segment.nonsync

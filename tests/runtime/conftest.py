@@ -109,3 +109,14 @@ def interfaces(pid: int) -> set[str]:
     """The network interfaces in `pid`'s network namespace (its /proc/<pid>/net/dev)."""
     lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
     return {line.split(":")[0].strip() for line in lines}
+
+
+@pytest.fixture
+def cli_env(settings: RuntimeSettings, tmp_path: Path, runtime: Runtime) -> dict[str, str]:
+    config = tmp_path / "mailfc.toml"
+    config.write_text(
+        f'[paths]\nstate_dir = "{settings.state_dir}"\nmail_root = "{settings.mail_dir}"\n'
+        f'[host]\nname = "{TEST_HOST}"\n'
+        f'[network]\nbridge = "{settings.bridge}"\nsubnet = "{settings.subnet}"\n'
+        f'[runtime]\nname_prefix = "{settings.name_prefix}"\n')
+    return {"MAILFC_CONFIG": str(config)}

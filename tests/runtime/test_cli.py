@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from mailfc.cli.container import group, parse_size
 from mailfc.errors import InvalidInput
-from mailfc.runtime import Runtime, RuntimeSettings
-from tests.runtime.conftest import TEST_HOST, cgroup_file
+from mailfc.runtime import RuntimeSettings
+from tests.runtime.conftest import cgroup_file
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +23,6 @@ def test_parse_size() -> None:
     assert parse_size("1g") == 1 << 30
     with pytest.raises(InvalidInput):
         parse_size("lots")
-
-
-@pytest.fixture
-def cli_env(settings: RuntimeSettings, tmp_path: Path, runtime: Runtime) -> dict[str, str]:
-    config = tmp_path / "mailfc.toml"
-    config.write_text(
-        f'[paths]\nstate_dir = "{settings.state_dir}"\nmail_root = "{settings.mail_dir}"\n'
-        f'[host]\nname = "{TEST_HOST}"\n'
-        f'[network]\nbridge = "{settings.bridge}"\nsubnet = "{settings.subnet}"\n'
-        f'[runtime]\nname_prefix = "{settings.name_prefix}"\n')
-    return {"MAILFC_CONFIG": str(config)}
 
 
 def _run(env: dict[str, str], *args: str) -> str:

@@ -21,8 +21,9 @@ IDENT
 RECORDS
     Per message an smtp_sessions row (component "filter-out", the original client from
     XFORWARD) with its smtp_messages row (queue_id = Postfix's id from XFORWARD IDENT,
-    Message-ID, size, verdict) and an smtp_events row (stage "filter") for each check
-    that did not simply accept.
+    Message-ID, size, verdict, hop "filter-out": the message was recorded already by
+    the hop its client spoke to, and is counted there only) and an smtp_events row
+    (stage "filter") for each check that did not simply accept.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class FilterHandler(TakesXforward):
             .hexdigest()[:16] if subjects else None,
             sender=envelope.sender, recipients=recipients,
             recipient_count=len(recipients), size=size,
-            verdict=verdict.action, reason=verdict.reason or None)
+            verdict=verdict.action, reason=verdict.reason or None, hop=self.component)
         for finding in outcome.findings:
             self.recorder.new("smtp_events", session_id=session, message_id=row, at=started,
                               stage="filter", verdict=finding.action, reason=finding.reason,

@@ -36,13 +36,26 @@ SECURITY
     (no SMTP smuggling through to the next hop); a broken TLS handshake closes only that
     connection.  Bad input is answered and logged at INFO, never with a traceback.
 
+ABUSE (as Postfix's smtpd and anvil)
+    Errors: every 4xx/5xx reply counts (550 5.1.1 unknown user and 554 5.7.1 relaying
+    denied included); past smtp_in.soft_error_limit each reply waits error_sleep_s,
+    at hard_error_limit `421 4.7.0 <host> Error: too many errors` and close: a
+    recipient harvester gets ten answers at full speed, ten more one a second, then
+    the door.  Connections: past [smtp_in_connections] max_per_client open at
+    once or max_rate_per_client per rate_window_s from one client (an IPv6 client:
+    its /64), `421 4.7.0 <host> Error: too many connections from <client>` instead
+    of the greeting (mailfc.anvil).
+
 CYCLING
     smtp_in.cycle_after_s > 0: the listener is replaced after that long without refusing
     a connection (gateways/listener.py).  The spool stays with the service.
 
 CONFIGURATION
     [smtp_in] max_recipients (100), require_8bitmime (true), timeout_s (300),
-              max_queued_per_domain (20000), cycle_after_s (0)
+              max_queued_per_domain (20000), cycle_after_s (0), soft_error_limit (10),
+              hard_error_limit (20), error_sleep_s (1), junk_command_limit (100)
+    [smtp_in_connections] max_per_client (50), max_rate_per_client (100),
+              rate_window_s (60), exempt_networks ([]): see mailfc.anvil
     [messages] size_limit (50 MiB), temporary_dir (<state_dir>/tmp/messages)
     [filter_in] checks (["eicar", "headers"]), dnsbl_zones ([]), milters ([]),
               milter_timeout_s (30), milter_default_action ("tempfail"), quarantine_dir

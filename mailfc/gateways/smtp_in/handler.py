@@ -12,8 +12,10 @@ STAGES
     RCPT      syntax (501 5.1.3), hosted domain (554 5.7.1 relaying denied), mailbox or
               alias (550 5.1.1), too many (452 4.5.3), the domain's spool queue over
               smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), and the
-              domain's received_messages limit where one is configured (451 4.7.1,
-              answered after policy.refusal_delay_s)
+              received_messages limits where any is configured: the domain's, and each
+              receiving account's own or its domain's per-account default (451 4.7.1,
+              answered after policy.refusal_delay_s).  A refused recipient of a hosted
+              domain names that domain in the session's record.
     DATA      the message streamed to a MessageData as it arrives (over
               messages.size_limit: 552 5.3.4, the rest read and dropped); then, at end
               of data and before any reply: bare LF (554 5.5.2), 8-bit data without
@@ -29,7 +31,9 @@ STAGES
               changed) copied into the spool in chunks and committed (452 4.3.1 when
               it cannot be), then 250 with the queue id.  So a refused message never
               leaves a bounce behind: its sender hears it in the reply.
-    close     smtp_sessions totals and verdict
+    close     smtp_sessions totals and verdict; a session closed at the hard error
+              limit (protocols/smtp_server.py, ERRORS) gets an smtp_events row with
+              stage "session", rule smtp:errors
 
 Refusals by policy become smtp_events rows with the rule (block:ip, limit:..., relay,
 unknown_user, queue_busy, bare_lf, ...).  When the limit database is down, inbound mail
@@ -84,6 +88,9 @@ class Transaction:
     row: Row
     recipients: list[str] = field(default_factory=list)
     limited_domains: set[str] = field(default_factory=set)
+    # Recipient accounts with a received_messages limit of their own or by their
+    # domain's per-account default, checked at RCPT and counted at end of data.
+    limited_accounts: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -97,6 +104,9 @@ class SessionState:
 class LimitedDomains(Snapshot[frozenset[str]]):
     """Which domains have a received_messages limit: the engine is asked only for those.
 
+    A name as is: a limit of the domain as a whole; "@" + the name: a limit of one of
+    its accounts, or a per-account default.
+
     Read every LIMITED_REFRESH_S, so a limit set with `mailfc limit set` applies
     within seconds and unlimited domains cost no database call per recipient.
     """
@@ -108,8 +118,9 @@ class LimitedDomains(Snapshot[frozenset[str]]):
 
     async def read(self) -> frozenset[str]:
         rows = await self.pool.fetch(
-            "SELECT DISTINCT d.name FROM limits l JOIN domains d ON d.id = l.domain_id"
-            " WHERE l.kind = 'received_messages' AND l.scope = 'domain'")
+            "SELECT DISTINCT CASE WHEN l.scope = 'domain' THEN '' ELSE '@' END || d.name"
+            " AS name FROM limits l JOIN domains d ON d.id = l.domain_id"
+            " WHERE l.kind = 'received_messages'")
         return frozenset(row["name"] for row in rows)
 
 
@@ -147,10 +158,19 @@ class SmtpInHandler:
                              verdict=worst.verdict if worst else ACCEPT,
                              reason=worst.reason if worst else None)
 
+    def _record_domain(self, state: SessionState, txn: Transaction, domain: str) -> None:
+        """The session's and message's domain: the first hosted recipient domain."""
+        if not state.row.values.get("domain"):
+            self.recorder.update(state.row, domain=domain)
+        if not txn.row.values.get("domain"):
+            self.recorder.update(txn.row, domain=domain)
+
     def refused(self, session: Session, rule: str, reason: str) -> None:
-        """A refusal by the server itself (improper pipelining, size): an event, and
-        the end of the transaction."""
-        self._refuse_data(_state(session), rule, reason)
+        """A refusal by the server itself (improper pipelining, size; "errors": the
+        session reached the hard error limit): an event, and the end of the
+        transaction."""
+        self._refuse_data(_state(session), rule, reason,
+                          stage="session" if rule == "errors" else "data")
 
     # -- the server's hooks (protocols.smtp_server) -------------------------------------
 
@@ -200,6 +220,10 @@ class SmtpInHandler:
         if targets is None:
             hosted = await self.directory.pool.fetchval(
                 "SELECT state FROM domains WHERE name = $1", domain)
+            if hosted is not None:
+                # A refusal for a hosted domain is that domain's record (sessions list
+                # --domain, abuse top --by domain); a relay attempt names no domain of ours.
+                self._record_domain(state, txn, domain)
             if hosted is None:
                 self._event(state, "rcpt", Decision(REJECT, "relaying denied", "smtp:relay"),
                             detail)
@@ -207,24 +231,36 @@ class SmtpInHandler:
             self._event(state, "rcpt", Decision(REJECT, "no such mailbox",
                                                 "smtp:unknown_user"), detail)
             return replies.NO_SUCH_USER.format(address=address)
+        self._record_domain(state, txn, domain)
         if self.spool.queued(domain) >= self.config.smtp_in.max_queued_per_domain:
             self._event(state, "rcpt", Decision(TEMPFAIL, f"spool queue of {domain} is full",
                                                 "spool:queue_busy"), detail)
             return replies.QUEUE_BUSY.format(domain=domain)
-        if domain not in txn.limited_domains and domain in await self.limited.get():
+        limited = await self.limited.get()
+        # The domain as a whole once per message; each account it delivers to (the
+        # mailbox, or an alias's mailboxes in this domain) once too, against its own
+        # limit or the domain's per-account default.
+        subjects = []
+        if domain not in txn.limited_domains and domain in limited:
+            subjects.append(Subject.of(domain))
+        if "@" + domain in limited:
+            subjects += [Subject.of(None, target) for target, hosted in sorted(targets.items())
+                         if hosted and target.rpartition("@")[2] == domain
+                         and target not in txn.limited_accounts]
+        for subject in subjects:
             try:
-                check = await self.engine.check(Subject.of(domain),
-                                                peek={"received_messages": 1})
+                check = await self.engine.check(subject, peek={"received_messages": 1})
                 decisions = list(check.decisions)
             except PolicyUnavailable as error:
                 decisions = [self._unavailable(error)]
             refusal = self._decide(state, "rcpt", decisions, detail)
             if refusal is not None:
                 return await self._refusal_reply(refusal)
-            txn.limited_domains.add(domain)
-        if not state.row.values.get("domain"):
-            self.recorder.update(state.row, domain=domain)
-            self.recorder.update(txn.row, domain=domain)
+        for subject in subjects:
+            if subject.account is None:
+                txn.limited_domains.add(domain)
+            else:
+                txn.limited_accounts.add(subject.account)
         recipient = f"{localpart}@{domain}"
         envelope.rcpt_tos.append(recipient)
         txn.recipients.append(recipient)
@@ -263,10 +299,11 @@ class SmtpInHandler:
         if verdict.action in ("reject", "tempfail") or message is None:
             self._close_txn(state, verdict.action, verdict.reason)
             return chain_reply(verdict)
-        for domain in sorted(txn.limited_domains):
+        for subject in ([Subject.of(d) for d in sorted(txn.limited_domains)]
+                        + [Subject.of(None, a) for a in sorted(txn.limited_accounts)]):
+            domain = subject.account or subject.domain or ""
             try:
-                done = await self.engine.check(Subject.of(domain),
-                                               consume={"received_messages": 1})
+                done = await self.engine.check(subject, consume={"received_messages": 1})
                 decisions = list(done.decisions)
             except PolicyUnavailable as error:
                 decisions = [self._unavailable(error)]
@@ -368,8 +405,8 @@ class SmtpInHandler:
             self._note_worst(state, Decision(finding.action, finding.reason, finding.rule))
 
     def _refuse_data(self, state: SessionState, rule: str, reason: str,
-                     verdict: str = REJECT) -> None:
-        self._event(state, "data", Decision(verdict, reason, f"smtp:{rule}"), {})
+                     verdict: str = REJECT, stage: str = "data") -> None:
+        self._event(state, stage, Decision(verdict, reason, f"smtp:{rule}"), {})
         self._close_txn(state, verdict, reason)
 
     def _close_txn(self, state: SessionState, verdict: str, reason: str | None) -> None:

@@ -18,6 +18,7 @@ import ssl
 import asyncpg
 
 from mailfc import hops
+from mailfc.anvil import Anvil
 from mailfc.config import Config, split_hostport
 from mailfc.db.directory import Directory
 from mailfc.gateways.filter.chain import Chain
@@ -31,7 +32,7 @@ from mailfc.policy.blocks import BlockList
 from mailfc.policy.engine import LimitEngine
 from mailfc.policy.recorder import Recorder
 from mailfc.protocols.lmtp import Reply
-from mailfc.protocols.smtp_server import ServerConnection, SmtpServer
+from mailfc.protocols.smtp_server import ErrorLimits, ServerConnection, SmtpServer
 
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
@@ -59,10 +60,17 @@ class SmtpInService:
                                      self.recorder, LimitedDomains(pool), BlockList(pool),
                                      self.chain)
         smtp_in = config.smtp_in
+        errors = ErrorLimits(soft_limit=smtp_in.soft_error_limit,
+                             hard_limit=smtp_in.hard_error_limit,
+                             sleep_s=smtp_in.error_sleep_s,
+                             junk_limit=smtp_in.junk_command_limit)
+        # One count of connections per client for every generation of the listener.
+        self.anvil = Anvil.for_service(config, self.name)
         self.server = SmtpServer(self.handler, hostname=config.host_name,
                                  data_size_limit=config.messages.size_limit,
                                  message_dir=config.message_dir,
-                                 idle_timeout_s=smtp_in.timeout_s, tls_context=tls_context)
+                                 idle_timeout_s=smtp_in.timeout_s, tls_context=tls_context,
+                                 errors=errors, anvil=self.anvil)
         host, port = split_hostport(config.listen.smtp_in)
         self.listener = CyclingListener(self.name, host, port, self._protocol)
         self._cycler: asyncio.Task[None] | None = None

@@ -33,7 +33,8 @@ STAGES -> RECORDS
                   second one Postfix sends around a message, changes nothing); lease released
     close         smtp_sessions.ended_at and totals; any lease still held released
     Decisions other than a plain accept (limits over, blocks, shadow, failure policy)
-    each become an smtp_events row with the rule and mode.
+    each become an smtp_events row with the rule and mode; a shadow rule once per
+    transaction (it is reported at MAIL, RCPT and end of message alike).
 
 SLOW REFUSALS
     A transaction over an enforced limit hears its 451 after policy.refusal_delay_s (1 s;
@@ -104,6 +105,9 @@ class Transaction:
     recipients: list[str] = field(default_factory=list)
     size: int = 0
     size_announced: int | None = None
+    # Shadow rules recorded for this transaction already: the same limit is reported
+    # again at each RCPT and at end of message, but would have refused it once.
+    shadowed: set[str] = field(default_factory=set)
 
 
 class MilterSession:
@@ -390,6 +394,10 @@ class MilterSession:
         for decision in decisions:
             if decision.verdict == ACCEPT and decision.rule is None:
                 continue
+            if decision.mode == SHADOW and self.txn is not None:
+                if decision.rule in self.txn.shadowed:
+                    continue
+                self.txn.shadowed.add(decision.rule or "")
             self.recorder.new(
                 "smtp_events", session_id=self.session,
                 message_id=self.txn.row if self.txn else None, at=now(), stage=stage,

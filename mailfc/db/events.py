@@ -1,9 +1,16 @@
-"""Events: every decision the controller takes, as a row with its reason.
+"""Events: every decision the platform takes, as a row with its reason.
+
+The controller writes most; the runtime writes starts, the CLI a domain's
+removal and bans, the routers the bans they set.
 
     kind        start, stop, drain, scale_up, scale_down, scale_out, scale_in,
                 limit_change, host_down, retry_queue, gone (a container died by
                 itself), queue_cleanup (a killed Postfix's leftovers removed),
-                db_restart (`mailfc up` started the embedded PostgreSQL again)
+                db_restart (`mailfc up` started the embedded PostgreSQL again),
+                orphan (a container no CMDB row owns, removed), domain_remove
+                (`mailfc domain remove`: containers stopped, mail archived or
+                purged), ban / unban (an address banned for failed logins, or
+                an admin's ban lifted: mailfc.db.bans)
     reason      words an admin can read ("idle for 300 s", "throttled in 45% of
                 CPU periods")
     detail      the measurements behind it (JSON)
@@ -19,7 +26,8 @@ from typing import Any
 import asyncpg
 
 KINDS = ("start", "stop", "drain", "scale_up", "scale_down", "scale_out", "scale_in",
-         "limit_change", "host_down", "retry_queue", "gone", "queue_cleanup", "db_restart")
+         "limit_change", "host_down", "retry_queue", "gone", "queue_cleanup", "db_restart",
+         "orphan", "domain_remove", "ban", "unban")
 
 
 async def record(db: asyncpg.Pool | asyncpg.Connection, kind: str, reason: str, *,
