@@ -7,7 +7,8 @@
 # servers, run from these binaries inside containers), runc and iproute2 (the
 # container runtime), swaks, miltertest and OpenDKIM (test clients and a
 # third-party milter), then mailfc itself into a virtual environment at
-# ./.venv, with `mailfc` linked into /usr/local/bin.
+# ./.venv with the extras the tests and benchmarks need (test, bench, plot),
+# with `mailfc` linked into /usr/local/bin.
 set -eu
 cd "$(dirname "$0")"
 
@@ -58,6 +59,8 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# test: the suite; bench: the benchmarks' sinks and milter (tests/test_benches.py
+# runs them); plot: matplotlib for `abuse --plot` (its tests draw).
+.venv/bin/python -m pip install -q -e '.[test,bench,plot]'
 ln -sf "$(pwd)/.venv/bin/mailfc" /usr/local/bin/mailfc
 echo "setup.sh: done ($(.venv/bin/mailfc --version))"

@@ -1,14 +1,21 @@
 """Domain names and mail addresses: the one place that says what is valid.
 
 Domains are stored in their ASCII form (IDNA, lower case), so `bücher.example`
-and `xn--bcher-kva.example` are the same domain.  Local parts are the dot-atom
-form of RFC 5322 (quoted local parts are refused for hosted accounts: real
-mailboxes never need them) and stored lower case.
+and `xn--bcher-kva.example` are the same domain.  IDNA is IDNA 2008 with the
+UTS #46 non-transitional mapping (the `idna` package), as browsers and registries
+use it: `faß.de` is `xn--fa-hia.de`, a domain of its own, not `fass.de` (Python's
+built-in "idna" codec is IDNA 2003 and would map one onto the other).  A name
+already in ASCII is kept as it is, but an `xn--` label in it must decode.
+
+Local parts are the dot-atom form of RFC 5322 (quoted local parts are refused for
+hosted accounts: real mailboxes never need them) and stored lower case.
 """
 
 from __future__ import annotations
 
 import re
+
+import idna
 
 from mailfc.errors import InvalidInput
 
@@ -24,10 +31,7 @@ def normalize_domain(name: str) -> str:
     text = name.strip().rstrip(".").lower()
     if not text:
         raise InvalidInput("empty domain name")
-    try:
-        ascii_name = text.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise InvalidInput(f"invalid domain name {name!r}: not a valid IDNA name") from None
+    ascii_name = to_ascii(text, name)
     labels = ascii_name.split(".")
     if len(ascii_name) > MAX_DOMAIN:
         raise InvalidInput(f"invalid domain name {name!r}: longer than {MAX_DOMAIN} characters")
@@ -42,6 +46,21 @@ def normalize_domain(name: str) -> str:
     if labels[-1].isdigit():
         raise InvalidInput(f"invalid domain name {name!r}: the last label is numeric")
     return ascii_name
+
+
+def to_ascii(text: str, given: str) -> str:
+    """`text` (stripped, lower case) in its ASCII form, IDNA 2008; `given` is what the
+    user wrote, for the message."""
+    try:
+        if text.isascii():
+            for label in text.split("."):
+                if label.startswith("xn--"):
+                    idna.decode(label)
+            return text
+        return idna.encode(text, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as error:
+        raise InvalidInput(
+            f"invalid domain name {given!r}: not a valid IDNA 2008 name ({error})") from None
 
 
 def normalize_localpart(localpart: str) -> str:

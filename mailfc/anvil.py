@@ -76,6 +76,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailfc.config import Config, ConnectionLimitsSection
+from mailfc.metrics import names as metrics
 
 log = logging.getLogger("mailfc.anvil")
 
@@ -198,6 +199,7 @@ class Anvil:
             entry.open += 1
             return Ticket(self, client)
         entry.refused += 1
+        metrics.REFUSALS.labels(self.service, f"connections:{refusal}").inc()
         if entry.refused == 1:
             detail = (f"{entry.open + 1} at once, limit {limits.max_per_client}"
                       if refusal == COUNT else

@@ -403,6 +403,21 @@ class SmtpInSection(Section):
     hard_error_limit: PositiveInt = 20
     error_sleep_s: float = 1.0
     junk_command_limit: int = 100
+    # Where RCPT TO:<postmaster> without a domain goes (RFC 5321 4.5.1: an MX must
+    # take it): a hosted address such as postmaster@example.org; empty: the message
+    # is written to the [filter_in] quarantine (filter_in.quarantine_dir) for the admin.
+    postmaster: str = ""
+
+    @field_validator("postmaster")
+    @classmethod
+    def _is_postmaster(cls, value: str) -> str:
+        value = value.strip()
+        local, at, domain = value.rpartition("@")
+        if value and not (at and local and "." in domain
+                          and not any(c in value for c in " <>\r\n")):
+            raise ValueError(f"{value!r}: expected empty (quarantine) or a hosted address"
+                             " such as postmaster@example.org")
+        return value
 
 
 class ConnectionLimitsSection(Section):
@@ -513,6 +528,10 @@ class FilterSection(Section):
     checks: list[str] = ["eicar", "headers"]
     # DNSBL zones asked when "dnsbl" is among the checks (e.g. "zen.spamhaus.org").
     dnsbl_zones: list[str] = []
+    # Each zone's lookup in all; no answer by then counts as not listed (and is logged).
+    dnsbl_timeout_s: float = 2.0
+    # Empty: the system's resolv.conf; else "address" or "address:port" (IP addresses).
+    dnsbl_nameservers: list[str] = []
     # Milters, Postfix syntax: "inet:127.0.0.1:8891" or "unix:/run/opendkim.sock".
     milters: list[str] = []
     milter_timeout_s: float = 30.0
@@ -531,6 +550,31 @@ class FilterSection(Section):
         for name in value:
             if name not in ("eicar", "headers", "dnsbl"):
                 raise ValueError(f'unknown check {name!r}: one of "eicar", "headers", "dnsbl"')
+        return value
+
+    @field_validator("dnsbl_timeout_s")
+    @classmethod
+    def _is_dnsbl_timeout(cls, value: float) -> float:
+        if not 0 < value <= 30:
+            raise ValueError(f"{value}: between 0 and 30 seconds (each zone's lookup in all)")
+        return value
+
+    @field_validator("dnsbl_nameservers")
+    @classmethod
+    def _are_nameservers(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host = entry.strip()
+            if host.startswith("["):
+                host = host[1:].partition("]")[0]
+            elif host.count(":") == 1:
+                host, _, port = host.partition(":")
+                if not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"{entry!r}: the port must be 1-65535")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{entry!r}: expected an IP address, optionally with "
+                                 ":port (IPv6 as [address]:port)") from None
         return value
 
     @field_validator("milters")
@@ -654,6 +698,62 @@ class JournalSection(Section):
         return value
 
 
+class LogSection(Section):
+    """How the processes log (mailfc.logsetup) and how big a domain container's log
+    under <state_dir>/runtime/domains/ may grow (mailfc.runtime.storage.rotate_log)."""
+
+    # "text": `time logger LEVEL message`, as before; "json": one JSON object a line
+    # (time, level, logger, process, message, and queue_id on a message's hop lines).
+    format: str = "text"
+    # DEBUG, INFO, WARNING or ERROR (`mailfc up --verbose` means DEBUG).
+    level: str = "INFO"
+    # A container's log past this size is rotated when the container starts:
+    # <name>.log -> <name>.log.1 -> ... -> <name>.log.<container_log_keep>.
+    container_log_max_bytes: int = 10 * 1024 * 1024
+    container_log_keep: int = 3
+
+    @field_validator("format")
+    @classmethod
+    def _is_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError(f'expected "text" or "json", got {value!r}')
+        return value
+
+    @field_validator("level")
+    @classmethod
+    def _is_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {value!r}")
+        return value.upper()
+
+    @field_validator("container_log_max_bytes")
+    @classmethod
+    def _is_log_size(cls, value: int) -> int:
+        if value < 4096:
+            raise ValueError("expected at least 4096 bytes")
+        return value
+
+    @field_validator("container_log_keep")
+    @classmethod
+    def _is_keep_count(cls, value: int) -> int:
+        if not 0 <= value <= 100:
+            raise ValueError("expected 0 to 100 old files")
+        return value
+
+
+class MetricsSection(Section):
+    """The supervisor's Prometheus and health listener (mailfc.metrics.http)."""
+
+    # GET /metrics, /healthz, /readyz; loopback by default (it tells the traffic).
+    listen: str = "127.0.0.1:9810"
+
+    @field_validator("listen")
+    @classmethod
+    def _is_address(cls, value: str) -> str:
+        split_hostport(value)
+        return value
+
+
 class Config(Section):
     paths: PathsSection = PathsSection()
     messages: MessagesSection = MessagesSection()
@@ -682,6 +782,8 @@ class Config(Section):
     filter_in: FilterSection = FilterSection()
     filter_out: FilterSection = FilterSection()
     smtp_out: SmtpOutSection = SmtpOutSection()
+    metrics: MetricsSection = MetricsSection()
+    log: LogSection = LogSection()
 
     @property
     def state_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""Fairness in the shared resident parts (DESIGN: fairness).
+"""Fairness in the shared resident parts: one domain must not slow the others.
 
 Per-domain containers isolate only what runs inside them; the resident services
 work for every domain.  Two tools keep one domain from taking them over.

@@ -219,7 +219,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
 def _duplicate(writer: asyncio.StreamWriter) -> socket.socket:
     # A socket object of our own on the transport's connection (uvloop's
     # transports offer no sendmsg/recvmsg); non-blocking like the original.
-    return socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    try:
+        fd = os.dup(writer.get_extra_info("socket").fileno())
+    except (OSError, AttributeError) as error:
+        # The peer closed before this (fileno -1): its end, which callers take
+        # as ConnectionError, not a failure of ours (found by the fuzz suite).
+        raise ConnectionError(f"connection already closed: {error}") from None
+    return socket.socket(fileno=fd)
 
 
 def send_with_fd(writer: asyncio.StreamWriter, data: bytes, fd: int) -> None:

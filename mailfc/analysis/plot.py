@@ -2,12 +2,15 @@
 
 matplotlib is imported here, inside draw(), and only when a plot is asked for: it
 takes about half a second to import, which every other command must not pay.  The
-Agg backend draws without a display (servers have none).
+Agg backend draws without a display (servers have none).  matplotlib is an extra
+(`pip install 'mailfc[plot]'`): without it, --plot fails before any query with a
+message saying so (MISSING_PLOT), and the command exits non-zero.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,11 +18,14 @@ from mailfc.errors import InvalidInput
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 Series = Mapping[str, Sequence[tuple[datetime.datetime, float]]]
+MISSING_PLOT = "matplotlib not installed: pip install 'mailfc[plot]'"
 
 
 def check_path(path: str) -> Path:
     """Fail before any query when the file cannot be written as a PNG."""
     target = Path(path)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InvalidInput(f"--plot {path}: {MISSING_PLOT}")
     if target.suffix.lower() != ".png":
         raise InvalidInput(f"--plot {path}: the file name must end in .png")
     if not target.parent.exists():
@@ -29,9 +35,12 @@ def check_path(path: str) -> Path:
 
 def draw(path: Path, series: Series, *, title: str, ylabel: str, bucket_s: int,
          start: datetime.datetime, end: datetime.datetime) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise InvalidInput(f"--plot {path}: {MISSING_PLOT} ({error})") from None
 
     figure, axes = plt.subplots(figsize=(11, 5), dpi=100)
     try:

@@ -25,7 +25,9 @@ from mailfc.cli import (
     host,
     limit,
     queue,
+    service,
     sessions,
+    status,
     up,
 )
 from mailfc.cli.common import MailfcGroup
@@ -42,7 +44,7 @@ def cli(config_path: str | None) -> None:
 
 
 for module in (config_cmd, db_cmd, domain, account, alias, host, limit, container, events,
-               queue, sessions, up, abuse, ban):
+               queue, sessions, up, abuse, ban, status, service):
     cli.add_command(module.group)
 
 

@@ -9,17 +9,23 @@ its children, and how a second machine runs only a dispatcher or only routers).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
+import signal
 
 import click
 
-from mailfc import eventloop
+from mailfc import eventloop, logsetup
 from mailfc.cli.common import pass_config
-from mailfc.config import Config
+from mailfc.config import Config, load_config, split_hostport
 from mailfc.controller.platform import SERVICE_NAMES, Platform
 from mailfc.controller.supervisor import DatabaseWatch, Supervisor
-from mailfc.db.pool import embedded_cluster
+from mailfc.db.pool import database_dsn, embedded_cluster
+from mailfc.errors import ConfigError
+from mailfc.metrics.http import HealthServer, ProcessState, scrape
+from mailfc.metrics.readiness import notify_systemd, tell_supervisor
 
 
 @click.command("up")
@@ -32,10 +38,7 @@ from mailfc.db.pool import embedded_cluster
 @click.pass_context
 def group(ctx: click.Context, config: Config, verbose: bool, services: str | None) -> None:
     """Run the platform (CMDB and every resident service) in the foreground."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    logsetup.configure(config.log, verbose=verbose)
     if services is None:
         config_path = ctx.find_root().params.get("config_path")
         eventloop.run(_supervise(config, config_path, verbose))
@@ -58,17 +61,78 @@ async def _supervise(config: Config, config_path: str | None, verbose: bool) -> 
         if config.uses_embedded_database else None
     supervisor = Supervisor(config_path, verbose,
                             resident_lifetime_s=config.controller.resident_lifetime_s,
-                            database=database)
+                            database=database, metrics_dir=config.state_dir / "metrics",
+                            dsn=database_dsn(config, start=False), host=config.host_name)
+    supervisor.prepare_metrics_dir()
+    assert supervisor.metrics_dir is not None
+    own = ProcessState(supervisor.process_states, lambda: supervisor.database_up)
+    metrics_dir = supervisor.metrics_dir
+    host, port = split_hostport(config.metrics.listen)
+    health = HealthServer(host, port, metrics=lambda: scrape(metrics_dir, own),
+                          ready=supervisor.readiness)
+    try:
+        await health.start()
+    except OSError as error:
+        # Mail matters more than its metrics: the platform runs on without them.
+        logging.getLogger("mailfc").error(
+            "metrics.listen %s: cannot listen: %s; no /metrics, /healthz or /readyz until"
+            " a restart: stop what holds the port or change [metrics] listen",
+            config.metrics.listen, error.strerror or error)
     stopping = eventloop.stop_requested()
+    reloads = asyncio.Queue[None](maxsize=1)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: _queue_reload(reloads))
+    reloading: asyncio.Task[None] | None = None
     try:
         await supervisor.start()
         logging.getLogger("mailfc").info(
-            "mailfc is up (state in %s, %d processes); Ctrl-C or SIGTERM stops it",
-            config.state_dir, len(supervisor.children))
+            "mailfc is up (state in %s, %d processes, metrics on http://%s/metrics);"
+            " Ctrl-C or SIGTERM stops it", config.state_dir, len(supervisor.children),
+            config.metrics.listen)
+        notify_systemd("READY=1")
+        reloading = asyncio.create_task(
+            _reload_on_signal(reloads, supervisor, config, config_path, verbose))
         await supervisor.watch(stopping)
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        notify_systemd("STOPPING=1")
         logging.getLogger("mailfc").info("stopping")
+        if reloading is not None:
+            reloading.cancel()
+            await asyncio.gather(reloading, return_exceptions=True)
         await supervisor.stop()
+        await health.stop()
+
+
+def _queue_reload(reloads: asyncio.Queue[None]) -> None:
+    # Several SIGHUPs during one reload make one more reload, not one each.
+    with contextlib.suppress(asyncio.QueueFull):
+        reloads.put_nowait(None)
+
+
+async def _reload_on_signal(reloads: asyncio.Queue[None], supervisor: Supervisor,
+                            config: Config, config_path: str | None, verbose: bool) -> None:
+    """SIGHUP: re-read the file, take the log settings, cycle the children (RELOAD in
+    mailfc.controller.supervisor)."""
+    log = logging.getLogger("mailfc.reload")
+    while True:
+        await reloads.get()
+        try:
+            new = load_config(config_path)
+        except ConfigError as error:
+            log.error("reload refused, the running configuration stays: %s", error)
+            continue
+        notify_systemd("RELOADING=1")
+        changed = [name for name in type(new).model_fields
+                   if getattr(new, name) != getattr(config, name)]
+        logsetup.configure(new.log, verbose=verbose)
+        log.info("reload: %s changed; log level now %s",
+                 ", ".join(f"[{name}]" for name in changed) or "nothing",
+                 logging.getLevelName(logging.getLogger().level))
+        log.debug("reload: debug logging is on")
+        await supervisor.reload(changed)
+        config = new
+        notify_systemd("READY=1")
 
 
 async def _run(config: Config, services: tuple[str, ...]) -> None:
@@ -82,6 +146,7 @@ async def _run(config: Config, services: tuple[str, ...]) -> None:
         # of modules alone), a pause of every session this process serves.
         gc.collect()
         gc.freeze()
+        tell_supervisor()
         logging.getLogger("mailfc").info(
             "mailfc is up (state in %s); Ctrl-C or SIGTERM stops it", config.state_dir)
         await stopping.wait()

@@ -7,13 +7,16 @@ drain timeout.  While running, the host heartbeats in the CMDB (so other hosts
 can tell it is alive) and keeps the session partitions prepared.
 
 Resident services implement the `Service` protocol below and are listed in
-`_services()`: the milter, the IMAP hook server, the dispatcher (with this host's
-container runtime), the LMTP Router and the IMAP Router.
+`_services()`, one per name of SERVICE_NAMES: the milter, the IMAP hook server,
+the dispatcher (with this host's container runtime), the controller, the LMTP
+Router, the IMAP Router, the SMTP Router (submission), SMTP-In, SMTP-Out and
+Filter-Out.  The supervisor (supervisor.py) runs them as a few processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 from pathlib import Path
@@ -30,6 +33,7 @@ from mailfc.errors import ConfigError
 from mailfc.gateways.filter import FilterService
 from mailfc.gateways.smtp_in import SmtpInService
 from mailfc.gateways.smtp_out.service import SmtpOutService
+from mailfc.metrics import names as metrics
 from mailfc.policy.hooks.server import HookService
 from mailfc.policy.milter.server import MilterService
 from mailfc.routers.imap import ImapRouter
@@ -44,6 +48,7 @@ from mailfc.tls import server_context
 log = logging.getLogger("mailfc.platform")
 
 HEARTBEAT_S = 10.0
+METRICS_SAMPLE_S = 5.0
 MAINTENANCE_S = 3600.0
 
 
@@ -108,6 +113,7 @@ class Platform:
         self._tasks = [
             asyncio.create_task(self._every(HEARTBEAT_S, self._heartbeat)),
             asyncio.create_task(self._every(MAINTENANCE_S, self._maintain)),
+            asyncio.create_task(self._every(METRICS_SAMPLE_S, self._sample_metrics)),
         ]
 
     async def stop(self) -> None:
@@ -201,6 +207,16 @@ class Platform:
         if not self.host:
             return
         await hosts.heartbeat(self.pool, self.config.host_name)
+
+    async def _sample_metrics(self) -> None:
+        """Gauges read now and then (mailfc.metrics.names): pool use, containers."""
+        if self.pool is not None:
+            metrics.pool_use(self.pool)
+        if self.runtime is not None:
+            running = collections.Counter(instance.service for instance
+                                          in await self.runtime.instances())
+            for service in ("imap", "smtp", *running):
+                metrics.CONTAINERS_RUNNING.labels(service).set(running.get(service, 0))
 
     async def _maintain(self) -> None:
         assert self.pool is not None

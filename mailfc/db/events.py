@@ -7,6 +7,8 @@ removal and bans, the routers the bans they set.
                 limit_change, host_down, retry_queue, gone (a container died by
                 itself), queue_cleanup (a killed Postfix's leftovers removed),
                 db_restart (`mailfc up` started the embedded PostgreSQL again),
+                restart (`mailfc up` started a supervised process again after
+                it died, with its backoff),
                 orphan (a container no CMDB row owns, removed), domain_remove
                 (`mailfc domain remove`: containers stopped, mail archived or
                 purged), ban / unban (an address banned for failed logins, or
@@ -25,9 +27,11 @@ from typing import Any
 
 import asyncpg
 
+from mailfc.metrics.names import CONTROLLER_DECISIONS
+
 KINDS = ("start", "stop", "drain", "scale_up", "scale_down", "scale_out", "scale_in",
          "limit_change", "host_down", "retry_queue", "gone", "queue_cleanup", "db_restart",
-         "orphan", "domain_remove", "ban", "unban")
+         "orphan", "domain_remove", "ban", "unban", "restart")
 
 
 async def record(db: asyncpg.Pool | asyncpg.Connection, kind: str, reason: str, *,
@@ -38,6 +42,7 @@ async def record(db: asyncpg.Pool | asyncpg.Connection, kind: str, reason: str, 
         "INSERT INTO events (host, domain, service, instance, kind, reason, detail)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
         host, domain, service, instance, kind, reason, json.dumps(detail or {}, default=str))
+    CONTROLLER_DECISIONS.labels(kind).inc()
 
 
 async def recent(db: asyncpg.Pool | asyncpg.Connection, *, domain: str | None = None,

@@ -76,6 +76,7 @@ import asyncpg
 from mailfc.durations import format_duration
 from mailfc.errors import TemporaryFailure
 from mailfc.fairness import PerKeyLimit
+from mailfc.metrics import names as metrics
 
 if TYPE_CHECKING:
     from mailfc.config import Config
@@ -326,9 +327,11 @@ class LimitEngine:
         leases = tuple(int(x) for x in result["leases"])
         self.held.update(leases)
         if "block" in result:
+            metrics.count_decisions((block_decision(result["block"]),))
             return Check(False, (block_decision(result["block"]),))
         decisions = sorted((_decision(over) for over in result["over"]),
                            key=lambda d: not d.refuses)
+        metrics.count_decisions(decisions)
         usage = tuple(Usage(u["scope"], u["subject"], u["kind"], int(u["value"]),
                             u["window_s"], u["mode"], u["used"]) for u in result["usage"])
         return Check(bool(result["admitted"]), tuple(decisions), leases, usage)

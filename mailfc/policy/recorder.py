@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from mailfc.metrics import names as metrics
 from mailfc.policy.engine import default_holder
 
 if TYPE_CHECKING:
@@ -241,6 +242,7 @@ class Recorder:
         for row in list(self._dirty)[:count]:
             del self._dirty[row]
         self.dropped += count
+        metrics.RECORDER_FAILED.inc(count)
         self._report_drops()
 
     def _report_drops(self, force: bool = False) -> None:
@@ -284,6 +286,7 @@ class Recorder:
                 await asyncio.sleep(0.1)
         if self._dirty:
             self.dropped += len(self._dirty)
+            metrics.RECORDER_FAILED.inc(len(self._dirty))
             log.error("recording: %d rows could not be written before shutdown (%s)",
                       len(self._dirty), self.last_error)
             self._dirty.clear()
@@ -345,6 +348,7 @@ class Recorder:
                     log.warning("recording works again after %d failed flushes",
                                 self.failed_flushes)
                     self._failing = False
+            metrics.RECORDER_PENDING.labels(metrics.PROCESS).set(len(self._dirty))
             return total
 
     async def _write_isolating(self, rows: list[Row]) -> int:
@@ -386,6 +390,7 @@ class Recorder:
         except OSError as failure:
             self.dead_lettered -= 1
             self.dropped += 1
+            metrics.RECORDER_FAILED.inc()
             log.error("recording: PostgreSQL refused a row of %s (%s) and the dead-letter"
                       " file cannot take it (%s): row lost: %s", row.table.name, error,
                       failure, entry)

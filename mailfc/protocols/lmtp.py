@@ -58,8 +58,14 @@ class Reply:
         return f"{self.code} {self.text}"
 
 
+# A multi-line reply longer than this is not a mail server's (Postfix's EHLO reply is
+# under 1 KB): the reader stops there instead of collecting lines for ever.
+MAX_REPLY = 65536
+
+
 async def read_reply(reader: asyncio.StreamReader) -> Reply:
     lines: list[str] = []
+    size = 0
     while True:
         try:
             raw = await reader.readuntil(b"\n")
@@ -69,6 +75,9 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
         if len(line) < 3 or not line[:3].isdigit():
             raise LmtpError(f"malformed reply {line[:80]!r}")
         lines.append(line[4:])
+        size += len(raw)
+        if size > MAX_REPLY:
+            raise LmtpError(f"reply longer than {MAX_REPLY} bytes")
         if line[3:4] != "-":
             return Reply(int(line[:3]), " ".join(lines))
 

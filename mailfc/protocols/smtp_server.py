@@ -19,7 +19,9 @@ SESSION
     RCPT TO:<addr> [params]..., DATA, the message up to <CRLF>.<CRLF>.  RSET, NOOP,
     VRFY (252), HELP, QUIT.  A handler adds verbs of its own (XFORWARD) with
     `extra_verbs` and `handle_<VERB>`.  Every reply carries an enhanced status code
-    (RFC 2034) but the greeting, the hello lines and 354.
+    (RFC 2034) but the greeting, the hello lines and 354.  MAIL takes SIZE, BODY,
+    SMTPUTF8 and AUTH; RCPT no parameter; any other (DSN's RET, ENVID, NOTIFY and
+    ORCPT too: DSN is not advertised) gets `555 5.5.4`, never silently dropped.
 
 PIPELINING
     Replies to commands the client pipelined are collected and go out in one write
@@ -128,8 +130,11 @@ R_SHUTDOWN = "421 4.3.2 service shutting down, try again later"
 R_XFORWARD_PLACE = "503 5.5.1 XFORWARD only between transactions"
 R_XFORWARD_SYNTAX = "501 5.5.4 bad XFORWARD attribute: expected NAME, ADDR, PROTO, HELO, IDENT"
 
-MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
-RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
+# DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT) is not advertised, so its parameters get
+# 555 5.5.4 like any unknown one: taking them without honouring them would tell the
+# sender its NOTIFY=NEVER or NOTIFY=SUCCESS will be respected.
+MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
+RCPT_PARAMETERS: frozenset[str] = frozenset()
 BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 DATA_END = b"\r\n.\r\n"
 
@@ -315,6 +320,11 @@ class ServerConnection(asyncio.Protocol):
         self._eof = False
         self._ended = False
         self._data_wanted: asyncio.Future[None] | None = None
+        # The idle timeout: one timer per session, re-armed only when it fires early
+        # (a timeout per command line would create and cancel a timer per line).
+        self._waiting_since = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_expired = False
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._out: list[bytes] = []
@@ -389,6 +399,9 @@ class ServerConnection(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._ticket is not None:
             self._ticket.release()
         if self.tracker is not None:
@@ -410,16 +423,35 @@ class ServerConnection(asyncio.Protocol):
         if self._eof:
             return False
         self._resume_reading()
-        self._data_wanted = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._data_wanted = loop.create_future()
+        self._waiting_since = loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_at(self._waiting_since + self.server.idle_timeout_s,
+                                            self._idle_check)
         try:
-            async with asyncio.timeout(self.server.idle_timeout_s):
-                await self._data_wanted
-        except TimeoutError:
-            self._reply(R_TIMEOUT)
-            return False
+            await self._data_wanted
         finally:
             self._data_wanted = None
+        if self._idle_expired:
+            self._reply(R_TIMEOUT)
+            return False
         return True
+
+    def _idle_check(self) -> None:
+        """The idle timer fired: the session times out if it has waited for input all
+        along since; else the timer is set for the end of the current wait (or for
+        the next wait, which sets it itself)."""
+        self._idle_timer = None
+        if self._data_wanted is None or self._data_wanted.done():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self._waiting_since + self.server.idle_timeout_s
+        if loop.time() < deadline:
+            self._idle_timer = loop.call_at(deadline, self._idle_check)
+            return
+        self._idle_expired = True
+        self._data_wanted.set_result(None)
 
     def _resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None:

@@ -145,6 +145,14 @@ class ImapSession:
     # -- dialogue ----------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self.dialogue()
+        except ConnectionError as error:
+            # The client left while it was being answered (a reset during a NO's
+            # delay): its end, not the router's failure, and no traceback.
+            log.info("imap client %s left: %s", self.client_ip, error)
+
+    async def dialogue(self) -> None:
         await self.send(f"* OK [CAPABILITY {self.capabilities()}] mailfc IMAP router ready.")
         deadline = time.monotonic() + self.config.login_timeout_s
         while True:
@@ -247,7 +255,15 @@ class ImapSession:
             response = arguments[1]
         else:
             await self.send("+ ")
-            response = await self.read_line()
+            try:
+                response = await self.read_line()
+            except imap.ImapSyntaxError as error:
+                # The continuation line is bounded like a command line (fuzz suite).
+                await self.send(f"{tag} BAD {error}")
+                await self.send("* BYE Too much data before login.")
+                return False
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return False     # the client left in the middle of AUTHENTICATE
         if response == b"*":
             await self.send(f"{tag} BAD Authentication cancelled.")
             return True

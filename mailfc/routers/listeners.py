@@ -35,6 +35,7 @@ from mailfc.anvil import Anvil
 from mailfc.config import Config, LoginSection, split_hostport
 from mailfc.db.directory import PASSWORD_CHECKS, Account, Directory
 from mailfc.db.placement import Placement
+from mailfc.metrics import names as metrics
 from mailfc.passwords import verify_dummy
 from mailfc.policy.recorder import Recorder
 from mailfc.routers.throttle import (
@@ -260,5 +261,7 @@ class LoginRouter:
 
     def record(self, username: str, domain: str | None, client_ip: str | None,
                success: bool, reason: str) -> None:
+        metrics.LOGINS.labels(self.protocol, "ok" if success else reason.split(":")[0],
+                              metrics.domain_label(domain)).inc()
         self.recorder.new("auth_attempts", protocol=self.protocol, username=username[:320],
                           domain=domain, client_ip=client_ip, success=success, reason=reason)

@@ -71,7 +71,7 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-from mailfc import hops
+from mailfc import hops, logsetup
 from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import MailfcError
@@ -230,6 +230,13 @@ class LmtpRouter:
                 self.journal.release(ident, claimed)
         for outcome in outcomes:
             results.update(outcome)
+        for target in targets:
+            reply = results.get(target)
+            if reply is not None:
+                status = "sent" if reply.ok else "deferred" if reply.temporary else "bounced"
+                logsetup.hop("lmtp-router", ident, f"to=<{target}>, relay="
+                             f"{target.rpartition('@')[2]} (dispatcher), status={status}"
+                             f" ({reply})")
         replies: dict[str, str] = {}
         for recipient in recipients:
             target_replies = [results[t] for t in expansions.get(recipient, {}) if t in results]

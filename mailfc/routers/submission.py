@@ -89,12 +89,13 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from mailfc import netio
+from mailfc import logsetup, netio
 from mailfc.addresses import normalize_address, split_address
 from mailfc.config import Config
 from mailfc.db.directory import Account, Directory
 from mailfc.errors import InvalidInput, MailfcError
 from mailfc.fairness import Admission, PerKeyLimit
+from mailfc.metrics import names as metrics
 from mailfc.policy.snapshot import Snapshot
 from mailfc.protocols import proxy
 from mailfc.protocols.lmtp import LmtpError, Reply, read_reply, xtext
@@ -289,6 +290,10 @@ class SubmissionSession:
     async def run(self) -> None:
         try:
             await self.dialogue()
+        except ConnectionError as error:
+            # The client left while it was being answered (a reset during a 535's
+            # delay): its end, not the router's failure.
+            log.info("submission client %s left: %s", self.client_ip, error)
         finally:
             await self.slot.aclose()
 
@@ -376,12 +381,25 @@ class SubmissionSession:
         except (binascii.Error, ValueError):
             await self.send("501 5.5.2 Cannot decode the response")
             return True
+        except _SessionOver:
+            return False
         return await self.login(authcid.decode("utf-8", "replace"),
                                 password.decode("utf-8", "replace"))
 
     async def challenge(self, prompt: str) -> str:
+        """The client's answer to a 334; _SessionOver (answered here where the client
+        is still there) when it sends an overlong line, stays silent or leaves."""
         await self.send(f"334 {prompt}")
-        line = await self.read_line(self.settings.login_timeout_s)
+        try:
+            line = await self.read_line(self.settings.login_timeout_s)
+        except TimeoutError:
+            await self.send(R_TIMEOUT.format(host=self.host))
+            raise _SessionOver from None
+        except InvalidInput:
+            await self.send(R_LINE_TOO_LONG)
+            raise _SessionOver from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise _SessionOver from None
         return line.decode("ascii", "replace").strip()
 
     async def login(self, username: str, password: str) -> tuple[Account, Backend] | bool:
@@ -468,6 +486,7 @@ class SubmissionSession:
     async def relay(self, account: Account, backend: Backend) -> None:
         senders = await self.router.directory.sender_addresses(account.address)
         self.backend = backend
+        mail_from = ""  # for the hop log line (mailfc.logsetup)
         try:
             while True:
                 command = await self.read_command(self.settings.idle_timeout_s)
@@ -494,6 +513,7 @@ class SubmissionSession:
                     if declared is not None and declared > self.size_limit:
                         await self.send(R_TOO_BIG.format(limit=self.size_limit))
                         continue
+                    mail_from = sender
                 if self.backend is None:
                     # The last message went over the size limit and its Postfix
                     # session was broken off: the next transaction gets a new one.
@@ -509,9 +529,17 @@ class SubmissionSession:
                 reply = await self.forward(self.backend, raw)
                 if verb == "DATA" and reply.code == 354:
                     data_reply = await self.stream_data(self.backend, account)
+                    metrics.submitted(data_reply.code if data_reply else None, account.domain)
                     if data_reply is None:
                         return
                     reply = data_reply
+                    if reply.ok:
+                        # Postfix's reply names its queue id: "250 2.0.0 Ok: queued as X".
+                        _, found, after = str(reply).partition("queued as ")
+                        queued = after.split() if found else []
+                        logsetup.hop("submission", queued[0] if queued else None,
+                                     f"from=<{mail_from}>, sasl_username={account.address},"
+                                     f" client={self.client_ip}, status=sent ({reply})")
                 if verb == "QUIT" or reply.code == 421:
                     return
         except (LmtpError, ConnectionError, TimeoutError, asyncio.IncompleteReadError,
@@ -625,6 +653,10 @@ class SubmissionSession:
             self.backend = None
         backend.writer.transport.abort()
         await netio.close(backend.writer)
+
+
+class _SessionOver(Exception):
+    """The client broke off an AUTH exchange (see challenge()): end the session."""
 
 
 def _declared_size(argument: str) -> int | None:

@@ -240,6 +240,8 @@ class Runtime:
                 bundle = self._make_bundle(name, image, domain, slot, spec, row["id"])
                 if endpoint is not None:
                     await self.network.configure(endpoint, address)
+                storage.rotate_log(log_file, self.settings.log_max_bytes,
+                                   self.settings.log_keep)
                 log_offset = storage.log_size(log_file)
                 pid = await self.backend.run(name, bundle, log_file)
                 self.starts += 1

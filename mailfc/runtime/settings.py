@@ -91,6 +91,10 @@ class RuntimeSettings:
     images_dir: Path | None = None
     message_size_limit: int = 52_428_800
     postfix_retry_s: int = 10
+    # A container's log is rotated at its start past this size, keeping this many
+    # old files (log.container_log_max_bytes / container_log_keep; storage.rotate_log).
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_keep: int = 3
 
     def __post_init__(self) -> None:
         network = ipaddress.ip_network(self.subnet, strict=True)
@@ -185,6 +189,8 @@ def from_config(config: Config, **overrides: Any) -> RuntimeSettings:
         "id_base": config.runtime.container_id_base,
         "message_size_limit": config.messages.size_limit,
         "postfix_retry_s": config.runtime.postfix_retry_s,
+        "log_max_bytes": config.log.container_log_max_bytes,
+        "log_keep": config.log.container_log_keep,
     }
     # Filter-Out listens on a socket in the socket directory the containers mount.
     values["filter_out_socket"] = unix_socket_name(config.listen.filter_out)

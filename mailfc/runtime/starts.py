@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from mailfc.db import events
+from mailfc.metrics import names as metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ async def record(db: asyncpg.Pool, *, host: str, domain: str, service: str,
                  slot: int | None = None, failure: str | None = None) -> None:
     """Write the start event; never raises (a lost event is logged)."""
     milliseconds = round(cold_start_s * 1000.0, 1)
+    metrics.CONTAINER_STARTS.labels(service, "failed" if failure else "ok").inc()
+    if failure is None:
+        metrics.COLD_START_SECONDS.labels(service).observe(cold_start_s)
     if failure is None:
         reason = f"{trigger.describe()}: cold start {milliseconds:g} ms"
     else:

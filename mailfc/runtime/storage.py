@@ -222,6 +222,25 @@ def log_size(path: Path) -> int:
         return 0
 
 
+def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
+    """Rotate a container's log that has grown past `max_bytes`: <log>.<keep-1> ->
+    <log>.<keep>, ..., <log> -> <log>.1 (with keep 0 the log is truncated); True when
+    rotated.  Called before the container starts, when nobody holds the file open:
+    a running container keeps appending to the file it opened."""
+    if log_size(path) <= max_bytes:
+        return False
+    if keep == 0:
+        with contextlib.suppress(OSError):
+            os.truncate(path, 0)
+        return True
+    for number in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{number}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{number + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+    return True
+
+
 def log_tail(path: Path, since: int = 0, limit: int = 600) -> str:
     """What a container logged since offset `since` (its last `limit` bytes)."""
     try:

@@ -51,6 +51,7 @@ def settings_for(state_dir: Path, prefix: str, subnet: str, base: int) -> Config
         "dispatcher": {"lmtp_port": base + 124, "imap_port": base + 243,
                        "smtp_port": base + 687},
         "submission": {"auth_failure_delay_s": 0.1},
+        "metrics": {"listen": f"127.0.0.1:{base + 810}"},
         "smtp_out": {"routes": [f"*=127.0.0.1:{base + 525}"], "timeout_s": 60.0},
         # Retries within a test's patience: a message whose hop was killed is tried
         # again within seconds, not the production minute.

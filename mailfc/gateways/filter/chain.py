@@ -59,7 +59,9 @@ class Outcome:
 class Chain:
     def __init__(self, name: str, section: FilterSection, config: Config) -> None:
         self.name = name
-        self.checks: list[tuple[str, Check]] = built_in(section.checks, section.dnsbl_zones)
+        self.checks: list[tuple[str, Check]] = built_in(
+            section.checks, section.dnsbl_zones, dnsbl_timeout_s=section.dnsbl_timeout_s,
+            dnsbl_nameservers=section.dnsbl_nameservers)
         self.milters = [MilterClient(spec, timeout=section.milter_timeout_s,
                                      hostname=config.host_name, daemon=name)
                         for spec in section.milters]

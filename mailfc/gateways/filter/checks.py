@@ -10,19 +10,21 @@
               the classic trick to show one sender and have another verified), no header
               line that is not `name: value`, no NUL: reject (550 5.6.0).
     dnsbl     the client's address (SMTP-In: the connecting client; Filter-Out: Postfix's
-              XFORWARD ADDR) looked up in each of
-              filter_*.dnsbl_zones through the system resolver; listed (127.0.0.0/8):
-              reject (550 5.7.1).  Off unless "dnsbl" is in checks; a lookup that fails
-              or times out counts as not listed.
+              XFORWARD ADDR) looked up in each of filter_*.dnsbl_zones through
+              dnspython (dnsbl.py; dnsbl_timeout_s, dnsbl_nameservers); listed
+              (127.0.0.0/8 but the lists' 127.255.255.x error codes): reject
+              (550 5.7.1).  Off unless "dnsbl" is in checks; a lookup that fails or
+              times out counts as not listed, and is logged.  Loopback and private
+              clients are not looked up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 from collections.abc import Awaitable, Callable
 
+from mailfc.gateways.filter.dnsbl import Dnsbl
 from mailfc.gateways.filter.message import ACCEPT, FilterMessage, Verdict
 from mailfc.gateways.filter.scan import Scanner
 from mailfc.messages import Source
@@ -30,7 +32,6 @@ from mailfc.messages import Source
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
 SINGLETONS = ("from", "sender", "reply-to", "to", "cc", "bcc", "subject", "date",
               "message-id", "in-reply-to", "references")
-DNSBL_TIMEOUT_S = 5.0
 SCAN_INLINE = 256 * 1024
 
 Check = Callable[[FilterMessage], Awaitable[Verdict]]
@@ -73,7 +74,10 @@ async def headers(message: FilterMessage) -> Verdict:
     return ACCEPT
 
 
-def dnsbl(zones: list[str]) -> Check:
+def dnsbl(zones: list[str], timeout_s: float = 2.0,
+          nameservers: list[str] | None = None) -> Check:
+    lists = Dnsbl(zones, timeout_s, nameservers or [])
+
     async def check(message: FilterMessage) -> Verdict:
         if not message.client_ip or not zones:
             return ACCEPT
@@ -83,29 +87,19 @@ def dnsbl(zones: list[str]) -> Check:
             return ACCEPT
         if address.is_loopback or address.is_private:
             return ACCEPT
-        reversed_name = address.reverse_pointer.rsplit(".", 2)[0]
-        results = await asyncio.gather(*(_listed(f"{reversed_name}.{zone}") for zone in zones))
-        for zone, listed in zip(zones, results, strict=True):
-            if listed:
-                return Verdict("reject", f"client {address} is listed in {zone}",
-                               f"filter:dnsbl:{zone}")
+        found = await lists.listed(address)
+        if found is not None:
+            zone, answer = found
+            return Verdict("reject", f"client {address} is listed in {zone} ({answer})",
+                           f"filter:dnsbl:{zone}")
         return ACCEPT
 
     return check
 
 
-async def _listed(name: str) -> bool:
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM),
-            DNSBL_TIMEOUT_S)
-    except (OSError, TimeoutError):
-        return False
-    return any(str(info[4][0]).startswith("127.") for info in infos)
-
-
-def built_in(names: list[str], dnsbl_zones: list[str]) -> list[tuple[str, Check]]:
+def built_in(names: list[str], dnsbl_zones: list[str], *, dnsbl_timeout_s: float = 2.0,
+             dnsbl_nameservers: list[str] | None = None) -> list[tuple[str, Check]]:
     table: dict[str, Check] = {"eicar": eicar, "headers": headers,
-                               "dnsbl": dnsbl(dnsbl_zones)}
+                               "dnsbl": dnsbl(dnsbl_zones, dnsbl_timeout_s,
+                                              dnsbl_nameservers)}
     return [(name, table[name]) for name in names]

@@ -9,7 +9,10 @@ STAGES
     MAIL      admin blocks (client IP/CIDR, sender, sender domain: 550 5.7.1), from a
               list read every few seconds (mailfc.policy.blocks); room in the spool for
               SIZE= (452 4.3.1); smtp_messages row
-    RCPT      syntax (501 5.1.3), hosted domain (554 5.7.1 relaying denied), mailbox or
+    RCPT      <postmaster> without a domain (RFC 5321 4.5.1) is always taken: it
+              stands for smtp_in.postmaster when set (then checked as that address),
+              else the message is written to the [filter_in] quarantine for it;
+              syntax (501 5.1.3), hosted domain (554 5.7.1 relaying denied), mailbox or
               alias (550 5.1.1), too many (452 4.5.3), the domain's spool queue over
               smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), and the
               received_messages limits where any is configured: the domain's, and each
@@ -48,6 +51,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from mailfc import logsetup
 from mailfc.addresses import split_address
 from mailfc.config import Config
 from mailfc.db.directory import Directory
@@ -55,10 +59,11 @@ from mailfc.errors import InvalidInput
 from mailfc.gateways import replies
 from mailfc.gateways.filter.chain import Chain, Outcome
 from mailfc.gateways.filter.chain import reply as chain_reply
-from mailfc.gateways.filter.message import Verdict
+from mailfc.gateways.filter.message import FilterMessage, Verdict
 from mailfc.gateways.spool import Spool, SpoolFull
 from mailfc.gateways.spool.store import new_queue_id
 from mailfc.messages import Prefixed
+from mailfc.metrics import names as metrics
 from mailfc.policy.blocks import BlockList
 from mailfc.policy.engine import (
     ACCEPT,
@@ -80,6 +85,9 @@ from mailfc.protocols.smtp_server import Envelope, Session
 log = logging.getLogger("mailfc.gateways.smtp_in")
 
 LIMITED_REFRESH_S = 5.0
+# RFC 5321 4.5.1's recipient without a domain, as it stands in envelope.rcpt_tos when no
+# smtp_in.postmaster is configured (its message then goes to the quarantine).
+BARE_POSTMASTER = "postmaster"
 COMPONENT = "smtp-in"
 
 
@@ -154,6 +162,7 @@ class SmtpInHandler:
         if state.txn is not None:
             self._close_txn(state, "aborted", "the client ended the transaction")
         worst = state.worst
+        metrics.SESSIONS.labels(COMPONENT, worst.verdict if worst else ACCEPT).inc()
         self.recorder.update(state.row, ended_at=now(), tls=session.tls,
                              verdict=worst.verdict if worst else ACCEPT,
                              reason=worst.reason if worst else None)
@@ -169,6 +178,7 @@ class SmtpInHandler:
         """A refusal by the server itself (improper pipelining, size; "errors": the
         session reached the hard error limit): an event, and the end of the
         transaction."""
+        metrics.REFUSALS.labels(COMPONENT, rule).inc()
         self._refuse_data(_state(session), rule, reason,
                           stage="session" if rule == "errors" else "data")
 
@@ -211,6 +221,13 @@ class SmtpInHandler:
             return replies.NEED_MAIL
         if len(envelope.rcpt_tos) >= self.config.smtp_in.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
+        if address.lower() == BARE_POSTMASTER:
+            if not self.config.smtp_in.postmaster:
+                if BARE_POSTMASTER not in envelope.rcpt_tos:
+                    envelope.rcpt_tos.append(BARE_POSTMASTER)
+                    txn.recipients.append(BARE_POSTMASTER)
+                return replies.OK_RCPT
+            address = self.config.smtp_in.postmaster
         try:
             localpart, domain = split_address(address)
         except InvalidInput:
@@ -291,6 +308,17 @@ class SmtpInHandler:
         finally:
             outcome.close()
 
+    async def _quarantined(self, state: SessionState, message: FilterMessage) -> bool:
+        """Kept in the quarantine; False (the transaction refused with a 451 for the
+        storage) when it could not be written."""
+        try:
+            await self.chain.quarantine(message)
+        except OSError as error:
+            log.error("quarantine: %s", error)
+            self._refuse_data(state, "storage", f"quarantine: {error}", verdict=TEMPFAIL)
+            return False
+        return True
+
     async def _after_checks(self, session: Session, state: SessionState, txn: Transaction,
                             envelope: Envelope, queue_id: str, outcome: Outcome) -> str:
         verdict, message = outcome.verdict, outcome.message
@@ -316,17 +344,22 @@ class SmtpInHandler:
             self._accepted(state, txn, None, source.size, verdict)
             return chain_reply(verdict)
         if verdict.action == "quarantine":
-            try:
-                await self.chain.quarantine(message)
-            except OSError as error:
-                log.error("quarantine: %s", error)
-                self._refuse_data(state, "storage", f"quarantine: {error}", verdict=TEMPFAIL)
+            if not await self._quarantined(state, message):
                 return replies.STORAGE
             self._accepted(state, txn, None, source.size, verdict)
             return chain_reply(verdict)
+        recipients = list(envelope.rcpt_tos)
+        if BARE_POSTMASTER in recipients:
+            # RCPT TO:<postmaster> with no smtp_in.postmaster: kept for the admin.
+            if not await self._quarantined(state, message):
+                return replies.STORAGE
+            recipients.remove(BARE_POSTMASTER)
+            if not recipients:
+                self._accepted(state, txn, None, source.size, verdict)
+                return replies.QUEUED.format(queue_id=queue_id)
         try:
             queue_id = await self.spool.put(
-                envelope.sender, list(envelope.rcpt_tos), source, queue_id=queue_id,
+                envelope.sender, recipients, source, queue_id=queue_id,
                 mail_options=tuple(o for o in envelope.mail_options
                                    if o.startswith(("BODY=", "SMTPUTF8"))),
                 client_ip=state.client_ip, helo=session.host_name)
@@ -335,6 +368,8 @@ class SmtpInHandler:
             self._refuse_data(state, "storage", str(error), verdict=TEMPFAIL)
             return replies.STORAGE
         self._accepted(state, txn, queue_id, source.size, verdict)
+        logsetup.hop("smtp-in", queue_id, f"from=<{envelope.sender}>, size={source.size},"
+                     f" nrcpt={len(envelope.rcpt_tos)}, client={state.client_ip}")
         return replies.QUEUED.format(queue_id=queue_id)
 
     async def handle_RSET(self, session: Session, envelope: Envelope) -> None:
@@ -412,6 +447,8 @@ class SmtpInHandler:
     def _close_txn(self, state: SessionState, verdict: str, reason: str | None) -> None:
         txn, state.txn = state.txn, None
         if txn is not None and txn.row.values.get("verdict") is None:
+            metrics.MESSAGES.labels(COMPONENT, verdict,
+                                    metrics.domain_label(txn.row.values.get("domain"))).inc()
             self.recorder.update(txn.row, verdict=verdict, reason=reason, ended_at=now())
 
 

@@ -55,6 +55,7 @@ class SmtpInService:
         self.directory = Directory(pool)
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory, "smtp-in"),
                            self._deliver, config.spool, hostname=config.host_name)
+        self.spool.relay = "lmtp-router"
         self.chain = Chain(self.name, config.filter_in, config)
         self.handler = SmtpInHandler(config, self.spool, self.directory, self.engine,
                                      self.recorder, LimitedDomains(pool), BlockList(pool),

@@ -51,7 +51,7 @@ from email.parser import BytesHeaderParser
 
 import asyncpg
 
-from mailfc import hops
+from mailfc import hops, logsetup
 from mailfc.addresses import normalize_address
 from mailfc.config import Config
 from mailfc.db.directory import Directory
@@ -124,6 +124,8 @@ class SmtpOutHandler(TakesXforward):
         except SpoolFull as error:
             return f"452 4.3.1 insufficient system storage: {error}"
         reply = Reply(250, f"2.0.0 queued as {queue_id}")
+        logsetup.hop("smtp-out", queue_id, f"from=<{envelope.sender}>, size={message.size},"
+                     f" nrcpt={len(recipients)}, orig_queue_id={ident or '-'}")
         if ident is not None:
             for recipient in recipients:
                 self.service.journal.record(ident, recipient, reply)

@@ -53,6 +53,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -63,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from mailfc import logsetup
 from mailfc.config import SpoolSection
 from mailfc.gateways.spool import dsn
 from mailfc.gateways.spool.store import (
@@ -74,10 +76,12 @@ from mailfc.gateways.spool.store import (
     new_queue_id,
 )
 from mailfc.messages import BytesSource, FileSlice, Prefixed, Source, as_source, head_of
+from mailfc.metrics import names as metrics
 from mailfc.protocols.lmtp import Reply
 
 T = TypeVar("T")
 DISK_THREADS = 32
+FREE_SPACE_CHECK_S = 1.0
 
 log = logging.getLogger("mailfc.gateways.spool")
 
@@ -106,6 +110,8 @@ class Entry:
     scheduled: set[str] = field(default_factory=set)
     deleted: bool = False
     finishing: bool = False
+    # Whether queue/<id>.log may exist (found by a scan, or written here).
+    logged: bool = True
 
     def source(self) -> Source:
         return BytesSource(self.message) if self.message is not None else self.file
@@ -126,6 +132,9 @@ class Spool:
         self.deliver_fn = deliver
         self.settings = settings
         self.hostname = hostname
+        # The next hop's name on the hop log lines (mailfc.logsetup); the recipient
+        # domain when empty (SMTP-Out: the remote MX or the LMTP Router, per domain).
+        self.relay = ""
         self.entries: dict[str, Entry] = {}
         self.queues: dict[str, DomainQueue] = collections.defaultdict(DomainQueue)
         self.owner = False
@@ -141,6 +150,8 @@ class Spool:
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._hop_failing = False
+        self._free_bytes = 0
+        self._free_checked_at = -FREE_SPACE_CHECK_S
         self.delivered = 0
         # The spool's file work (fsync above all) in threads of its own: commits of
         # concurrent sessions wait for the disk together, and ext4 commits their
@@ -210,11 +221,19 @@ class Spool:
     # -- accepting --------------------------------------------------------------------
 
     def has_room(self, size: int = 0) -> bool:
-        try:
-            stat = os.statvfs(self.files.directory)
-        except OSError:
-            return False
-        return stat.f_bavail * stat.f_frsize >= self.settings.min_free_bytes + size
+        """Whether `size` more bytes leave spool.min_free_bytes free.  The file system
+        is asked at most every FREE_SPACE_CHECK_S (a statvfs per command costs more
+        than the answer is worth at hundreds of messages a second); in between, what
+        this process committed since is taken off its last answer."""
+        now = time.monotonic()
+        if now - self._free_checked_at >= FREE_SPACE_CHECK_S:
+            try:
+                stat = os.statvfs(self.files.directory)
+            except OSError:
+                return False
+            self._free_bytes = stat.f_bavail * stat.f_frsize
+            self._free_checked_at = now
+        return self._free_bytes >= self.settings.min_free_bytes + size
 
     def queued(self, domain: str) -> int:
         queue = self.queues.get(domain)
@@ -243,6 +262,7 @@ class Spool:
         self._committing.add(queue_id)
         try:
             cached = await self._io(self.files.commit, envelope, source, keep)
+            self._free_bytes -= envelope.size
             try:
                 await self._queue_synced()
             except SpoolFull:
@@ -252,7 +272,7 @@ class Spool:
             if self.owner and not self._stopping:
                 file = FileSlice(self.files.queue / queue_id, len(envelope.to_json()),
                                  envelope.size)
-                self._add(envelope, file, Progress(), cached)
+                self._add(envelope, file, Progress(), cached, logged=False)
         finally:
             self._committing.discard(queue_id)
         return queue_id
@@ -280,7 +300,7 @@ class Spool:
     # -- scheduling -------------------------------------------------------------------
 
     def _add(self, envelope: Envelope, file: FileSlice, progress: Progress,
-             message: bytes | None) -> bool:
+             message: bytes | None, *, logged: bool = True) -> bool:
         """Schedule a committed message; False (and nothing done) if it is known already."""
         if envelope.queue_id in self.entries:
             log.error("spool: %s is queued already; not scheduling it twice", envelope.queue_id)
@@ -294,7 +314,7 @@ class Spool:
         if message is not None:
             self._cached += len(message)
         entry = Entry(envelope, file, pending, dict(progress.final), dict(progress.attempts),
-                      dict(progress.last_error), message)
+                      dict(progress.last_error), message, logged=logged)
         self.entries[envelope.queue_id] = entry
         if not pending:
             self._spawn(self._finish(entry))
@@ -386,6 +406,8 @@ class Spool:
         records: list[dict[str, object]] = [
             {"rcpt": r, "code": code, "text": text} for r, (code, text) in final.items()]
         attempts = entry.attempts.get(domain, 0) + 1
+        metrics.delivered(self.files.directory.name, final, age)
+        self._log_hop(entry, domain, recipients, replies, final, age, attempts)
         delay = min(self.settings.retry_max_s,
                     self.settings.retry_base_s * 2 ** (attempts - 1)) * random.uniform(0.9, 1.1)
         if deferred:
@@ -398,6 +420,7 @@ class Spool:
                                                            *final.values()))):
             # Needed on disk only while the message stays (see store.py EXACTLY ONCE):
             # a message delivered to everyone is unlinked right away instead.
+            entry.logged = True
             await self._io(self.files.append_log, entry.envelope.queue_id, records)
         entry.final.update(final)
         self.delivered += sum(1 for code, _ in final.values() if code < 300)
@@ -414,6 +437,22 @@ class Spool:
         self.queues[domain].queued -= 1
         if not entry.pending:
             await self._finish(entry)
+
+    def _log_hop(self, entry: Entry, domain: str, recipients: list[str],
+                 replies: dict[str, Reply], final: dict[str, tuple[int, str]], age: float,
+                 attempts: int) -> None:
+        """One hop line per recipient (mailfc.logsetup HOP LINES)."""
+        for recipient in recipients:
+            if recipient in final:
+                code, text = final[recipient]
+                status = "sent" if code < 300 else "bounced"
+                said = f"{code} {text}"
+            else:
+                status = "deferred"
+                said = str(replies.get(recipient) or "451 4.3.0 no reply for this recipient")
+            logsetup.hop(self.files.directory.name, entry.envelope.queue_id,
+                         f"to=<{recipient}>, relay={self.relay or domain}, delay={age:.1f},"
+                         f" attempts={attempts}, status={status} ({said})")
 
     def _retry_due(self, queue_id: str, domain: str) -> None:
         entry = self.entries.get(queue_id)
@@ -444,7 +483,8 @@ class Spool:
             asyncio.get_running_loop().call_later(
                 self.settings.retry_base_s, lambda: self._spawn(self._finish(entry)))
             return
-        await self._io(self.files.remove, envelope.queue_id)
+        await self._io(functools.partial(self.files.remove, envelope.queue_id,
+                                         logged=entry.logged))
         self._forget(entry)
 
     async def _undeliverable(self, entry: Entry, failed: dict[str, tuple[int, str]]) -> bool:
@@ -504,6 +544,8 @@ class Spool:
                 for queue_id, action in await self._io(self.files.take_requests):
                     await self.apply(queue_id, action)
                 await self._scan()
+                metrics.spool_state(self.files.directory.name,
+                                    [e.envelope.received_at for e in self.entries.values()])
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,9 +113,15 @@ class Progress:
     last_error: dict[str, str] = field(default_factory=dict)
 
 
+# Not secret, only distinct: a generator seeded once per process from os.urandom
+# (a getrandom call per message is a syscall for nothing).
+_ids = random.Random()
+
+
 def new_queue_id() -> str:
-    # Time first, so a listing sorted by id is in arrival order.
-    return f"{time.time_ns() // 1000:X}{secrets.token_hex(3).upper()}"
+    # Time first, so a listing sorted by id is in arrival order; the random part
+    # keeps two processes' ids of the same microsecond apart.
+    return f"{time.time_ns() // 1000:X}{_ids.getrandbits(24):06X}"
 
 
 def domain_of(address: str) -> str:
@@ -195,12 +201,14 @@ class SpoolFiles:
         finally:
             os.close(fd)
 
-    def remove(self, queue_id: str) -> None:
-        """Forget a finished message: the message first, so a crash leaves at most a log."""
+    def remove(self, queue_id: str, *, logged: bool = True) -> None:
+        """Forget a finished message: the message first, so a crash leaves at most a log.
+        logged=False: the caller knows no log was written (not looked for)."""
         with contextlib.suppress(FileNotFoundError):
             (self.queue / queue_id).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.queue / f"{queue_id}.log").unlink()
+        if logged:
+            with contextlib.suppress(FileNotFoundError):
+                (self.queue / f"{queue_id}.log").unlink()
 
     # -- reading ----------------------------------------------------------------------
 

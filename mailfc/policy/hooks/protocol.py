@@ -182,7 +182,8 @@ def parse_request(line: bytes) -> Request:
     for name, raw in zip(names, parts[1:], strict=True):
         value = unescape(raw)
         if name in INTEGER_FIELDS:
-            if not value.isdigit() or len(value) > 19:
+            # isdigit() alone takes "²" and other Unicode digits, which int() refuses.
+            if not (value.isascii() and value.isdigit()) or len(value) > 19:
                 raise ProtocolError(f"{word}: {name} must be a number, got {value[:40]!r}")
             values[name] = int(value)
         else:
