@@ -122,6 +122,12 @@ class SmtpSession:
         async with asyncio.timeout(self.timeout):
             await self.writer.drain()
 
+    def quit_now(self) -> None:
+        """QUIT and close at once, the answer unread (the transaction is over)."""
+        with contextlib.suppress(Exception):
+            self.writer.write(b"QUIT\r\n")
+        self.writer.close()
+
     async def close(self) -> None:
         """QUIT, without waiting long for its answer, and close."""
         with contextlib.suppress(Exception):
@@ -182,10 +188,17 @@ class RemoteDelivery:
                     async with asyncio.timeout(self.timeout):
                         await writer.start_tls(self.tls, server_hostname=hop.host)
                     await session.hello(self.helo)
-            return await self._transaction(session, sender, recipients, message,
-                                           mail_options)
-        finally:
+            results = await self._transaction(session, sender, recipients, message,
+                                              mail_options)
+        except BaseException:
             await session.close()
+            raise
+        # The replies are final once the server has given them: the spool records them
+        # now.  Waiting for QUIT's 221 first would leave a window in which a killed
+        # process has had the message taken but not recorded, and its successor would
+        # send it again.
+        session.quit_now()
+        return results
 
     @staticmethod
     async def _transaction(session: SmtpSession, sender: str, recipients: list[str],
