@@ -190,8 +190,10 @@ def unverified() -> ssl.SSLContext:
 
 
 def message(sender: str, marker: str) -> bytes:
+    """A small message; this bench's sink knows it by X-Bench, bench/platform.py's
+    Sink by X-Mark."""
     return (f"From: {sender}\r\nTo: x@remote.example\r\nSubject: bench\r\n"
-            f"Message-ID: <{marker}@bench>\r\nX-Bench: {marker}\r\n\r\n"
+            f"Message-ID: <{marker}@bench>\r\nX-Bench: {marker}\r\nX-Mark: {marker}\r\n\r\n"
             + "hello\r\n" * 20).encode()
 
 

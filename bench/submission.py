@@ -29,9 +29,10 @@ import aiosmtplib
 from bench.noisy_neighbor import (
     MX_PORT,
     PASSWORD,
-    SUBMISSION,
     config,
+    message,
     start_platform,
+    submit_via_router,
     unverified,
 )
 from bench.platform import Sink, in_own_process, scratch_state
@@ -42,28 +43,6 @@ from mailfc.tls import certificate_paths
 
 REFERENCE_PORT = 23025
 USERS = 5
-
-
-def message(sender: str, marker: str) -> bytes:
-    """A small message the sink knows by its X-Mark (bench/platform.py mark_of)."""
-    return (f"From: {sender}\r\nTo: x@remote.example\r\nSubject: bench\r\n"
-            f"Message-ID: <{marker}@bench>\r\nX-Mark: {marker}\r\n\r\n"
-            + "hello\r\n" * 20).encode()
-
-
-async def submit_via_router(user: str, marker: str) -> bool:
-    """One authenticated submission through the SMTP Router; False if refused."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=SUBMISSION, start_tls=True,
-                             tls_context=unverified(), timeout=60)
-    try:
-        await client.connect()
-        await client.login(user, PASSWORD)
-        await client.sendmail(user, ["x@remote.example"], message(user, marker))
-        return True
-    except aiosmtplib.SMTPException:
-        return False
-    finally:
-        client.close()
 
 
 async def submit_plain(marker: str) -> bool:
