@@ -597,6 +597,12 @@ def _clean(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
+def storable_text(text: str) -> str:
+    """`text` as PostgreSQL can store it: NUL and bytes that were not UTF-8 (kept by
+    the surrogateescape error handler) written as escapes."""
+    return _clean_text(text)[0]
+
+
 def _clean_text(text: str) -> tuple[str, bool]:
     if "\x00" not in text and (text.isascii() or _is_utf8(text)):
         return text, False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,9 +125,26 @@ def xforward_attributes(argument: str) -> dict[str, str] | None:
         if not sep or name.upper() not in XFORWARD_ATTRIBUTES:
             return None
         decoded = xtext_decode(value)
-        if decoded not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
-            attributes[name.upper()] = decoded
+        if decoded in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+            continue
+        if name.upper() == "ADDR":
+            address = client_address(decoded)
+            if address is None:
+                continue        # unknown, rather than an address nobody can use
+            decoded = address
+        attributes[name.upper()] = decoded
     return attributes
+
+
+def client_address(value: str) -> str | None:
+    """XFORWARD ADDR as an IP address (Postfix writes IPv6 as "IPV6:<address>"), None
+    when it is not one."""
+    if value[:5].upper() == "IPV6:":
+        value = value[5:]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
 
 
 def dot_stuff(message: bytes) -> bytes:

@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -841,6 +842,9 @@ class TakesXforward:
         return R_OK
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _path(argument: str, keyword: str) -> tuple[str, list[str]] | None:
     """`FROM:<addr> PARAM=x` -> ("addr", ["PARAM=x"]); a source route is dropped."""
     if argument[:len(keyword)].upper() != keyword:
@@ -855,6 +859,10 @@ def _path(argument: str, keyword: str) -> tuple[str, list[str]] | None:
     if address.startswith("@"):
         address = address.partition(":")[2]
     if any(c in address for c in " \t<>") and not address.startswith('"'):
+        return None
+    # RFC 5321 4.1.2: no control character anywhere in a path, quoted or not.  One
+    # taken here would reach the spool, DNS and PostgreSQL as an "address".
+    if _CONTROL.search(address):
         return None
     return address, rest[end + 1:].split()
 

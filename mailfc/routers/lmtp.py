@@ -126,7 +126,7 @@ class LmtpRouterHandler(TakesXforward):
         expansions: dict[str, dict[str, bool]] = envelope.extra.get("expansions", {})
         forwarded: dict[str, str] = envelope.extra.get("xforward", {})
         peer = session.peer if isinstance(session.peer, tuple) else ("127.0.0.1", 0)
-        client = _client_address(forwarded.get("ADDR", ""))
+        client = forwarded.get("ADDR")
         if client is not None:
             peer = (client, 0)
         assert envelope.message is not None
@@ -382,13 +382,6 @@ def _combine(recipient: str, replies: list[Reply]) -> str:
         ok = next(reply for reply in replies if reply.ok)
         return f"{ok.code} {ok.text}"
     return f"{failed.code} {failed.text}"
-
-
-def _client_address(value: str) -> str | None:
-    """XFORWARD ADDR as an IP address (Postfix writes IPv6 as "IPV6:<address>")."""
-    if value[:5].upper() == "IPV6:":
-        value = value[5:]
-    return value if value and _is_ip(value) else None
 
 
 def _is_ip(value: object) -> bool:

@@ -5,16 +5,22 @@ Each names the parser, what the input did before the fix, and what it gets now.
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
+from mailfc.gateways.smtp_out.service import _message_id
+from mailfc.messages import BytesSource
 from mailfc.policy.hooks import protocol as hooks
-from mailfc.protocols.lmtp import MAX_REPLY, LmtpError, read_reply
+from mailfc.protocols.lmtp import MAX_REPLY, LmtpError, read_reply, xforward_attributes
 from tests.fuzz.logcheck import Tracebacks, no_traceback
 from tests.fuzz.test_dialogues import (
     FakeWriter,
     feed_reader,
     imap_session,
     run,
+    serve,
+    smtp_servers,
     submission_session,
 )
 
@@ -106,3 +112,41 @@ def test_imap_client_gone_before_its_bad_is_sent(tracebacks: Tracebacks) -> None
     run(imap_session([b"a\r\n"], False, writer))
     assert writer.out.endswith(b"* BAD missing command\r\n")
     no_traceback(tracebacks)
+
+
+def test_a_control_character_in_a_path_is_a_syntax_error() -> None:
+    # Was (socket fuzz): MAIL FROM:<someone@remote.exa\x0bmple> taken; SMTP-Out's bounce
+    # to that "domain" failed in PostgreSQL and DNS as a temporary error, retried for
+    # the spool's whole lifetime.
+    for name, server in smtp_servers().items():
+        hello = b"LHLO x\r\n" if name == "lmtp" else b"EHLO x\r\n"
+        output, _ = run(serve(server, [hello + b"MAIL FROM:<a@remote.exa\x0bmple>\r\n"
+                                       b"MAIL FROM:<a@remote.example>\r\n"
+                                       b"RCPT TO:<b\x00@x.example>\r\nQUIT\r\n"]))
+        replies = [line[:3] for line in output.split(b"\r\n") if line[3:4] == b" "]
+        assert replies[-4:] == [b"501", b"250", b"501", b"221"], (name, output)
+
+
+def test_message_id_of_a_hostile_header_costs_neither_memory_nor_recursion() -> None:
+    # Was (socket fuzz): the email package's header parser on a Message-ID of
+    # parentheses: 60 MB and RecursionError, so every delivery of it failed as "next
+    # hop unavailable" and was retried; the outbound process grew past 800 MB.
+    tracemalloc.start()
+    try:
+        found = _message_id(BytesSource(b"Message-ID: <" + b"(" * 60_000 + b">\r\n\r\nx"))
+        spaced = _message_id(BytesSource(b"Message-ID: " + b"a " * 30_000 + b"\r\n\r\nx"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found is not None and found.startswith("<((((") and spaced is not None
+    assert peak < 4 << 20, peak
+    # What PostgreSQL can store: no NUL, nothing that is not UTF-8.
+    assert _message_id(BytesSource(b"Message-ID: <a\xff\x00b@x>\r\n\r\n")) == r"<a\xff\x00b@x>"
+
+
+def test_xforward_addr_that_is_no_address_is_left_out() -> None:
+    # Was (socket fuzz): ADDR=192.0.2.1$PROTO=ESMTP reached smtp_sessions.client_ip
+    # (inet), and PostgreSQL refused the whole row.
+    assert xforward_attributes("ADDR=192.0.2.1+24PROTO=ESMTP NAME=x") == {"NAME": "x"}
+    assert xforward_attributes("ADDR=IPV6:2001:DB8::1") == {"ADDR": "2001:db8::1"}
+    assert xforward_attributes("ADDR=192.0.2.7") == {"ADDR": "192.0.2.7"}

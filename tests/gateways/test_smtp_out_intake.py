@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 
 from mailfc.config import Config, parse_config
 from mailfc.gateways.smtp_out.service import SmtpOutService
-from mailfc.messages import FileSlice, Source
+from mailfc.gateways.spool import Envelope, SpoolFiles, spool_directory
+from mailfc.gateways.spool.store import new_queue_id
+from mailfc.messages import BytesSource, FileSlice, Source
 from mailfc.protocols.lmtp import LmtpClient, Reply
 from mailfc.tls import certificate_paths, server_context
 from tests.gateways.stream_sink import PeakMemory, big_message, received, running_sink
@@ -141,6 +144,45 @@ async def test_a_restarted_intake_knows_the_journal(cmdb: asyncpg.Pool, short_di
         assert len(await settled(again, output, 1)) == 1
     finally:
         await again.stop(2.0)
+
+
+async def test_a_message_spooled_but_not_journaled_is_not_sent_twice(
+        cmdb: asyncpg.Pool, short_dir: Path, sink: tuple[Path, int]) -> None:
+    """A process killed -9 between the spool's commit and the journal's record: the
+    message is in the spool, the journal does not know it, Filter-Out never got its
+    250 and retries.  The next process must answer that retry from the spool file's
+    IDENT, and the remote MX must get the message once."""
+    output, port = sink
+    config = out_config(short_dir / "state", port)
+    ident = f"s.example:{uuid.uuid4().hex[:16].upper()}"
+    recipients = ("x@remote.example", "y@remote.example")
+    files = SpoolFiles(spool_directory(config.state_dir, config.spool.directory, "smtp-out"))
+    files.prepare()
+    queue_id = new_queue_id()
+    files.commit(Envelope(queue_id, "a@hosted.example", recipients, time.time(),
+                          size=len(MESSAGE), ident=ident), BytesSource(MESSAGE))
+    files.sync_queue()
+    service = SmtpOutService(config, cmdb)
+    await service.start()
+    try:
+        retry = await send(service, list(recipients), MESSAGE, ident)
+        assert {str(reply) for reply in retry.values()} == {f"250 2.0.0 queued as {queue_id}"}
+        records = await settled(service, output, 1)
+        await asyncio.sleep(1.0)        # a second copy would come right behind the first
+        assert [record["to"] for record in received(output)] == [list(recipients)], records
+    finally:
+        await service.stop(2.0)
+
+
+async def test_a_broken_destination_domain_fails_for_good(smtp_out: SmtpOutService) -> None:
+    """A bounce to a forged sender's broken address: 550 at once, not a temporary
+    failure retried (and looked up in PostgreSQL and DNS) for the spool's lifetime."""
+    envelope = Envelope(new_queue_id(), "", ("x@remote.exa mple",), time.time(),
+                        size=len(MESSAGE), is_bounce=True)
+    replies = await smtp_out._deliver(envelope, ["x@remote.exa mple", "y@remote.exa mple"],
+                                      BytesSource(MESSAGE))
+    assert {reply.code for reply in replies.values()} == {550}
+    assert replies["x@remote.exa mple"].text.startswith("5.1.2 bad destination")
 
 
 async def test_a_large_message_streams_to_the_remote_mx(smtp_out: SmtpOutService,

@@ -16,7 +16,10 @@ IDEMPOTENCE (mailfc.gateways.journal, <state_dir>/journal/smtp-out.*)
     that IDENT gets the reply recorded then (`250 2.0.0 queued as <id>`) and is not
     queued again; the others are queued, and recorded once the spool has committed.
     So a retry after a lost reply (SMTP-Out killed after the commit, a broken
-    connection) sends the message once.
+    connection) sends the message once.  The spool file keeps the IDENT too: a process
+    killed between the commit and the record leaves a message the journal does not
+    know, and the next process, taking the spool over before it listens, records every
+    queued message's IDENT and recipients that the journal lacks.
 
 SECURITY
     The intake relays to anywhere, so only Filter-Out may reach it: it is an internal
@@ -45,17 +48,16 @@ CONFIGURATION
 from __future__ import annotations
 
 import asyncio
-import email.policy
 import logging
-from email.parser import BytesHeaderParser
 
 import asyncpg
 
 from mailfc import hops, logsetup
-from mailfc.addresses import normalize_address
+from mailfc.addresses import normalize_address, normalize_domain
 from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
+from mailfc.gateways.filter.message import FilterMessage, HeaderTooLarge
 from mailfc.gateways.journal import DeliveredJournal
 from mailfc.gateways.lmtp_hop import LmtpHop
 from mailfc.gateways.smtp_out.remote import RemoteDelivery
@@ -63,7 +65,8 @@ from mailfc.gateways.smtp_out.routes import Router, parse_routes
 from mailfc.gateways.spool import Envelope as SpoolEnvelope
 from mailfc.gateways.spool import Spool, spool_directory
 from mailfc.gateways.spool.store import SpoolFull, domain_of
-from mailfc.messages import Source, head_of
+from mailfc.messages import Source
+from mailfc.policy.recorder import storable_text
 from mailfc.protocols.lmtp import Reply
 from mailfc.protocols.smtp_server import Envelope, LmtpServer, Session, TakesXforward
 
@@ -75,10 +78,15 @@ HEADER_PREFIX = 64 * 1024
 
 
 def _message_id(message: Source) -> str | None:
-    head = head_of(message, HEADER_PREFIX).split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    parsed = BytesHeaderParser(policy=email.policy.SMTP).parsebytes(head + b"\r\n\r\n")
-    value = parsed.get("Message-ID")
-    return str(value).strip() if value else None
+    """The raw Message-ID, as the filter chain reads header fields: the email package's
+    parser is not for hostile input (a header of 100,000 parentheses costs it 60 MB and
+    ends in RecursionError)."""
+    try:
+        parsed = FilterMessage.parse(message, "", [], header_limit=HEADER_PREFIX)
+    except HeaderTooLarge:
+        return None
+    values = parsed.values("Message-ID")
+    return storable_text(values[0].strip()[:998]) if values else None
 
 
 class SmtpOutHandler(TakesXforward):
@@ -120,7 +128,7 @@ class SmtpOutHandler(TakesXforward):
         try:
             queue_id = await self.service.spool.put(
                 envelope.sender, recipients, message,
-                mail_options=tuple(envelope.mail_options))
+                mail_options=tuple(envelope.mail_options), ident=ident)
         except SpoolFull as error:
             return f"452 4.3.1 insufficient system storage: {error}"
         reply = Reply(250, f"2.0.0 queued as {queue_id}")
@@ -151,6 +159,9 @@ class SmtpOutService:
         self.spool = Spool(spool_directory(config.state_dir, config.spool.directory,
                                            "smtp-out"),
                            self._deliver, config.spool, hostname=config.host_name)
+        self.spool.on_resume = self._journal_resumed
+        # Delivery results on their way to PostgreSQL (see _deliver).
+        self._recording: set[asyncio.Task[None]] = set()
         self.lmtp = LmtpServer(SmtpOutHandler(self), hostname=config.host_name,
                                ident="mailfc SMTP-Out",
                                data_size_limit=config.hop_size_limit,
@@ -161,15 +172,36 @@ class SmtpOutService:
     async def _deliver(self, envelope: SpoolEnvelope, recipients: list[str],
                        message: Source) -> dict[str, Reply]:
         domain = domain_of(recipients[0])
+        try:
+            normalize_domain(domain)
+        except InvalidInput as error:
+            # A bounce to a forged sender's broken address, say: no retry mends it.
+            return dict.fromkeys(recipients, Reply(550, f"5.1.2 bad destination: {error}"))
+        # Read now: the spool may remove the file as soon as it has the replies.
+        message_id = await asyncio.to_thread(_message_id, message)
         if await self.directory.is_hosted(domain):
             replies = await self.inbound.deliver(envelope.sender, recipients, message,
                                                  xforward={"IDENT": envelope.queue_id})
         else:
             replies = await self.remote.deliver(envelope.sender, recipients, message,
                                                 envelope.mail_options)
-        message_id = await asyncio.to_thread(_message_id, message)
-        await self._record(envelope, domain, replies, message_id)
+        # Recorded after the spool has the replies, not before: the spool's own record
+        # is what keeps a killed process from delivering again, so nothing may stand
+        # between the next hop's reply and it.
+        task = asyncio.ensure_future(self._record(envelope, domain, replies, message_id))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
         return replies
+
+    def _journal_resumed(self, envelope: SpoolEnvelope) -> None:
+        """A message found on taking over the spool: make sure the journal answers its
+        sender's retry (see IDEMPOTENCE)."""
+        if envelope.ident is None:
+            return
+        reply = Reply(250, f"2.0.0 queued as {envelope.queue_id}")
+        for recipient in envelope.recipients:
+            if self.journal.get(envelope.ident, recipient) is None:
+                self.journal.record(envelope.ident, recipient, reply)
 
     async def _record(self, envelope: SpoolEnvelope, domain: str,
                       replies: dict[str, Reply], message_id: str | None) -> None:
@@ -197,5 +229,7 @@ class SmtpOutService:
     async def stop(self, drain_timeout: float) -> None:
         await self.listener.stop(drain_timeout)
         await self.spool.stop(drain_timeout)
+        if self._recording:
+            await asyncio.wait(set(self._recording), timeout=drain_timeout)
         await self.inbound.close()
         self.journal.close()

@@ -53,7 +53,6 @@ import asyncio
 import collections
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import random
@@ -135,6 +134,8 @@ class Spool:
         # The next hop's name on the hop log lines (mailfc.logsetup); the recipient
         # domain when empty (SMTP-Out: the remote MX or the LMTP Router, per domain).
         self.relay = ""
+        # Called with each message found on taking over the spool (see _scan).
+        self.on_resume: Callable[[Envelope], None] | None = None
         self.entries: dict[str, Entry] = {}
         self.queues: dict[str, DomainQueue] = collections.defaultdict(DomainQueue)
         self.owner = False
@@ -214,7 +215,7 @@ class Spool:
         removed = await self._io(self.files.clean_tmp)
         if removed:
             log.info("spool: removed %d uncommitted file(s) of an earlier run", removed)
-        loaded = await self._scan()
+        loaded = await self._scan(resuming=True)
         if loaded:
             log.info("spool %s: resuming %d queued message(s)", self.files.directory, loaded)
 
@@ -242,7 +243,8 @@ class Spool:
     async def put(self, sender: str, recipients: list[str], message: bytes | Source, *,
                   mail_options: tuple[str, ...] = (), client_ip: str | None = None,
                   client_name: str | None = None, helo: str | None = None,
-                  is_bounce: bool = False, queue_id: str | None = None) -> str:
+                  is_bounce: bool = False, queue_id: str | None = None,
+                  ident: str | None = None) -> str:
         """Make the message durable and queue it; raises SpoolFull.  Returns its queue id.
 
         The message is copied into the spool file in chunks (in the spool's threads:
@@ -251,7 +253,7 @@ class Spool:
         source = as_source(message)
         envelope = Envelope(queue_id or new_queue_id(), sender, tuple(recipients), time.time(),
                             mail_options, client_ip, client_name, helo, source.size,
-                            is_bounce)
+                            is_bounce, ident=ident)
         return await self._commit(envelope, source)
 
     async def _commit(self, envelope: Envelope, source: Source) -> str:
@@ -483,8 +485,13 @@ class Spool:
             asyncio.get_running_loop().call_later(
                 self.settings.retry_base_s, lambda: self._spawn(self._finish(entry)))
             return
-        await self._io(functools.partial(self.files.remove, envelope.queue_id,
-                                         logged=entry.logged))
+        # In the loop, not in a disk thread: the unlink is what keeps a restarted spool
+        # from sending the message again, and a thread hop (queued behind the commits'
+        # fsyncs) would widen the window in which a kill -9 duplicates it.
+        try:
+            self.files.remove(envelope.queue_id, logged=entry.logged)
+        except OSError as error:
+            log.error("spool: cannot remove the finished %s: %s", envelope.queue_id, error)
         self._forget(entry)
 
     async def _undeliverable(self, entry: Entry, failed: dict[str, tuple[int, str]]) -> bool:
@@ -551,8 +558,10 @@ class Spool:
             except Exception:
                 log.exception("spool: scan failed")
 
-    async def _scan(self) -> int:
-        """Load committed messages this process does not know yet (start-up, other writers)."""
+    async def _scan(self, *, resuming: bool = False) -> int:
+        """Load committed messages this process does not know yet (start-up, other writers).
+        resuming: taking over from an earlier owner; each message found goes to
+        on_resume (it may have died between a commit and its sender's reply)."""
         known = set(self.entries) | set(self._committing)
 
         def read() -> list[tuple[Envelope, FileSlice, Progress]]:
@@ -584,6 +593,8 @@ class Spool:
                 continue
             if self._stopping:
                 break
+            if resuming and self.on_resume is not None:
+                self.on_resume(envelope)
             if self._add(envelope, file, progress, None):
                 loaded += 1
         return loaded

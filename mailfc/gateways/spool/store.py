@@ -33,6 +33,8 @@ EXACTLY ONCE
     it twice.  When every recipient is final the message and its log are unlinked
     (message first) without a log record first: the unlink follows the last reply as
     closely as an append would, so a killed process leaves the same state either way.
+    That unlink runs in the event loop, not a disk thread, right as the reply is read
+    (queue.py _finish): nothing else stands between the next hop's 250 and it.
     The unlinks are not fsync'd: after a power loss a message may come back and be
     delivered again (at least once), never lost; Postfix makes the same trade.
 
@@ -88,11 +90,18 @@ class Envelope:
     # A bounce nobody could take, re-sent to spool.undeliverable_bounces: if this
     # fails too it goes to the quarantine, not to the postmaster again.
     for_postmaster: bool = False
+    # The sender's own id of this message (XFORWARD IDENT): after a crash between the
+    # commit and the sender's reply, the resumed spool tells the intake's journal that
+    # this message is taken (smtp_out/service.py), so the sender's retry is answered.
+    ident: str | None = None
 
     def to_json(self) -> bytes:
         values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        # Files stay readable by an older mailfc.
         if not self.for_postmaster:
-            del values["for_postmaster"]     # files stay readable by an older mailfc
+            del values["for_postmaster"]
+        if self.ident is None:
+            del values["ident"]
         return json.dumps(values, separators=(",", ":")).encode() + b"\n"
 
     @staticmethod
