@@ -407,6 +407,14 @@ class SmtpInSection(Section):
     # take it): a hosted address such as postmaster@example.org; empty: the message
     # is written to the [filter_in] quarantine (filter_in.quarantine_dir) for the admin.
     postmaster: str = ""
+    # Admission under CPU pressure (mailfc.fairness), per recipient domain at RCPT:
+    # while the host's CPU pressure (PSI) is above pressure_target (1: never), a
+    # domain receiving more recipients than its fair share is spaced out, down to
+    # pressure_min_rate recipients/s; a RCPT waits up to pressure_max_wait_s for its
+    # turn, then hears 451 4.7.1 (the sending MTA tries again later).
+    pressure_target: float = 0.15
+    pressure_min_rate: float = 2.0
+    pressure_max_wait_s: float = 5.0
 
     @field_validator("postmaster")
     @classmethod
@@ -417,6 +425,29 @@ class SmtpInSection(Section):
                           and not any(c in value for c in " <>\r\n")):
             raise ValueError(f"{value!r}: expected empty (quarantine) or a hosted address"
                              " such as postmaster@example.org")
+        return value
+
+    @field_validator("pressure_target")
+    @classmethod
+    def _is_share(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("expected a share of the time above 0 and at most 1 (1: never)")
+        return value
+
+    @field_validator("pressure_min_rate")
+    @classmethod
+    def _is_rate(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("expected recipients per second > 0")
+        return value
+
+    @field_validator("pressure_max_wait_s")
+    @classmethod
+    def _is_rcpt_wait(cls, value: float) -> float:
+        # RFC 5321 4.5.3.2.3: a client waits 5 minutes for the reply to RCPT.
+        if not 0 < value <= 300:
+            raise ValueError("expected seconds above 0 and at most 300 (the client's RCPT"
+                             " timeout)")
         return value
 
 

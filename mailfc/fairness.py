@@ -23,7 +23,8 @@ ADMISSION UNDER PRESSURE (Admission)
     Filter-Out, SMTP-Out.  On a full host every other domain then waits for a CPU
     behind that work.  While the host is short of CPU, the domains asking for more
     than their fair share wait for their turn ("limit only when needed"): the
-    submission router's new sessions, the hook server's heavy IMAP commands.
+    submission router's new sessions, the hook server's heavy IMAP commands,
+    SMTP-In's recipients (per recipient domain, at RCPT).
 
 PRESSURE
     Every interval_s, the kernel's CPU pressure over the last interval (PSI,
@@ -48,7 +49,8 @@ TURNS
     An unrated domain's request passes at once.  A rated domain's requests take
     tokens from a bucket filled at its rate (holding at most a second's worth), in
     arrival order; one that waits longer than max_wait_s is refused (the router
-    answers 451 4.7.1, the hook server NO [LIMIT]; clients try again later).
+    and SMTP-In answer 451 4.7.1, the hook server NO [LIMIT]; clients try again
+    later).
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ BARE_LF = "554 5.5.2 bare <LF> in message data: line ends must be <CR><LF>"
 EIGHT_BIT = "554 5.6.0 message contains 8-bit data but MAIL FROM did not say BODY=8BITMIME"
 STORAGE = "452 4.3.1 insufficient system storage, try again later"
 QUEUE_BUSY = "451 4.7.1 too much mail waiting for {domain}, try again later"
+# A recipient domain that got no turn while the host is short of CPU (mailfc.fairness).
+DOMAIN_BUSY = "451 4.7.1 {domain} is receiving more mail than its share now, try again later"
 
 FILTER_REJECT = "550 5.7.1 {reason}"
 FILTER_TEMPFAIL = "451 4.7.1 {reason}"

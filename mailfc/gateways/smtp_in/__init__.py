@@ -46,6 +46,16 @@ ABUSE (as Postfix's smtpd and anvil)
     its /64), `421 4.7.0 <host> Error: too many connections from <client>` instead
     of the greeting (mailfc.anvil).
 
+FAIRNESS (limit only when needed; mailfc.fairness)
+    One process receives for every domain, so a flood to one must not slow the
+    others.  While the host is short of CPU (PSI above smtp_in.pressure_target), a
+    domain receiving more recipients than its fair share gets them at a rate of its
+    own, at least smtp_in.pressure_min_rate a second; each of its RCPTs waits for a
+    turn, at most smtp_in.pressure_max_wait_s, then hears
+    `451 4.7.1 <domain> is receiving more mail than its share now, try again later`
+    (the sending MTA retries later; rule pressure:recipients).  Other domains'
+    recipients, in the same session too, pass at once.  Without pressure nobody waits.
+
 CYCLING
     smtp_in.cycle_after_s > 0: the listener is replaced after that long without refusing
     a connection (gateways/listener.py).  The spool stays with the service.
@@ -53,7 +63,9 @@ CYCLING
 CONFIGURATION
     [smtp_in] max_recipients (100), require_8bitmime (true), timeout_s (300),
               max_queued_per_domain (20000), cycle_after_s (0), soft_error_limit (10),
-              hard_error_limit (20), error_sleep_s (1), junk_command_limit (100)
+              hard_error_limit (20), error_sleep_s (1), junk_command_limit (100),
+              postmaster (""), pressure_target (0.15), pressure_min_rate (2),
+              pressure_max_wait_s (5)
     [smtp_in_connections] max_per_client (50), max_rate_per_client (100),
               rate_window_s (60), exempt_networks ([]): see mailfc.anvil
     [messages] size_limit (50 MiB), temporary_dir (<state_dir>/tmp/messages)

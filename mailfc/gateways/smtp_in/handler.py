@@ -14,7 +14,8 @@ STAGES
               else the message is written to the [filter_in] quarantine for it;
               syntax (501 5.1.3), hosted domain (554 5.7.1 relaying denied), mailbox or
               alias (550 5.1.1), too many (452 4.5.3), the domain's spool queue over
-              smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), and the
+              smtp_in.max_queued_per_domain (451 4.7.1: limit only when needed), the
+              domain's turn while the host is short of CPU (ADMISSION), and the
               received_messages limits where any is configured: the domain's, and each
               receiving account's own or its domain's per-account default (451 4.7.1,
               answered after policy.refusal_delay_s).  A refused recipient of a hosted
@@ -38,9 +39,22 @@ STAGES
               limit (protocols/smtp_server.py, ERRORS) gets an smtp_events row with
               stage "session", rule smtp:errors
 
+ADMISSION (mailfc.fairness; limit only when needed)
+    Each recipient of a hosted domain, once known to exist, waits for its domain's
+    turn: while the host's CPU pressure is above smtp_in.pressure_target, a domain
+    receiving more recipients than its fair share gets them at a rate of its own
+    (at least smtp_in.pressure_min_rate a second); a RCPT without a turn within
+    smtp_in.pressure_max_wait_s hears
+        451 4.7.1 <domain> is receiving more mail than its share now, try again later
+    and the sending MTA tries that recipient again later (the 451 counts as an error,
+    protocols/smtp_server.py ERRORS).  The other domains' recipients, in the same
+    session too, pass at once.  Recorded as rule pressure:recipients (stage rcpt,
+    verdict tempfail).
+
 Refusals by policy become smtp_events rows with the rule (block:ip, limit:..., relay,
-unknown_user, queue_busy, bare_lf, ...).  When the limit database is down, inbound mail
-follows policy.on_db_error_inbound ("accept" by default: recorded as accepted unchecked).
+unknown_user, queue_busy, pressure:recipients, bare_lf, ...).  When the limit database
+is down, inbound mail follows policy.on_db_error_inbound ("accept" by default: recorded
+as accepted unchecked).
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ from mailfc.addresses import split_address
 from mailfc.config import Config
 from mailfc.db.directory import Directory
 from mailfc.errors import InvalidInput
+from mailfc.fairness import Admission
 from mailfc.gateways import replies
 from mailfc.gateways.filter.chain import Chain, Outcome
 from mailfc.gateways.filter.chain import reply as chain_reply
@@ -89,6 +104,8 @@ LIMITED_REFRESH_S = 5.0
 # smtp_in.postmaster is configured (its message then goes to the quarantine).
 BARE_POSTMASTER = "postmaster"
 COMPONENT = "smtp-in"
+# ADMISSION: the rule of a recipient whose domain got no turn in time.
+RULE_PRESSURE = "pressure:recipients"
 
 
 @dataclass
@@ -135,7 +152,7 @@ class LimitedDomains(Snapshot[frozenset[str]]):
 class SmtpInHandler:
     def __init__(self, config: Config, spool: Spool, directory: Directory,
                  engine: LimitEngine, recorder: Recorder, limited: LimitedDomains,
-                 blocks: BlockList, chain: Chain) -> None:
+                 blocks: BlockList, chain: Chain, admission: Admission | None = None) -> None:
         self.config = config
         self.spool = spool
         self.chain = chain
@@ -144,6 +161,8 @@ class SmtpInHandler:
         self.recorder = recorder
         self.limited = limited
         self.blocks = blocks
+        # Each recipient domain's turn under CPU pressure (ADMISSION); None: no turns.
+        self.admission = admission
         self.hostname = config.host_name
         self.on_db_error = config.policy.on_db_error_inbound
         self.refusal_delay_s = config.policy.refusal_delay_s
@@ -253,6 +272,14 @@ class SmtpInHandler:
             self._event(state, "rcpt", Decision(TEMPFAIL, f"spool queue of {domain} is full",
                                                 "spool:queue_busy"), detail)
             return replies.QUEUE_BUSY.format(domain=domain)
+        # Before the limits' database calls: while a domain waits for its turn it
+        # costs the busy host nothing more.
+        if self.admission is not None and not await self.admission.admit(domain):
+            metrics.REFUSALS.labels(COMPONENT, RULE_PRESSURE).inc()
+            self._event(state, "rcpt", Decision(
+                TEMPFAIL, f"the server is short of CPU and {domain} receives more than its"
+                " share", RULE_PRESSURE), detail)
+            return replies.DOMAIN_BUSY.format(domain=domain)
         limited = await self.limited.get()
         # The domain as a whole once per message; each account it delivers to (the
         # mailbox, or an alias's mailboxes in this domain) once too, against its own

@@ -6,6 +6,10 @@ The spool hands each message, per recipient domain, to the LMTP Router
 keeps a journal by IDENT and recipient, so a retry after a lost reply is not delivered
 twice.  A bounce (a DSN the spool made) to a sender whose domain is not hosted here
 goes to SMTP-Out's intake (listen.smtp_out) instead, with IDENT=<its queue id>.
+
+The recipient domains' turns under CPU pressure (handler.py, ADMISSION) are watched
+from start() to stop(): smtp_in.pressure_target, pressure_min_rate and
+pressure_max_wait_s.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from mailfc import hops
 from mailfc.anvil import Anvil
 from mailfc.config import Config, split_hostport
 from mailfc.db.directory import Directory
+from mailfc.fairness import Admission
 from mailfc.gateways.filter.chain import Chain
 from mailfc.gateways.listener import CyclingListener, cycle
 from mailfc.gateways.lmtp_hop import LmtpHop
@@ -57,10 +62,13 @@ class SmtpInService:
                            self._deliver, config.spool, hostname=config.host_name)
         self.spool.relay = "lmtp-router"
         self.chain = Chain(self.name, config.filter_in, config)
+        smtp_in = config.smtp_in
+        self.admission = Admission(target=smtp_in.pressure_target,
+                                   min_rate=smtp_in.pressure_min_rate,
+                                   max_wait_s=smtp_in.pressure_max_wait_s)
         self.handler = SmtpInHandler(config, self.spool, self.directory, self.engine,
                                      self.recorder, LimitedDomains(pool), BlockList(pool),
-                                     self.chain)
-        smtp_in = config.smtp_in
+                                     self.chain, self.admission)
         errors = ErrorLimits(soft_limit=smtp_in.soft_error_limit,
                              hard_limit=smtp_in.hard_error_limit,
                              sleep_s=smtp_in.error_sleep_s,
@@ -98,6 +106,7 @@ class SmtpInService:
         await self.engine.start()
         await self.recorder.start()
         await self.spool.start()
+        await self.admission.start()
         await self.listener.start()
         if self.config.smtp_in.cycle_after_s > 0:
             self._cycler = asyncio.create_task(self._cycle_loop())
@@ -120,6 +129,8 @@ class SmtpInService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cycler
         await self.listener.stop(drain_timeout)
+        # Once the listener has drained: until then the sessions' RCPTs keep their turns.
+        await self.admission.stop()
         await self.spool.stop(drain_timeout)
         await self.hop.close()
         await self.out_hop.close()
