@@ -1,12 +1,14 @@
 """Benchmark: the reason mailfc exists — one domain's flood must not slow another.
 
-    python -m bench.noisy_neighbor [--seconds 15] [--rounds 3] [--senders 50]
+    python -m bench.noisy_neighbor [--mode outbound] [--seconds 15] [--rounds 3] [--senders 50]
+    python -m bench.noisy_neighbor --mode inbound [--seconds 15] [--rounds 3] [--senders 50]
+                                   [--mailbox 200]
 
-Domain A floods: --senders concurrent submission loops (10x its limit of 5
-concurrent sends) plus an IMAP SEARCH storm (5 sessions searching back to back,
-2.5x its limit of 2 heavy commands at once; a refused client waits 50 ms, as a
-refused sender does).  The flood's clients run as SCHED_IDLE (they get a CPU only
-when nothing else wants one): on a real host they are elsewhere on the internet,
+OUTBOUND MODE (the default).  Domain A floods: --senders concurrent submission loops
+(10x its limit of 5 concurrent sends) plus an IMAP SEARCH storm (5 sessions searching
+back to back, 2.5x its limit of 2 heavy commands at once; a refused client waits
+50 ms, as a refused sender does).  The flood's clients run as SCHED_IDLE (they get a
+CPU only when nothing else wants one): on a real host they are elsewhere on the internet,
 and here they would otherwise take the CPU of the two cores that the platform under
 test needs.  Domain B sends one message every 0.5 s and reads its mailbox every
 0.25 s over an IMAP session opened before the clock starts.  Both domains are
@@ -32,6 +34,41 @@ Everything runs on loopback and this host's own container bridge; the remote
 MX is an aiosmtpd server of this benchmark, in a process of its own (A's accepted
 mail arrives there too).  mailfc runs as an admin runs it,
 `mailfc up` (supervised processes).  Loads stop by themselves.
+
+INBOUND MODE (--mode inbound; bench/noisy_inbound.py, whose docstring says how).  No
+limits are set for A or B: mailfc as a new install runs it.  Domain A receives a
+port-25 flood: --senders concurrent SMTP clients (plain SMTP on both setups: the
+shared baseline's Postfix has no TLS) each sending a 20 KB message to one of ten of
+A's users, back to back, one message per connection; meanwhile ten other users of A
+fetch their whole mailbox (--mailbox preloaded 20 KB messages, FETCH 1:* BODY.PEEK[])
+again and again over IMAPS (the IMAP Router's TLS listener, mailfc's port 993).  The
+flood's clients run SCHED_IDLE in a process of their own, as above: on a real host
+they are elsewhere on the internet, and here they would take the CPU the platform
+needs, so A's rate is what the platform takes in, not what its clients could push.
+Domain B receives a small message on port 25 every 0.1 s, timed from the SMTP connect
+until its file is in B's maildir, and one of B's users runs an IMAP round (NOOP, then
+the newest message's flags and two header fields) every 0.2 s over an IMAPS session
+opened before the clock starts, each round timed.  B's clients run at normal priority
+in the measuring process.  Reported:
+
+  1. B alone on mailfc,
+  2. B during A's flood on mailfc, in --rounds rounds alternating with 1, the flood's
+     first ONSET_S seconds apart,
+  3. B during the same flood (past its first ONSET_S seconds) on one shared Postfix +
+     Dovecot serving both domains: a host Postfix of the benchmark (the same binaries)
+     taking port-25 mail and delivering it by LMTP into the shared Dovecot container,
+
+each as p50/p99 of B's delivery and of B's IMAP round (with its three slowest rounds),
+and
+
+  4. the ratios of B's p99s during the flood to alone, with and without the onset
+     (targets on mailfc: at most 1.5x without, 2x with) and on the shared server,
+  5. A's accepted messages/s (250s its clients got) during the flood and in its onset
+     on mailfc, and during the flood on the shared server, and the ratio mailfc /
+     shared server (mailfc may admit A's recipients more slowly while the host is short
+     of CPU: this says by how much), A's readers' MB/s fetched, and per round how long
+     A's accepted mail took to be all in A's maildirs after the flood (the next phase
+     of B alone waits for that, then SETTLE_S).
 """
 
 from __future__ import annotations
@@ -220,7 +257,9 @@ class Samples:
     def p99_ms(self, kind: str) -> float:
         return percentile(self.delivery if kind == "delivery" else self.imap, .99) * 1000
 
-    def line(self, label: str) -> str:
+    def line(self, label: str, unit: str = "commands") -> str:
+        """`unit`: what one IMAP figure times (a command; the inbound mode's round)."""
+
         def pct(values: list[float], q: float) -> float:
             return percentile(values, q) * 1000
 
@@ -229,7 +268,7 @@ class Samples:
                 f"{self.refused} refused)   IMAP p50 "
                 f"{pct(self.imap, .5):6.1f} ms  p99 {pct(self.imap, .99):7.1f} ms"
                 f"  (slowest: {', '.join(f'{v * 1000:.1f}' for v in sorted(self.imap)[-3:])};"
-                f" {len(self.imap)} commands)")
+                f" {len(self.imap)} {unit})")
 
 
 # -- clients -----------------------------------------------------------------------------
@@ -549,7 +588,11 @@ async def run(args: argparse.Namespace, state_dir: Path) -> None:
         sink.stop()
 
 
-async def preload(settings: Config, address: str, count: int) -> None:
+async def preload(settings: Config, address: str, count: int,
+                  content: Callable[[str], bytes] | None = None) -> None:
+    """`count` messages into `address`'s INBOX through the LMTP Router; each is
+    content(marker) (dot-stuffed), by default a small message()."""
+    make = content or functools.partial(message, "seed@remote.example")
     reader, writer = await asyncio.open_unix_connection(
         str(settings.hops_dir / "lmtp-router.sock"))
     await read_reply(reader)
@@ -560,20 +603,33 @@ async def preload(settings: Config, address: str, count: int) -> None:
         for line in ("MAIL FROM:<seed@remote.example>", f"RCPT TO:<{address}>", "DATA"):
             writer.write(line.encode() + b"\r\n")
             await read_reply(reader)
-        writer.write(message("seed@remote.example", f"seed-{n}") + b".\r\n")
+        writer.write(make(f"seed-{n}") + b".\r\n")
         await read_reply(reader)
     writer.write(b"QUIT\r\n")
     writer.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.noisy_neighbor",
+                                     description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--mode", choices=("outbound", "inbound"), default="outbound",
+                        help="A's flood: submission and SEARCH (outbound), or port 25 and"
+                             " whole-mailbox FETCHes (inbound); see the module docstring")
     parser.add_argument("--seconds", type=float, default=15.0,
                         help="length of each measured phase")
     parser.add_argument("--rounds", type=int, default=3,
                         help="B alone, then B during A's flood, this many times")
     parser.add_argument("--senders", type=int, default=50)
-    args = parser.parse_args()
+    parser.add_argument("--mailbox", type=int, default=200,
+                        help="inbound: messages (20 KB) in each of A's readers' mailboxes")
+    args = parser.parse_args(argv)
+    if args.mode == "inbound":
+        # Imported here: bench.noisy_inbound builds on this module.
+        from bench.noisy_inbound import run as run_inbound
+
+        with scratch_state(config, bridge="mfcn0") as state_dir:
+            asyncio.run(run_inbound(args, state_dir))
+        return
     with scratch_state(config, bridge="mfcn0") as state_dir:
         asyncio.run(run(args, state_dir))
 

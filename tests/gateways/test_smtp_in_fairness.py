@@ -79,7 +79,7 @@ async def running_smtp_in(state_dir: Path, cmdb: asyncpg.Pool, psi: Path,
 def test_the_defaults_protect_a_fresh_install_and_bad_values_are_named() -> None:
     settings = Config().smtp_in
     assert (settings.pressure_target, settings.pressure_min_rate,
-            settings.pressure_max_wait_s) == (0.15, 2.0, 5.0)
+            settings.pressure_max_wait_s) == (0.15, 10.0, 5.0)
     for key, value in (("pressure_target", 0.0), ("pressure_target", 1.5),
                        ("pressure_min_rate", 0.0), ("pressure_max_wait_s", 0.0),
                        ("pressure_max_wait_s", 600.0)):

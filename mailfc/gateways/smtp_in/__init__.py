@@ -64,7 +64,7 @@ CONFIGURATION
     [smtp_in] max_recipients (100), require_8bitmime (true), timeout_s (300),
               max_queued_per_domain (20000), cycle_after_s (0), soft_error_limit (10),
               hard_error_limit (20), error_sleep_s (1), junk_command_limit (100),
-              postmaster (""), pressure_target (0.15), pressure_min_rate (2),
+              postmaster (""), pressure_target (0.15), pressure_min_rate (10),
               pressure_max_wait_s (5)
     [smtp_in_connections] max_per_client (50), max_rate_per_client (100),
               rate_window_s (60), exempt_networks ([]): see mailfc.anvil
