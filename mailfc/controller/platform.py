@@ -134,6 +134,12 @@ class Platform:
                     await self.runtime.stop(instance)
                 except Exception as error:
                     log.warning("container %s did not stop cleanly: %s", instance.name, error)
+            # And those no CMDB row owns any more (a domain removed while its container
+            # ran, rows deleted by hand): nothing else would ever stop them.
+            try:
+                await self.runtime.sweep()
+            except Exception as error:
+                log.warning("could not remove containers without a CMDB row: %s", error)
             await self.runtime.close()
             self.runtime = None
         if self.pool is not None:
